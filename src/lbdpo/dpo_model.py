@@ -1,0 +1,223 @@
+"""DynamicBetaDPOModel: a policy, its BetaHead and a reference, computing the Learnable-β DPO loss.
+
+Batch contract (what :meth:`DynamicBetaDPOModel.forward` takes; built by :mod:`lbdpo.data.collator`):
+
+    input_ids       (2B, T) long   rows 0..B−1 = prompt + chosen, rows B..2B−1 = prompt + rejected
+    attention_mask  (2B, T) long   1 on real tokens; left or right padding both work
+    labels          (2B, T) long   = input_ids on response tokens, −100 on prompt and padding
+    prompt_lengths  (B,)    long   number of prompt tokens (≥ 2) of pair i, same in both of its rows
+    reference_chosen_logps, reference_rejected_logps   (B,) float, optional: precomputed
+                                   log πref(y|x); used instead of running the reference model
+
+One policy forward over the 2B rows gives everything: the summed response log-probs (labels), the
+prompt's log PPL (prompt positions of the chosen half: causal attention makes them independent of the
+response, so this is exact), and the last-layer hidden state at the prompt's last token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from .beta_head import BetaHead
+from .logprobs import (
+    last_prompt_token_index,
+    masked_mean_nll,
+    prompt_ppl_mask,
+    response_logps,
+    sequence_ppl_mask,
+    token_logps,
+)
+from .losses import dpo_loss
+from .metrics import preference_metrics
+
+
+@dataclass
+class DPOOutput:
+    """Result of :meth:`DynamicBetaDPOModel.forward`; per-pair tensors are (B,)."""
+
+    loss: torch.Tensor  # scalar: mean DPO loss + the BetaHead's regulariser
+    losses: torch.Tensor  # per-pair DPO loss
+    beta: torch.Tensor  # β(x) used for each pair (carries gradient to the head)
+    log_ppl: torch.Tensor  # prompt log PPL under the policy
+    f: torch.Tensor  # the head's context factor f(h)
+    policy_chosen_logps: torch.Tensor
+    policy_rejected_logps: torch.Tensor
+    reference_chosen_logps: torch.Tensor
+    reference_rejected_logps: torch.Tensor
+    chosen_rewards: torch.Tensor  # β·(log πθ − log πref)(yw|x), detached
+    rejected_rewards: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def per_pair(self) -> dict[str, torch.Tensor]:
+        """The detached (B,) tensors, e.g. to gather across processes before :func:`preference_metrics`."""
+        keys = (
+            "losses", "beta", "log_ppl", "f", "policy_chosen_logps", "policy_rejected_logps",
+            "reference_chosen_logps", "reference_rejected_logps", "chosen_rewards", "rejected_rewards",
+        )
+        return {k: getattr(self, k).detach() for k in keys}
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only (0 at each row's first real token), so that a left-padded
+    row is encoded exactly like the same row without padding. (N, T) → (N, T) long."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class DynamicBetaDPOModel(nn.Module):
+    """Policy + :class:`BetaHead` (+ optional frozen reference) for Learnable-β DPO.
+
+    Args:
+        policy_model: any HF causal LM (or a peft-wrapped one).
+        beta_head: the β module; its ``hidden_size`` must match the policy's.
+        ref_model: a frozen reference causal LM, or ``None`` when reference log-probs are precomputed
+            in the batch (or, with LoRA, when the policy's adapter is disabled to get them:
+            ``ref_from_disabled_adapter=True``).
+        label_smoothing: conservative-DPO label noise (see :func:`lbdpo.losses.dpo_loss`).
+    """
+
+    def __init__(
+        self,
+        policy_model: nn.Module,
+        beta_head: BetaHead,
+        ref_model: nn.Module | None = None,
+        label_smoothing: float = 0.0,
+        ref_from_disabled_adapter: bool = False,
+    ):
+        super().__init__()
+        self.policy_model = policy_model
+        self.beta_head = beta_head
+        # Keep the reference out of this module's parameters/state_dict: it is frozen and saved nowhere.
+        self._ref = [ref_model] if ref_model is not None else []
+        self.label_smoothing = float(label_smoothing)
+        self.ref_from_disabled_adapter = ref_from_disabled_adapter
+
+    @property
+    def ref_model(self) -> nn.Module | None:
+        return self._ref[0] if self._ref else None
+
+    # ------------------------------------------------------------------------------------------
+    # Building blocks
+    # ------------------------------------------------------------------------------------------
+
+    def _run(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool):
+        return model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            output_hidden_states=hidden,
+            use_cache=False,
+        )
+
+    def compute_ppl(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Exact perplexity of each sequence under the policy (no gradient).
+
+        PPL = exp(−(1/m) Σ log πθ(x_i | x_<i)) over the m real tokens that have a prediction (every
+        real token but the first); padding, on either side, never counts.
+
+        Args:
+            input_ids: (N, T); attention_mask: (N, T).
+
+        Returns:
+            (N,) float32 perplexities.
+        """
+        with torch.no_grad():
+            out = self._run(self.policy_model, input_ids, attention_mask, hidden=False)
+            lp = token_logps(out.logits, input_ids)
+            return torch.exp(masked_mean_nll(lp, sequence_ppl_mask(attention_mask)))
+
+    def get_dynamic_beta(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """β(x) for prompt-only inputs (every real token is prompt), e.g. to inspect β by domain.
+
+        Args:
+            input_ids: (N, T) prompts, any padding side; attention_mask: (N, T).
+
+        Returns:
+            (N,) β. Follows the ambient grad mode; wrap in ``torch.no_grad()`` for analysis.
+        """
+        out = self._run(self.policy_model, input_ids, attention_mask, hidden=True)
+        lp = token_logps(out.logits, input_ids)
+        log_ppl = masked_mean_nll(lp, sequence_ppl_mask(attention_mask))
+        lengths = attention_mask.long().sum(-1)
+        idx = last_prompt_token_index(attention_mask, lengths)
+        h = out.hidden_states[-1][torch.arange(len(idx), device=idx.device), idx]
+        return self.beta_head(h, log_ppl=log_ppl)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed reference log-probs of the chosen and rejected responses, each (B,)."""
+        if "reference_chosen_logps" in batch and "reference_rejected_logps" in batch:
+            return batch["reference_chosen_logps"].float(), batch["reference_rejected_logps"].float()
+        if self.ref_model is not None:
+            out = self._run(self.ref_model, batch["input_ids"], batch["attention_mask"], hidden=False)
+        elif self.ref_from_disabled_adapter:
+            with self.policy_model.disable_adapter():
+                out = self._run(self.policy_model, batch["input_ids"], batch["attention_mask"], hidden=False)
+        else:
+            raise ValueError(
+                "no reference: pass ref_model, precomputed reference_*_logps in the batch, "
+                "or ref_from_disabled_adapter=True with a peft policy"
+            )
+        logps = response_logps(token_logps(out.logits, batch["input_ids"]), batch["labels"])
+        n = logps.shape[0] // 2
+        return logps[:n], logps[n:]
+
+    # ------------------------------------------------------------------------------------------
+    # The DPO forward
+    # ------------------------------------------------------------------------------------------
+
+    def forward(self, batch: Mapping[str, Any]) -> DPOOutput:
+        """Learnable-β DPO loss of a collated preference batch (see the module docstring for the contract)."""
+        input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        prompt_lengths = batch["prompt_lengths"].to(input_ids.device)
+        n_pairs = prompt_lengths.shape[0]
+        if input_ids.shape[0] != 2 * n_pairs:
+            raise ValueError(f"input_ids has {input_ids.shape[0]} rows; expected 2 × {n_pairs} pairs")
+
+        # 1. One policy forward over chosen and rejected rows.
+        out = self._run(self.policy_model, input_ids, attention_mask, hidden=True)
+        token_lp = token_logps(out.logits, input_ids)  # (2B, T−1) float32
+        logps = response_logps(token_lp, labels)  # (2B,)
+        policy_chosen_logps, policy_rejected_logps = logps[:n_pairs], logps[n_pairs:]
+
+        # 2. Prompt statistics from the chosen half: log PPL(x) and h at the prompt's last token.
+        chosen_mask = attention_mask[:n_pairs]
+        log_ppl = masked_mean_nll(token_lp[:n_pairs], prompt_ppl_mask(chosen_mask, prompt_lengths))
+        last = last_prompt_token_index(chosen_mask, prompt_lengths)
+        h = out.hidden_states[-1][torch.arange(n_pairs, device=last.device), last]  # (B, H)
+        del out
+
+        # 3. β(x) = w · T(PPL) · f(h)  (see beta_head.py)
+        beta, details = self.beta_head(h, log_ppl=log_ppl, return_details=True)
+
+        # 4. Reference log-probs and the DPO loss (eq. 7 of the DPO paper, with β per prompt).
+        ref_chosen, ref_rejected = self.reference_logps(batch)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen.to(logps.device),
+            ref_rejected.to(logps.device),
+            beta,
+            label_smoothing=self.label_smoothing,
+        )
+        loss = losses.mean() + self.beta_head.regularization_loss()
+
+        result = DPOOutput(
+            loss=loss,
+            losses=losses,
+            beta=beta,
+            log_ppl=log_ppl.detach(),
+            f=details["f"].detach(),
+            policy_chosen_logps=policy_chosen_logps,
+            policy_rejected_logps=policy_rejected_logps,
+            reference_chosen_logps=ref_chosen,
+            reference_rejected_logps=ref_rejected,
+            chosen_rewards=chosen_rewards,
+            rejected_rewards=rejected_rewards,
+        )
+        result.metrics = preference_metrics(result.per_pair())
+        result.metrics["beta_head/w"] = float(self.beta_head.w.detach())
+        return result

@@ -1,0 +1,144 @@
+"""Token log-probabilities and the masks that select prompt and response tokens.
+
+Every function here works for left padding, right padding and rows of unequal length: positions are
+identified through ``attention_mask`` (1 = real token), never through raw indices.
+
+Shift convention (causal LM): logits at position t predict the token at position t + 1, so the
+log-prob of token t (t ≥ 1) is read from logits[t − 1]. Token 0 of a row (its first real token) has no
+prediction and never counts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(input_ids[:, t] | input_ids[:, <t]) for t = 1..T−1, computed in float32.
+
+    Uses log p = logit[token] − logsumexp(logits) so no second (N, T, V) log-softmax tensor is built.
+
+    Args:
+        logits: (N, T, V) model outputs (any float dtype).
+        input_ids: (N, T) token ids.
+
+    Returns:
+        (N, T − 1) float32: entry t − 1 is the log-prob of token t.
+    """
+    logits = logits[:, :-1, :]
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    picked = torch.gather(logits, -1, targets).squeeze(-1).float()
+    # logsumexp in float32, one time step block at a time when the input is low precision, so that at
+    # most one float32 copy of a (N, T, V) slice exists.
+    if logits.dtype == torch.float32:
+        normaliser = torch.logsumexp(logits, dim=-1)
+    else:
+        normaliser = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
+    return picked - normaliser
+
+
+def real_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each position among the real tokens of its row; −1 on padding.
+
+    Args:
+        attention_mask: (N, T) with 1 on real tokens (any padding side).
+
+    Returns:
+        (N, T) long: 0 for the first real token, 1 for the second, …, −1 at padded positions.
+    """
+    mask = attention_mask.long()
+    return torch.where(mask.bool(), mask.cumsum(dim=-1) - 1, torch.full_like(mask, -1))
+
+
+def prompt_token_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
+    """Mask of the prompt tokens: the first ``prompt_lengths[i]`` real tokens of row i.
+
+    Args:
+        attention_mask: (N, T).
+        prompt_lengths: (N,) number of prompt tokens in each row.
+
+    Returns:
+        (N, T) bool.
+    """
+    pos = real_token_positions(attention_mask)
+    return (pos >= 0) & (pos < prompt_lengths.to(pos.device).unsqueeze(-1))
+
+
+def prompt_ppl_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
+    """Mask of the prompt tokens scored by the prompt's perplexity: real positions 1 … prompt_length − 1.
+
+    The prompt's first token is excluded because nothing predicts it; a prompt of m tokens therefore has
+    m − 1 scored tokens, and log PPL(x) = −(1/(m−1)) Σ_{i=2..m} log πθ(x_i | x_<i).
+
+    Args:
+        attention_mask: (N, T).
+        prompt_lengths: (N,).
+
+    Returns:
+        (N, T) bool.
+    """
+    pos = real_token_positions(attention_mask)
+    return (pos >= 1) & (pos < prompt_lengths.to(pos.device).unsqueeze(-1))
+
+
+def last_prompt_token_index(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
+    """Column index of each row's last prompt token (the position whose hidden state feeds the BetaHead).
+
+    Args:
+        attention_mask: (N, T).
+        prompt_lengths: (N,) ≥ 1.
+
+    Returns:
+        (N,) long column indices.
+    """
+    pos = real_token_positions(attention_mask)
+    hit = pos == (prompt_lengths.to(pos.device).unsqueeze(-1) - 1)
+    if not torch.all(hit.any(dim=-1)):
+        raise ValueError("a row has prompt_length larger than its number of real tokens (or < 1)")
+    return hit.long().argmax(dim=-1)
+
+
+def masked_mean_nll(token_lp: torch.Tensor, predicted_mask: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood over the selected predicted tokens of each row (= log PPL).
+
+    Args:
+        token_lp: (N, T − 1) from :func:`token_logps` (entry t − 1 ↔ token t).
+        predicted_mask: (N, T) bool over *tokens*; it must not select a row's first real token (nothing
+            predicts it): build it with :func:`prompt_ppl_mask` or :func:`sequence_ppl_mask`.
+
+    Returns:
+        (N,) float32 mean NLL. Raises ``ValueError`` when a row selects no predicted token.
+    """
+    mask = predicted_mask[:, 1:].to(token_lp.dtype)
+    counts = mask.sum(dim=-1)
+    if torch.any(counts == 0):
+        raise ValueError("perplexity needs at least two tokens per sequence (one predicted token)")
+    return -(token_lp * mask).sum(dim=-1) / counts
+
+
+def sequence_ppl_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mask of the tokens scored by perplexity: every real token except the row's first.
+
+    Args:
+        attention_mask: (N, T).
+
+    Returns:
+        (N, T) bool.
+    """
+    return real_token_positions(attention_mask) >= 1
+
+
+def response_logps(token_lp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probs of the response tokens, i.e. those whose label is not −100.
+
+    Args:
+        token_lp: (N, T − 1) from :func:`token_logps` computed on ``input_ids``.
+        labels: (N, T) equal to ``input_ids`` on response tokens and −100 on prompt and padding.
+
+    Returns:
+        (N,) float32 log π(y | x).
+    """
+    mask = (labels[:, 1:] != IGNORE_INDEX).to(token_lp.dtype)
+    return (token_lp * mask).sum(dim=-1)

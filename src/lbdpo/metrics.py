@@ -1,0 +1,55 @@
+"""The one place where per-batch DPO metrics are computed from per-pair values.
+
+The training loop gathers per-pair tensors across processes first and then calls
+:func:`preference_metrics`, so std/min/max are exact under data parallelism; evaluation calls it per
+domain on the subset of pairs of that domain.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+
+def _stats(prefix: str, x: torch.Tensor) -> dict[str, float]:
+    x = x.detach().float()
+    return {
+        f"{prefix}/mean": x.mean().item(),
+        f"{prefix}/std": x.std(unbiased=False).item() if x.numel() > 1 else 0.0,
+        f"{prefix}/min": x.min().item(),
+        f"{prefix}/max": x.max().item(),
+    }
+
+
+def preference_metrics(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Scalar metrics of a batch of preference pairs.
+
+    Args:
+        values: per-pair (B,) tensors with keys ``losses``, ``chosen_rewards``, ``rejected_rewards``,
+            ``policy_chosen_logps``, ``policy_rejected_logps``, ``beta``, ``log_ppl``, and optionally
+            ``f`` (the BetaHead's context factor).
+
+    Returns:
+        ``loss``, ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``,
+        ``beta/{mean,std,min,max}``, ``log_ppl/{mean,std}``, ``beta_head/{f_mean,f_std}`` as floats.
+        ``rewards/accuracies`` counts a pair as correct when its chosen reward is strictly larger.
+    """
+    chosen = values["chosen_rewards"].detach().float()
+    rejected = values["rejected_rewards"].detach().float()
+    out = {
+        "loss": values["losses"].detach().float().mean().item(),
+        "rewards/chosen": chosen.mean().item(),
+        "rewards/rejected": rejected.mean().item(),
+        "rewards/margins": (chosen - rejected).mean().item(),
+        "rewards/accuracies": (chosen > rejected).float().mean().item(),
+        "logps/chosen": values["policy_chosen_logps"].detach().float().mean().item(),
+        "logps/rejected": values["policy_rejected_logps"].detach().float().mean().item(),
+    }
+    out.update(_stats("beta", values["beta"]))
+    log_ppl = _stats("log_ppl", values["log_ppl"])
+    out["log_ppl/mean"], out["log_ppl/std"] = log_ppl["log_ppl/mean"], log_ppl["log_ppl/std"]
+    if "f" in values:
+        f = _stats("f", values["f"])
+        out["beta_head/f_mean"], out["beta_head/f_std"] = f["f/mean"], f["f/std"]
+    return out

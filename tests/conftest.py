@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny random Qwen2 model (fast) and random preference pairs."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_PREFERENCE_DIR = REPO_ROOT.parent / "shared" / "data" / "preference"
+
+TINY_CFG = {
+    "source": "tiny_random",
+    "dtype": "float32",
+    "seed": 0,
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "initializer_range": 0.2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_and_tokenizer():
+    from lbdpo.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(TINY_CFG)
+    return model, tokenizer
+
+
+@pytest.fixture()
+def tiny_model(tiny_model_and_tokenizer):
+    """A fresh copy per test, so tests that train it do not leak into others."""
+    return copy.deepcopy(tiny_model_and_tokenizer[0])
+
+
+def random_pairs(n: int, vocab: int, seed: int = 0, prompt_range=(2, 9), response_range=(1, 7)):
+    """n tokenized preference triples of unequal lengths (no special meaning; ids in [3, vocab))."""
+    rng = random.Random(seed)
+
+    def ids(lo, hi):
+        return [rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))]
+
+    return [
+        {"prompt_input_ids": ids(*prompt_range), "chosen_input_ids": ids(*response_range),
+         "rejected_input_ids": ids(*response_range)}
+        for _ in range(n)
+    ]

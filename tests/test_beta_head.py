@@ -1,0 +1,180 @@
+"""BetaHead: the formula for every option, w as parameter or buffer, auto init, normalisation, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lbdpo.beta_head import BetaHead, BetaHeadConfig
+
+H = 16
+
+
+def inputs(batch=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, H, generator=g) * 3
+    log_ppl = torch.rand(batch, generator=g) * 4 + 0.5
+    return h, log_ppl
+
+
+def expected_ppl_term(kind, log_ppl):
+    return {
+        "log_ppl": log_ppl,
+        "ppl": log_ppl.exp(),
+        "none": torch.ones_like(log_ppl),
+        "inverse_log_ppl": 1 / (1 + log_ppl),
+    }[kind]
+
+
+def nn_out(head, h):
+    net = head.context_net
+    if isinstance(net, torch.nn.Linear):
+        return (h @ net.weight.T + net.bias).squeeze(-1)
+    lin1, _, _, lin2 = net
+    return (torch.nn.functional.gelu(h @ lin1.weight.T + lin1.bias) @ lin2.weight.T + lin2.bias).squeeze(-1)
+
+
+@pytest.mark.parametrize("ppl_transform", ["log_ppl", "ppl", "none", "inverse_log_ppl"])
+@pytest.mark.parametrize("net", ["linear", "mlp"])
+@pytest.mark.parametrize("epsilon", [0.0, 0.3])
+def test_beta_equals_formula(ppl_transform, net, epsilon):
+    cfg = BetaHeadConfig(hidden_size=H, context_net_type=net, epsilon=epsilon, w_init=0.07,
+                         ppl_transform=ppl_transform, init_std=0.5)
+    head = BetaHead(cfg)
+    h, log_ppl = inputs()
+    beta, details = head(h, log_ppl=log_ppl, return_details=True)
+    f = 1 + epsilon * torch.tanh(nn_out(head, h))
+    expected = 0.07 * expected_ppl_term(ppl_transform, log_ppl) * f
+    torch.testing.assert_close(beta, expected, rtol=1e-5, atol=1e-7)
+    assert beta.shape == (6,)
+    # f in [1-ε, 1+ε]; ε = 0 gives exactly 1
+    assert torch.all(details["f"] >= 1 - epsilon) and torch.all(details["f"] <= 1 + epsilon)
+    if epsilon == 0:
+        assert torch.all(details["f"] == 1)
+    else:
+        assert details["f"].std() > 0, "f must depend on h"
+    # the ppl= argument (perplexity) gives the same β as log_ppl=
+    torch.testing.assert_close(head(h, ppl=log_ppl.exp()), beta, rtol=1e-5, atol=1e-7)
+
+
+def test_f_saturates_within_bounds():
+    head = BetaHead(BetaHeadConfig(hidden_size=H, epsilon=0.2, w_init=1.0, init_std=10.0))
+    h, log_ppl = inputs(batch=64)
+    _, d = head(h * 100, log_ppl=log_ppl, return_details=True)
+    assert d["f"].min() >= 0.8 - 1e-6 and d["f"].max() <= 1.2 + 1e-6
+    assert d["f"].min() < 0.81 and d["f"].max() > 1.19  # it really reaches both ends
+
+
+def test_w_trainable_is_parameter_and_gets_gradient():
+    head = BetaHead(BetaHeadConfig(hidden_size=H, w_init=0.1, w_trainable=True))
+    assert any(p is head.w for p in head.parameters())
+    h, log_ppl = inputs()
+    head(h, log_ppl=log_ppl).sum().backward()
+    assert head.w.grad is not None and head.w.grad.abs() > 0
+    assert head.context_net.weight.grad.abs().sum() > 0
+
+
+def test_w_fixed_is_buffer_without_gradient():
+    head = BetaHead(BetaHeadConfig(hidden_size=H, w_init=0.1, w_trainable=False))
+    assert all(p is not head.w for p in head.parameters())
+    assert "w" in dict(head.named_buffers()) and "w" in head.state_dict()
+    assert not head.w.requires_grad
+    h, log_ppl = inputs()
+    head(h, log_ppl=log_ppl).sum().backward()
+    assert head.w.grad is None and head.w.item() == pytest.approx(0.1)
+
+
+def test_auto_w_init_gives_target_mean_on_first_batch_only():
+    head = BetaHead(BetaHeadConfig(hidden_size=H, w_init="auto", target_beta=0.25, epsilon=0.3, init_std=0.5))
+    h, log_ppl = inputs(batch=8)
+    beta = head(h, log_ppl=log_ppl)
+    assert beta.mean().item() == pytest.approx(0.25, rel=1e-5)
+    w_after_first = head.w.item()
+    h2, log_ppl2 = inputs(batch=8, seed=1)
+    head(h2, log_ppl=log_ppl2)
+    assert head.w.item() == w_after_first, "auto init must run once"
+    # the state survives a state_dict round trip (resume must not re-initialise)
+    fresh = BetaHead(BetaHeadConfig(hidden_size=H, w_init="auto", target_beta=0.25, epsilon=0.3))
+    fresh.load_state_dict(head.state_dict())
+    assert bool(fresh.w_initialized) and fresh.w.item() == w_after_first
+
+
+def test_batch_mean_normalisation():
+    head = BetaHead(BetaHeadConfig(hidden_size=H, normalize="batch_mean", target_beta=0.1, epsilon=0.3,
+                                   init_std=0.5, w_init=3.0))
+    h, log_ppl = inputs()
+    beta = head(h, log_ppl=log_ppl)
+    assert beta.mean().item() == pytest.approx(0.1, rel=1e-5)
+    f = 1 + 0.3 * torch.tanh(nn_out(head, h))
+    g = log_ppl * f
+    torch.testing.assert_close(beta, 0.1 * g / g.mean(), rtol=1e-5, atol=1e-7)
+    beta.sum().backward()
+    assert head.w.grad is None or head.w.grad.abs() < 1e-6  # w cancels out
+
+
+def test_w_prior_penalty():
+    head = BetaHead(BetaHeadConfig(hidden_size=H, w_init=0.1, w_prior_weight=2.0))
+    assert head.regularization_loss().item() == 0.0
+    with torch.no_grad():
+        head.w.fill_(0.4)
+    assert head.regularization_loss().item() == pytest.approx(2.0 * math.log(4.0) ** 2, rel=1e-5)
+    head.regularization_loss().backward()
+    assert head.w.grad > 0  # pulls w back down
+    assert BetaHead(BetaHeadConfig(hidden_size=H, w_prior_weight=0.0, w_init=0.1)).regularization_loss() == 0
+
+
+def test_fixed_mode_is_constant():
+    head = BetaHead(BetaHeadConfig(mode="fixed", beta=0.3))
+    assert list(head.parameters()) == []
+    h, log_ppl = inputs()
+    beta = head(h, log_ppl=log_ppl)
+    assert beta.tolist() == pytest.approx([0.3] * 6)
+
+
+def test_detach_flags_control_gradient_into_policy():
+    h, log_ppl = inputs()
+    for detach in (True, False):
+        hh, lp = h.clone().requires_grad_(), log_ppl.clone().requires_grad_()
+        head = BetaHead(BetaHeadConfig(hidden_size=H, w_init=0.1, epsilon=0.3, detach_hidden=detach,
+                                       detach_ppl=detach))
+        head(hh, log_ppl=lp).sum().backward()
+        assert (hh.grad is None) == detach and (lp.grad is None) == detach
+
+
+def test_clamps_and_nan_input():
+    head = BetaHead(BetaHeadConfig(hidden_size=H, w_init=1.0, beta_min=0.5, beta_max=2.0, epsilon=0.0))
+    beta = head(torch.zeros(3, H), log_ppl=torch.tensor([0.1, 1.0, 5.0]))
+    assert beta.tolist() == pytest.approx([0.5, 1.0, 2.0])
+    with pytest.raises(ValueError, match="NaN"):
+        head(torch.zeros(2, H), log_ppl=torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="exactly one"):
+        head(torch.zeros(2, H))
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"epsilon": 1.0}, "beta_head.epsilon"),
+        ({"epsilon": -0.1}, "beta_head.epsilon"),
+        ({"w_init": -0.5}, "beta_head.w_init"),
+        ({"w_init": 0.0}, "beta_head.w_init"),
+        ({"w_init": "big"}, "beta_head.w_init"),
+        ({"context_net_type": "transformer"}, "beta_head.context_net_type"),
+        ({"ppl_transform": "sqrt"}, "beta_head.ppl_transform"),
+        ({"normalize": "softmax"}, "beta_head.normalize"),
+        ({"mode": "dynamic"}, "beta_head.mode"),
+        ({"mode": "fixed", "beta": 0.0}, "beta_head.beta"),
+        ({"beta_min": 1.0, "beta_max": 0.5}, "beta_head.beta_min"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        BetaHeadConfig(hidden_size=H, **overrides)
+
+
+def test_from_mapping_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="epsilonn"):
+        BetaHeadConfig.from_mapping({"epsilonn": 0.1}, hidden_size=H)
+    assert BetaHeadConfig.from_mapping({"epsilon": 0.2}, hidden_size=H).epsilon == 0.2

