@@ -1,0 +1,121 @@
+"""Assemble the pieces of a run from a Hydra config: models, BetaHead, datasets. Shared by train and evaluate."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+from .beta_head import BetaHead, BetaHeadConfig
+from .models import freeze, hidden_size_of, load_model, load_model_and_tokenizer
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def to_container(cfg: Any) -> Any:
+    """Plain dict/list from an OmegaConf node (resolved); other values unchanged."""
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config path: absolute as is; relative to the current directory if it exists there, else to the repo root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
+def build_beta_head(beta_head_cfg: Mapping[str, Any], hidden_size: int) -> BetaHead:
+    """BetaHead from the ``beta_head`` group; ``hidden_size: null`` takes the policy's."""
+    data = dict(to_container(beta_head_cfg))
+    if data.get("hidden_size") in (None, "auto"):
+        data["hidden_size"] = hidden_size
+    elif int(data["hidden_size"]) != hidden_size:
+        raise ValueError(f"beta_head.hidden_size={data['hidden_size']} but the policy's hidden size is {hidden_size}")
+    return BetaHead(BetaHeadConfig.from_mapping(data))
+
+
+def build_policy_and_reference(cfg: DictConfig, need_reference: bool):
+    """(policy, reference or None, tokenizer). The reference is a separately loaded, frozen copy."""
+    model_cfg = to_container(cfg.model)
+    policy, tokenizer = load_model_and_tokenizer(model_cfg)
+    reference = freeze(load_model(model_cfg, vocab_size=len(tokenizer))) if need_reference else None
+    return policy, reference, tokenizer
+
+
+def policy_hidden_size(policy) -> int:
+    return hidden_size_of(getattr(policy, "base_model", policy) if hasattr(policy, "peft_config") else policy)
+
+
+def _sources(value: Any) -> list[dict[str, Any]]:
+    """A data source list from config: one path string, one dict, or a list of either."""
+    if value is None:
+        return []
+    value = to_container(value)
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        item = {"path": item} if isinstance(item, str) else dict(item)
+        path = item.get("path")
+        if path and not _is_hub_id(path):
+            item["path"] = str(resolve_path(path))
+        out.append(item)
+    return out
+
+
+def _is_hub_id(path: str) -> bool:
+    return not Path(path).suffix and path.count("/") == 1 and not resolve_path(path).exists()
+
+
+def build_datasets(data_cfg: DictConfig, tokenizer, seed: int):
+    """Load, filter, split and tokenize the train and eval pairs described by the ``data`` group.
+
+    Returns:
+        (train dataset, eval dataset or None, report dict with the loader's filter counts and the
+        tokenizer's skip counts, for the start banner and the run's summary).
+    """
+    from .data.loading import load_mixture, train_eval_split
+    from .data.tokenize import TokenizeConfig, tokenize_pairs
+
+    train_raw, train_report = load_mixture(_sources(data_cfg.train), seed=seed)
+    eval_sources = _sources(data_cfg.get("eval"))
+    eval_report = None
+    if eval_sources:
+        eval_raw, eval_report = load_mixture(eval_sources, seed=seed)
+    elif data_cfg.get("eval_fraction") or data_cfg.get("eval_size"):
+        train_raw, eval_raw = train_eval_split(
+            train_raw, eval_fraction=data_cfg.get("eval_fraction"), eval_size=data_cfg.get("eval_size"), seed=seed
+        )
+    else:
+        eval_raw = None
+    if data_cfg.get("max_train_pairs"):
+        train_raw = train_raw.select(range(min(len(train_raw), int(data_cfg.max_train_pairs))))
+    if eval_raw is not None and data_cfg.get("max_eval_pairs"):
+        eval_raw = eval_raw.select(range(min(len(eval_raw), int(data_cfg.max_eval_pairs))))
+
+    tok_cfg = TokenizeConfig(
+        prompt_format=data_cfg.get("prompt_format", "auto"),
+        max_length=int(data_cfg.max_length),
+        max_prompt_length=int(data_cfg.max_prompt_length),
+        num_proc=data_cfg.get("num_proc"),
+    )
+    train_ds, train_skips = tokenize_pairs(train_raw, tokenizer, tok_cfg, desc="tokenize train")
+    eval_ds, eval_skips = (None, Counter())
+    if eval_raw is not None:
+        eval_ds, eval_skips = tokenize_pairs(eval_raw, tokenizer, tok_cfg, desc="tokenize eval")
+    if len(train_ds) == 0:
+        raise ValueError("no training pairs left after filtering and tokenization (see the skip counts above)")
+    report = {
+        "train_loader": train_report.as_dict(),
+        "train_tokenizer_skips": dict(train_skips),
+        "eval_loader": eval_report.as_dict() if eval_report else None,
+        "eval_tokenizer_skips": dict(eval_skips),
+        "train_pairs": len(train_ds),
+        "eval_pairs": len(eval_ds) if eval_ds is not None else 0,
+    }
+    return train_ds, eval_ds, report

@@ -1,0 +1,169 @@
+"""Atomic checkpoints and exact resume.
+
+Layout of ``<run_dir>/checkpoints/step-N/`` (and ``final/``):
+
+    policy/               HF ``save_pretrained`` + tokenizer: ``AutoModelForCausalLM.from_pretrained`` loads it
+                          (LoRA: the adapter; ``policy_merged/`` too when ``trainer.lora.save_merged``)
+    beta_head.pt          BetaHead state dict (w, w_initialized, NN weights)
+    beta_head_config.json BetaHeadConfig as a dict
+    config.yaml           the run's resolved Hydra config
+    trainer_state.pt      optimizer, scheduler, step/epoch/batch position, counters, RNG states
+
+A checkpoint is written into a temporary sibling directory and renamed into place, so a kill during a
+save leaves the previous checkpoint intact and never a half-written one under a real name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Where training is: enough, with the RNG states, to continue exactly."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # current pass over the training data
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    nonfinite_skips: int = 0  # updates skipped because the loss or a gradient was NaN/inf
+    nonfinite_in_row: int = 0  # consecutive skips (training stops past trainer.max_consecutive_nonfinite)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    policy,
+    tokenizer,
+    beta_head,
+    config,
+    optimizer,
+    scheduler,
+    state: TrainerState,
+    save_merged_lora: bool = False,
+) -> Path:
+    """Write a checkpoint atomically to ``path`` (replacing an older one of the same name)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        policy.save_pretrained(tmp / "policy", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "policy")
+        if save_merged_lora and hasattr(policy, "merge_and_unload"):
+            import copy
+
+            merged = copy.deepcopy(policy).merge_and_unload()
+            merged.save_pretrained(tmp / "policy_merged", safe_serialization=True)
+            tokenizer.save_pretrained(tmp / "policy_merged")
+        torch.save(beta_head.state_dict(), tmp / "beta_head.pt")
+        (tmp / "beta_head_config.json").write_text(json.dumps(dataclasses.asdict(beta_head.config), indent=2))
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=True))
+        torch.save(
+            {
+                "state": dataclasses.asdict(state),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+            },
+            tmp / "trainer_state.pt",
+        )
+        old = None
+        if path.exists():
+            old = path.with_name(f".old-{path.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def list_step_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """Complete ``step-N`` checkpoints under a directory, oldest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = []
+    for child in checkpoint_dir.iterdir():
+        m = STEP_DIR.match(child.name)
+        if m and (child / "trainer_state.pt").is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def prune_checkpoints(checkpoint_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` step checkpoints (0 keeps all)."""
+    if keep_last <= 0:
+        return
+    for _, path in list_step_checkpoints(checkpoint_dir)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_resume_path(resume_from: str | None, run_dir: Path) -> Path | None:
+    """``trainer.resume_from``: None, ``auto`` (latest step checkpoint in this run dir, if any) or a path."""
+    if not resume_from:
+        return None
+    if resume_from == "auto":
+        found = list_step_checkpoints(run_dir / "checkpoints")
+        return found[-1][1] if found else None
+    path = Path(resume_from)
+    if not (path / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"trainer.resume_from={resume_from!r}: no trainer_state.pt in {path}")
+    return path
+
+
+def load_trainer_state(path: Path, *, policy, beta_head, optimizer, scheduler) -> TrainerState:
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint; returns its TrainerState."""
+    from safetensors.torch import load_file
+
+    policy_dir = path / "policy"
+    if (policy_dir / "adapter_model.safetensors").is_file():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(policy, load_file(policy_dir / "adapter_model.safetensors"))
+    else:
+        state_dict = {}
+        for shard in sorted(policy_dir.glob("*.safetensors")):
+            state_dict.update(load_file(shard))
+        missing, unexpected = policy.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied embeddings are not saved
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {policy_dir} does not match the policy: missing={missing[:5]} "
+                               f"unexpected={unexpected[:5]}")
+    beta_head.load_state_dict(torch.load(path / "beta_head.pt", map_location="cpu"))
+    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    set_rng_state(blob["rng"])
+    return TrainerState(**blob["state"])

@@ -1,0 +1,538 @@
+"""Load human-preference pairs from local files or the Hugging Face hub into one row format.
+
+Every loader returns a :class:`datasets.Dataset` whose rows hold
+
+    prompt             str  the prompt as plain text (for a conversation: the last user message)
+    chosen, rejected   str  the two responses only, never the prompt
+    prompt_messages    str  ``json.dumps`` of the prompt as a list of ``{"role","content"}`` messages for
+                            conversational rows (every message before the final assistant reply); ``""``
+                            for plain rows. A JSON string, not a nested column, so that sources with and
+                            without conversations concatenate and the tokenizer step can ``json.loads``
+                            it and apply the chat template to exactly these messages.
+    transcript_format  str  ``"hh"`` for rows split out of Anthropic HH transcripts (the prompt is the raw
+                            ``"\\n\\nHuman: ...\\n\\nAssistant:"`` text, to be tokenized as is), else ``"plain"``
+
+plus every other column of the source unchanged (``source``, ``domain``, ``chosen_reward``, ...).
+
+Input shapes are recognised from the column names (after ``columns=`` renaming) and the value types:
+
+1. ``prompt``/``chosen``/``rejected`` strings, or the design documents' ``chosen_response``/``rejected_response``.
+2. Anthropic HH: only ``chosen``/``rejected``, each a whole transcript. Both are split at their LAST
+   ``"\\n\\nAssistant:"``; the prompt keeps that marker and the response keeps its leading space, so
+   ``prompt + chosen`` is the original chosen transcript byte for byte.
+3. Conversational: ``chosen``/``rejected`` as message lists (UltraFeedback-binarized: ``[user, ..., assistant]``)
+   and/or ``prompt`` as a message list (TRL style: prompt messages + ``[assistant]``). The messages before the
+   final assistant reply must be the same in chosen and rejected.
+   A ``history`` column (OASST / LLaMA-Factory: ``[[user, assistant], ...]`` pairs, or a message list) plus a
+   string ``prompt`` becomes ``prompt_messages = history turns + the prompt as the last user message``; an
+   empty history leaves the row plain.
+
+Already-split HH rows (``hh_helpful-base_train_sample``: prompt ``"Human: ..."`` without a trailing
+``"\n\nAssistant:"``) are shape 1 and so ``"plain"``; adding the assistant marker is the tokenizer's business.
+
+A ``source`` that exists on disk is read locally; one that does not but looks like a path (starts with / . ~,
+has two or more slashes, or a known extension) is a ``FileNotFoundError``; anything else (``name`` or
+``org/name``) goes to ``datasets.load_dataset``.
+
+Rows that cannot be used are dropped and counted by reason in a :class:`FilterReport` (see ``SKIP_REASONS``);
+a required column missing from a whole file is an error instead. Everything is deterministic given ``seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+KNOWN_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
+CORE_COLUMNS = ("prompt", "chosen", "rejected", "prompt_messages", "transcript_format")
+# Other names accepted for our columns when the column itself is absent (the design documents' names).
+COLUMN_ALIASES = {"chosen": ("chosen_response",), "rejected": ("rejected_response",)}
+HH_ASSISTANT = "\n\nAssistant:"
+SKIP_REASONS = (
+    "missing_field",  # a required value is absent or null in this row
+    "not_a_string",  # a required value is a number/bool/... where text is needed
+    "unparsable",  # the row is not an object, or a message list is malformed
+    "hh_prompt_mismatch",  # HH transcripts lack "\n\nAssistant:" or differ before their last one
+    "conversation_mismatch",  # chosen and rejected conversations differ before the final reply
+    "empty_prompt",
+    "empty_response",
+    "chosen_equals_rejected",  # identical after stripping surrounding whitespace: no preference signal
+)
+MIXTURE_KEYS = {"path", "source", "domain", "split", "columns", "num_samples", "weight"}
+
+
+class RowSkipped(Exception):
+    """Raised while converting one row; ``args[0]`` is the reason, one of ``SKIP_REASONS``."""
+
+
+@dataclass
+class FilterReport:
+    """How many rows a load read, kept (passed the filters), returned (after ``limit``/sampling) and
+    skipped, by reason.
+
+    A mixture's or a folder's report is the sum of its sources' / files' reports, kept in ``parts``
+    (a folder's files are not sampled one by one: their ``rows_out`` is the rows they contributed).
+    """
+
+    source: str = ""
+    rows_in: int = 0
+    rows_kept: int = 0
+    rows_out: int = 0
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    parts: list[FilterReport] = field(default_factory=list)
+
+    @property
+    def rows_skipped(self) -> int:
+        """Total rows dropped by the filters."""
+        return sum(self.skipped.values())
+
+    def count(self, reason: str) -> None:
+        """Records one skipped row."""
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def add(self, other: FilterReport) -> None:
+        """Adds another source's counts to this one and keeps it in ``parts`` (``rows_out`` is left to the
+        caller, which knows what it returns)."""
+        self.rows_in += other.rows_in
+        self.rows_kept += other.rows_kept
+        for reason, n in other.skipped.items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
+        self.parts.append(other)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-dict form for logging (parts nested)."""
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line per nonzero skip reason, naming the source; one line in all when nothing was skipped."""
+        reports = self.parts or [self]
+        lines = [
+            f"{r.source}: skipped {n} of {r.rows_in} rows ({reason})"
+            for r in reports
+            for reason, n in r.skipped.items()
+            if n
+        ]
+        return "\n".join(lines) or f"{self.source}: kept all {self.rows_in} rows"
+
+
+# --------------------------------------------------------------------------- reading sources
+
+
+def _looks_like_path(source: str) -> bool:
+    """True for things meant as local paths. A hub id is ``name`` or ``org/name``, so one slash alone is not
+    enough: paths start with / . ~, have two or more slashes, or end with a known extension."""
+    return (
+        source.startswith(("/", ".", "~"))
+        or source.count("/") >= 2
+        or "\\" in source
+        or source.lower().endswith(KNOWN_EXTENSIONS)
+    )
+
+
+def _local_files(path: Path) -> list[Path]:
+    """The data files of a file or folder (a folder's files with known extensions, sorted by name)."""
+    if path.is_file():
+        if path.suffix.lower() not in KNOWN_EXTENSIONS:
+            raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(KNOWN_EXTENSIONS)}")
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in KNOWN_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"{path}: folder has no {'/'.join(KNOWN_EXTENSIONS)} files")
+    return files
+
+
+def _read_json_lines(path: Path, text: str) -> Iterator[Any]:
+    """Parses JSON-lines text, naming the file and 1-based line number of a malformed line."""
+    # split on "\n" only: str.splitlines() would also cut at U+2028 etc., which JSON strings may hold raw
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: malformed JSON line ({err.msg}, column {err.colno})") from None
+
+
+def _read_json(path: Path) -> list[Any]:
+    """Rows of a ``.json``/``.jsonl`` file: one JSON list, or JSON lines (whatever the extension)."""
+    text = path.read_text(encoding="utf-8")
+    if not text.lstrip().startswith("["):
+        return list(_read_json_lines(path, text))
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+    return rows
+
+
+def _read_local(path: Path, text_columns: Iterable[str]) -> list[Any]:
+    """Rows of one local file; ``.csv``/``.parquet`` are read by ``datasets``. The CSV ``text_columns`` stay
+    strings (no number parsing, no NaN for empty cells)."""
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl"):
+        return _read_json(path)
+    if suffix == ".parquet":
+        return datasets.Dataset.from_parquet(str(path)).to_list()
+    as_text = dict.fromkeys(text_columns, str)  # pandas ignores the names this file does not have
+    return datasets.Dataset.from_csv(str(path), keep_default_na=False, converters=as_text).to_list()
+
+
+def _load_hub(source: str, split: str | None) -> datasets.Dataset:
+    """A hub dataset through ``datasets.load_dataset``; offline failures become a clear error."""
+    try:
+        loaded = datasets.load_dataset(source, split=split)
+    except Exception as err:  # the hub client raises many types; detect offline ones by type and text
+        text = f"{type(err).__name__} {err}".lower()
+        if isinstance(err, ConnectionError) or any(w in text for w in ("offline", "connect", "reach")):
+            raise ConnectionError(
+                f"could not load {source!r} from the Hugging Face hub (offline?): {err}. "
+                "Pass a local .json/.jsonl/.csv/.parquet file or folder instead "
+                "(e.g. ../shared/data/preference/...)."
+            ) from err
+        raise
+    if isinstance(loaded, datasets.DatasetDict):
+        if len(loaded) != 1:
+            raise ValueError(f"{source!r} has splits {sorted(loaded)}; pass split=")
+        loaded = next(iter(loaded.values()))
+    return loaded
+
+
+# --------------------------------------------------------------------------- row conversion
+
+
+def _rename_columns(row: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
+    """Applies ``columns`` (our name -> file name), then the design-document aliases."""
+    out = {k: v for k, v in row.items() if k not in columns.values()}
+    for ours, theirs in columns.items():
+        if theirs in row:
+            out[ours] = row[theirs]
+    for ours, aliases in COLUMN_ALIASES.items():
+        for alias in aliases:
+            if ours not in out and alias in out:
+                out[ours] = out.pop(alias)
+    return out
+
+
+def _check_required_columns(names: set[str], origin: str, columns: Mapping[str, str]) -> None:
+    """Raises when a file lacks chosen/rejected altogether (a whole-file error, not a row skip)."""
+    missing = [c for c in ("chosen", "rejected") if c not in names]
+    if missing:
+        mapping = f" after columns={dict(columns)}" if columns else ""
+        raise ValueError(
+            f"{origin}: missing required column(s) {missing}{mapping}; found {sorted(names)}; expected "
+            "prompt/chosen/rejected (or chosen_response/rejected_response), or HH transcripts chosen/rejected"
+        )
+
+
+def _text(value: Any) -> str:
+    """A required string value, or a skip for null/non-string values."""
+    if value is None:
+        raise RowSkipped("missing_field")
+    if not isinstance(value, str):
+        raise RowSkipped("not_a_string")
+    return value
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    """A validated list of ``{"role","content"}`` messages (extra keys dropped)."""
+    def ok(m: Any) -> bool:
+        return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+
+    if not isinstance(value, list) or not all(ok(m) for m in value):
+        raise RowSkipped("unparsable")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _history_messages(history: Any) -> list[dict[str, str]]:
+    """OASST/LLaMA-Factory ``history``: ``[[user, assistant], ...]`` pairs or a message list."""
+    if history and all(isinstance(turn, dict) for turn in history):
+        return _messages(history)
+    out = []
+    for turn in history:
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise RowSkipped("unparsable")
+        out += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    return out
+
+
+def _split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen reply, rejected reply) of two HH transcripts sharing everything up to the last
+    ``"\\n\\nAssistant:"``; the prompt keeps the marker and the replies keep their leading space."""
+    cut_c, cut_r = chosen.rfind(HH_ASSISTANT), rejected.rfind(HH_ASSISTANT)
+    if cut_c < 0 or cut_r < 0:
+        raise RowSkipped("hh_prompt_mismatch")
+    end_c, end_r = cut_c + len(HH_ASSISTANT), cut_r + len(HH_ASSISTANT)
+    if chosen[:end_c] != rejected[:end_r]:
+        raise RowSkipped("hh_prompt_mismatch")
+    return chosen[:end_c], chosen[end_c:], rejected[end_r:]
+
+
+def _final_reply(side: Any) -> tuple[list[dict[str, str]], str]:
+    """(messages before the reply, reply text) of one side: a message list ending with an assistant
+    message, or a plain string reply."""
+    if isinstance(side, str):
+        return [], side
+    if side is None:
+        raise RowSkipped("missing_field")
+    messages = _messages(side)
+    if not messages or messages[-1]["role"] != "assistant":
+        raise RowSkipped("unparsable")
+    return messages[:-1], messages[-1]["content"]
+
+
+def _split_conversation(prompt: Any, chosen: Any, rejected: Any) -> tuple[list[dict[str, str]], str, str]:
+    """(prompt messages, chosen reply, rejected reply) of a conversational row."""
+    before_c, reply_c = _final_reply(chosen)
+    before_r, reply_r = _final_reply(rejected)
+    if before_c != before_r:
+        raise RowSkipped("conversation_mismatch")
+    if isinstance(prompt, list):
+        prompt_msgs = _messages(prompt)
+        # TRL style: chosen continues the prompt (prompt + chosen); some datasets repeat the prompt in chosen.
+        repeated = bool(prompt_msgs) and before_c[: len(prompt_msgs)] == prompt_msgs
+        prompt_msgs = before_c if repeated else prompt_msgs + before_c
+    elif before_c:
+        prompt_msgs = before_c  # UltraFeedback: the string prompt is repeated as the first user message
+    else:
+        prompt_msgs = [{"role": "user", "content": _text(prompt)}]
+    return prompt_msgs, reply_c, reply_r
+
+
+_HH_PROMPT_START = re.compile(r"^\s*Human: ")
+
+
+def _convert_row(row: Any, has_prompt: bool) -> dict[str, Any]:
+    """One source row in our format, or ``RowSkipped`` with the reason."""
+    if not isinstance(row, dict):
+        raise RowSkipped("unparsable")
+    if "chosen" not in row or "rejected" not in row or (has_prompt and "prompt" not in row):
+        raise RowSkipped("missing_field")
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    messages: list[dict[str, str]] = []
+    fmt = "plain"
+    if any(isinstance(v, list) for v in (chosen, rejected, prompt)):
+        messages, chosen, rejected = _split_conversation(prompt, chosen, rejected)
+        # the plain-text prompt of a conversation is its last user message ("" if none: an empty prompt)
+        prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    elif not has_prompt:
+        prompt, chosen, rejected = _split_hh(_text(chosen), _text(rejected))
+        fmt = "hh"
+    else:
+        prompt, chosen, rejected = _text(prompt), _text(chosen), _text(rejected)
+        if _HH_PROMPT_START.match(prompt) and not prompt.rstrip().endswith("Assistant:"):
+            # an already-split HH transcript ("Human: …\n\nAssistant: …\n\nHuman: …", no final marker):
+            # restore the canonical "\n\nHuman: … \n\nAssistant:" prompt so it is read as HH turns
+            prompt = "\n\n" + prompt.lstrip() + "\n\nAssistant:"
+            chosen, rejected = (r if r[:1].isspace() else " " + r for r in (chosen, rejected))
+            fmt = "hh"
+        elif row.get("history"):
+            messages = _history_messages(row["history"]) + [{"role": "user", "content": prompt}]
+    if not prompt.strip():
+        raise RowSkipped("empty_prompt")
+    if not chosen.strip() or not rejected.strip():
+        raise RowSkipped("empty_response")
+    if chosen.strip() == rejected.strip():
+        raise RowSkipped("chosen_equals_rejected")
+    core = {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "prompt_messages": json.dumps(messages, ensure_ascii=False) if messages else "",
+        "transcript_format": fmt,
+    }
+    return {**core, **{k: v for k, v in row.items() if k not in core}}
+
+
+def _convert_rows(rows: list[Any], origin: str, columns: Mapping[str, str], report: FilterReport) -> list[dict]:
+    """Renames, checks and converts the rows of one file (or hub split), counting skips in ``report``."""
+    renamed = [_rename_columns(r, columns) if isinstance(r, dict) else r for r in rows]
+    names = {k for r in renamed if isinstance(r, dict) for k in r}
+    if renamed:
+        _check_required_columns(names, origin, columns)
+    has_prompt = "prompt" in names
+    kept = []
+    for row in renamed:
+        report.rows_in += 1
+        try:
+            kept.append(_convert_row(row, has_prompt))
+        except RowSkipped as skip:
+            report.count(skip.args[0])
+    report.rows_kept += len(kept)
+    return kept
+
+
+def _to_dataset(records: list[dict[str, Any]]) -> datasets.Dataset:
+    """A Dataset over the union of the records' keys (missing values are None). A metadata column whose
+    values mix types Arrow cannot unify (say str and dict) is stored as JSON strings instead."""
+    if not records:
+        features = datasets.Features(dict.fromkeys(CORE_COLUMNS, datasets.Value("string")))
+        return datasets.Dataset.from_dict({c: [] for c in CORE_COLUMNS}, features=features)
+    names = list(dict.fromkeys(k for r in records for k in r))
+    table = {name: [r.get(name) for r in records] for name in names}
+    for name, values in table.items():
+        kinds = {type(v) for v in values if v is not None}
+        if len(kinds) > 1 and not kinds <= {int, float}:
+            table[name] = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values]
+    return datasets.Dataset.from_dict(table)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _subsample(ds: datasets.Dataset, n: int | None, seed: int | None) -> datasets.Dataset:
+    """``n`` rows: the first ``n`` when ``seed`` is None, else a seeded sample kept in source order."""
+    if n is None or n >= len(ds):
+        return ds
+    if n < 0:
+        raise ValueError(f"limit/num_samples must be >= 0, got {n}")
+    if seed is None:
+        return ds.select(range(n))
+    picked = np.random.default_rng(seed).choice(len(ds), size=n, replace=False)
+    return ds.select(np.sort(picked))
+
+
+def load_preference_pairs(
+    source: str | Path,
+    split: str | None = None,
+    *,
+    columns: Mapping[str, str] | None = None,
+    domain: str | None = None,
+    limit: int | None = None,
+    seed: int | None = 0,
+    report: FilterReport | None = None,
+) -> datasets.Dataset:
+    """Loads preference pairs as a Dataset with string ``prompt``/``chosen``/``rejected`` (see module doc).
+
+    Args:
+        source: a local ``.json`` (list or JSON lines) / ``.jsonl`` / ``.csv`` / ``.parquet`` file, a folder
+            of them (concatenated in name order), or a hub id for ``datasets.load_dataset``.
+        split: hub split (ignored for local files).
+        columns: our name -> the source's name, e.g. ``{"prompt": "question", "chosen": "good"}``.
+        domain: if given, sets a string ``domain`` column on every row.
+        limit: keep ``limit`` of the rows that pass the filters: a sample drawn with ``seed`` and kept in
+            source order, or the first ``limit`` rows when ``seed`` is None.
+        report: a :class:`FilterReport` to fill with the counts of rows read, kept and skipped by reason.
+    """
+    columns = dict(columns or {})
+    report = report if report is not None else FilterReport()
+    report.source = report.source or str(source)
+    path = Path(source).expanduser()
+    records: list[dict[str, Any]] = []
+    if path.exists():
+        csv_text_columns = {columns.get(c, c) for c in CORE_COLUMNS[:3]} | {"chosen_response", "rejected_response"}
+        files = _local_files(path)
+        for file in files:
+            # a folder reports per file, so that its summary names the file each skip came from
+            part = FilterReport(source=str(file)) if len(files) > 1 else report
+            records += _convert_rows(_read_local(file, csv_text_columns), str(file), columns, part)
+            if part is not report:
+                part.rows_out = part.rows_kept
+                report.add(part)
+    elif isinstance(source, Path) or _looks_like_path(str(source)):
+        raise FileNotFoundError(f"preference data not found: {source} (resolved to {path.resolve()})")
+    else:
+        hub = _load_hub(str(source), split)
+        records = _convert_rows(list(hub), f"{source} [{split or 'default split'}]", columns, report)
+    if domain is not None:
+        for record in records:
+            record["domain"] = domain
+    ds = _subsample(_to_dataset(records), limit, seed)
+    report.rows_out += len(ds)
+    return ds
+
+
+def load_preference_pairs_with_report(
+    source: str | Path, split: str | None = None, **kwargs: Any
+) -> tuple[datasets.Dataset, FilterReport]:
+    """:func:`load_preference_pairs` (same keyword arguments), also returning the filled :class:`FilterReport`."""
+    report = kwargs.pop("report", None) or FilterReport()
+    return load_preference_pairs(source, split, report=report, **kwargs), report
+
+
+def _align_features(parts: list[datasets.Dataset]) -> list[datasets.Dataset]:
+    """Gives every dataset the same columns (missing ones filled with None) and the same features (a
+    column whose type differs between sources is stored as JSON strings), so they concatenate."""
+    features: dict[str, Any] = {}
+    conflicts: set[str] = set()
+    for ds in parts:
+        for name, feat in ds.features.items():
+            if name in features and features[name] != feat and datasets.Value("null") not in (features[name], feat):
+                conflicts.add(name)
+            elif name not in features or features[name] == datasets.Value("null"):
+                features[name] = feat
+    aligned = []
+    for ds in parts:
+        for name in conflicts & set(ds.column_names):
+            ds = ds.map(
+                lambda b, n=name: {n: [None if v is None else json.dumps(v, ensure_ascii=False) for v in b[n]]},
+                batched=True,
+                features=datasets.Features({**ds.features, name: datasets.Value("string")}),
+            )
+        for name, feat in features.items():
+            if name not in ds.column_names:
+                feat = datasets.Value("string") if name in conflicts else feat
+                ds = ds.add_column(name, [None] * len(ds), feature=feat)
+        aligned.append(ds.select_columns(list(features)))
+    return aligned
+
+
+def load_mixture(sources: list[Mapping[str, Any]], seed: int = 0) -> tuple[datasets.Dataset, FilterReport]:
+    """Loads several sources into one shuffled Dataset with a ``domain`` column.
+
+    Each spec has ``path`` (or ``source``), ``domain`` (default: the file stem / hub id), and optionally
+    ``split``, ``columns``, and ``num_samples`` (rows) or ``weight`` (fraction of that source's usable rows,
+    rounded); without either the whole source is used. Samples are drawn with ``seed`` (offset per source),
+    then everything is concatenated and shuffled with ``seed``. Columns present only in some sources are
+    filled with None elsewhere.
+    """
+    report = FilterReport(source="mixture")
+    parts = []
+    for i, spec in enumerate(sources):
+        unknown = set(spec) - MIXTURE_KEYS
+        if unknown or ("path" in spec) == ("source" in spec) or ("num_samples" in spec and "weight" in spec):
+            raise ValueError(
+                f"mixture source {i} {dict(spec)}: needs exactly one of path/source, at most one of "
+                f"num_samples/weight; allowed keys {sorted(MIXTURE_KEYS)}"
+            )
+        source = spec.get("path", spec.get("source"))
+        ds, part = load_preference_pairs_with_report(
+            source, spec.get("split"), columns=spec.get("columns"), domain=spec.get("domain"), report=FilterReport()
+        )
+        if "domain" not in ds.column_names:  # keep a file's own per-row domains unless the spec names one
+            ds = ds.add_column("domain", [Path(str(source)).stem] * len(ds))
+        n = spec.get("num_samples")
+        if "weight" in spec:
+            n = round(float(spec["weight"]) * len(ds))
+        if n is not None and n > len(ds):
+            raise ValueError(f"mixture source {source}: num_samples={n} but only {len(ds)} usable rows")
+        ds = _subsample(ds, n, seed + i)
+        part.rows_out = len(ds)
+        report.add(part)
+        parts.append(ds)
+    if not parts:
+        raise ValueError("load_mixture needs at least one source")
+    mixed = datasets.concatenate_datasets(_align_features(parts))
+    report.rows_out = len(mixed)
+    return mixed.shuffle(seed=seed).flatten_indices(), report
+
+
+def train_eval_split(
+    ds: datasets.Dataset, eval_fraction: float | None = None, eval_size: int | None = None, seed: int = 0
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Deterministic (train, eval) split: give exactly one of ``eval_fraction`` (0-1) or ``eval_size`` (rows)."""
+    if (eval_fraction is None) == (eval_size is None):
+        raise ValueError("give exactly one of eval_fraction or eval_size")
+    size = eval_size if eval_size is not None else round(eval_fraction * len(ds))
+    if size == 0:
+        return ds, ds.select([])
+    if size >= len(ds):
+        raise ValueError(f"eval split of {size} rows leaves no training rows (dataset has {len(ds)})")
+    parts = ds.train_test_split(test_size=size, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]

@@ -1,0 +1,189 @@
+"""Tokenize preference pairs with an exact prompt/response boundary, for any chat template.
+
+For every pair the model sees ``prompt_ids + response_ids`` where
+
+- ``prompt_ids`` come from formatting the prompt ALONE: with ``prompt_format="chat"`` the tokenizer's
+  chat template with the generation prompt (exactly what the model is conditioned on when it
+  generates); with ``"raw"`` the prompt text as is (base models; HH transcripts keep their
+  ``"\\n\\nHuman: … \\n\\nAssistant:"`` form).
+- ``response_ids`` are the response text tokenized on its own, followed by the template's end-of-turn
+  token (chat) or EOS (raw).
+
+The two id lists are concatenated; the joined string is never re-tokenized, so no token straddles the
+boundary and the response log-prob is log π(y | x) for exactly the x used at generation time. This
+also holds for templates whose rendering of a finished conversation differs from the generation
+prompt (DeepSeek-R1-Distill opens ``<think>\\n`` in the generation prompt but drops reasoning from
+past assistant turns): we always condition on the generation prompt.
+
+Truncation (``max_prompt_length``, ``max_length``): prompts lose tokens from the LEFT (their end, with
+the generation prompt, is kept); responses lose tokens from the RIGHT. A pair whose response would be
+empty, or whose prompt has fewer than 2 tokens, is skipped and counted by reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+PROMPT_FORMATS = ("chat", "raw", "auto")
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+TOKENIZED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+
+
+@dataclass
+class TokenizeConfig:
+    """Options of :func:`tokenize_pairs` (the ``data`` Hydra group holds the same keys)."""
+
+    prompt_format: str = "auto"  # chat | raw | auto (chat when the tokenizer has a chat template)
+    max_length: int = 512  # max tokens of prompt + response
+    max_prompt_length: int = 256  # max prompt tokens (left-truncated)
+    num_proc: int | None = None  # processes for datasets.map (None = in process)
+
+    def __post_init__(self) -> None:
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"data.prompt_format={self.prompt_format!r} must be one of {PROMPT_FORMATS}")
+        if not 2 <= self.max_prompt_length < self.max_length:
+            raise ValueError(
+                f"data.max_prompt_length={self.max_prompt_length} must be ≥ 2 and < data.max_length={self.max_length}"
+            )
+
+
+def resolve_prompt_format(prompt_format: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """``auto`` → ``chat`` when the tokenizer has a chat template, else ``raw``; ``chat`` without a template errors."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if prompt_format == "auto":
+        return "chat" if has_template else "raw"
+    if prompt_format == "chat" and not has_template:
+        raise ValueError(
+            f"data.prompt_format=chat but tokenizer {tokenizer.name_or_path!r} has no chat template; use raw"
+        )
+    return prompt_format
+
+
+def hh_transcript_to_messages(prompt: str) -> list[dict[str, str]]:
+    """Turn an HH prompt ``"\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:"`` into messages
+    [user a, assistant b, user c] (the trailing empty Assistant turn is the generation prompt)."""
+    parts = _HH_TURN.split(prompt)
+    # parts = [preamble, role1, text1, role2, text2, ...]
+    messages = []
+    for role, text in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if role == "Human" else "assistant", "content": text.strip()})
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError(f"HH prompt does not end with a Human turn: {prompt[-80:]!r}")
+    return messages
+
+
+def prompt_messages_of(row: dict[str, Any]) -> list[dict[str, str]]:
+    """The chat messages of a row's prompt: ``prompt_messages`` (JSON) if set, an HH transcript's turns,
+    or a single user message holding ``prompt``."""
+    raw = row.get("prompt_messages") or ""
+    if raw:
+        return json.loads(raw) if isinstance(raw, str) else list(raw)
+    if row.get("transcript_format") == "hh":
+        return hh_transcript_to_messages(row["prompt"])
+    return [{"role": "user", "content": row["prompt"]}]
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, prompt_format: str) -> list[int]:
+    """Token ids that close an assistant turn: the first special token the chat template writes after
+    the assistant's content (``<|im_end|>`` for ChatML, ``<｜end▁of▁sentence｜>`` for DeepSeek), else EOS."""
+    if prompt_format == "chat":
+        marker = "XYZZY-MARKER"
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+        suffix = rendered[rendered.index(marker) + len(marker):]
+        special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+        for tid in tokenizer(suffix, add_special_tokens=False)["input_ids"]:
+            if tid in special:
+                return [tid]
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end responses with")
+    return [tokenizer.eos_token_id]
+
+
+class PairEncoder:
+    """Callable for ``datasets.map(batched=True)``: string pairs → prompt/chosen/rejected ids + skip reason."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.prompt_format = resolve_prompt_format(config.prompt_format, tokenizer)
+        self.eot = end_of_turn_ids(tokenizer, self.prompt_format)
+
+    def prompt_ids(self, row: dict[str, Any]) -> list[int]:
+        """Token ids of the formatted prompt alone (untruncated)."""
+        if self.prompt_format == "chat":
+            messages = prompt_messages_of(row)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            # the template already wrote BOS / special tokens where it wants them
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
+
+    def response_text(self, text: str) -> str:
+        # HH responses begin with the space after "Assistant:"; in a chat turn that space is noise.
+        return text.strip() if self.prompt_format == "chat" else text
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        n = len(batch["prompt"])
+        rows = [{k: batch[k][i] for k in batch} for i in range(n)]
+        chosen = self.tokenizer([self.response_text(r["chosen"]) for r in rows], add_special_tokens=False)["input_ids"]
+        rejected = self.tokenizer([self.response_text(r["rejected"]) for r in rows], add_special_tokens=False)["input_ids"]
+        out: dict[str, list] = {c: [] for c in TOKENIZED_COLUMNS}
+        out["skip_reason"] = []
+        for row, c_ids, r_ids in zip(rows, chosen, rejected):
+            p, c, r, reason = self.encode_one(row, c_ids, r_ids)
+            out["prompt_input_ids"].append(p)
+            out["chosen_input_ids"].append(c)
+            out["rejected_input_ids"].append(r)
+            out["skip_reason"].append(reason)
+        return out
+
+    def encode_one(self, row, chosen_ids, rejected_ids) -> tuple[list[int], list[int], list[int], str]:
+        """Apply truncation to one pair; returns (prompt, chosen, rejected, skip_reason or "")."""
+        cfg = self.config
+        try:
+            prompt = self.prompt_ids(row)
+        except (ValueError, json.JSONDecodeError) as err:
+            log.debug("unformattable prompt: %s", err)
+            return [], [], [], "prompt_unformattable"
+        if len(prompt) > cfg.max_prompt_length:
+            prompt = prompt[-cfg.max_prompt_length:]  # keep the end: the question and the generation prompt
+        if len(prompt) < 2:
+            return [], [], [], "prompt_too_short"
+        budget = cfg.max_length - len(prompt)
+        chosen = (chosen_ids + self.eot)[:budget]
+        rejected = (rejected_ids + self.eot)[:budget]
+        if not chosen_ids or not rejected_ids or budget < 1:
+            return [], [], [], "response_empty_after_truncation"
+        if chosen == rejected:
+            return [], [], [], "identical_after_truncation"
+        return prompt, chosen, rejected, ""
+
+
+def tokenize_pairs(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig, desc: str = "tokenize"
+) -> tuple[Dataset, Counter]:
+    """Tokenize a ``prompt``/``chosen``/``rejected`` dataset; metadata columns (``domain``, …) are kept.
+
+    Returns:
+        (dataset with ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` added and skipped
+        pairs removed, Counter of skip reasons).
+    """
+    encoder = PairEncoder(tokenizer, config)
+    encoded = dataset.map(encoder, batched=True, batch_size=256, num_proc=config.num_proc, desc=desc)
+    skips = Counter(r for r in encoded["skip_reason"] if r)
+    if skips:
+        encoded = encoded.filter(lambda reason: not reason, input_columns="skip_reason")
+    return encoded.remove_columns("skip_reason"), skips

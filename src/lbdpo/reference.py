@@ -1,0 +1,75 @@
+"""``trainer.reference=precompute``: reference log-probs computed once, cached on disk, then the model freed.
+
+The cache key hashes the reference model's config and every token id of the dataset (prompt, chosen,
+rejected), so any change of model, data, chat template or truncation gives a new entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data.collator import PreferenceCollator
+from .logprobs import response_logps, token_logps
+from .models import cache_dir
+
+log = logging.getLogger(__name__)
+
+
+def reference_cache_key(model_cfg: Mapping[str, Any], dataset: Dataset) -> str:
+    """sha256 of the model config and the dataset's token ids."""
+    h = hashlib.sha256(json.dumps(model_cfg, sort_keys=True, default=str).encode())
+    for column in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
+        for ids in dataset[column]:
+            h.update(len(ids).to_bytes(4, "little"))
+            h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+@torch.no_grad()
+def compute_reference_logps(ref_model, dataset: Dataset, collator: PreferenceCollator, batch_size: int,
+                            device: torch.device, desc: str = "reference log-probs") -> torch.Tensor:
+    """Summed reference log-probs of every pair: (N, 2) float32, columns (chosen, rejected)."""
+    from .dpo_model import position_ids_from_mask
+
+    ref_model.eval()
+    loader = DataLoader(dataset.with_format(columns=["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]),
+                        batch_size=batch_size, shuffle=False, collate_fn=collator)
+    out = []
+    for batch in tqdm(loader, desc=desc, leave=False):
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = ref_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                           use_cache=False).logits
+        lp = response_logps(token_logps(logits, ids), batch["labels"].to(device)).float().cpu()
+        n = lp.shape[0] // 2
+        out.append(torch.stack([lp[:n], lp[n:]], dim=1))
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def add_reference_columns(ref_model, dataset: Dataset, model_cfg: Mapping[str, Any], collator: PreferenceCollator,
+                          batch_size: int, device: torch.device, name: str) -> Dataset:
+    """Dataset with ``reference_chosen_logps`` / ``reference_rejected_logps`` columns, from the disk cache
+    when this model + data were seen before."""
+    key = reference_cache_key(model_cfg, dataset)
+    path = cache_dir() / "reference_logps" / f"{key}.pt"
+    if path.is_file():
+        values = torch.load(path)
+        log.info("reference log-probs for %s: cache hit %s", name, path)
+    else:
+        values = compute_reference_logps(ref_model, dataset, collator, batch_size, device, desc=f"reference {name}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(values, tmp)
+        Path(tmp).replace(path)
+    return (
+        dataset.add_column("reference_chosen_logps", values[:, 0].tolist())
+        .add_column("reference_rejected_logps", values[:, 1].tolist())
+    )

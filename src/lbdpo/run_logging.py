@@ -1,0 +1,125 @@
+"""Where metrics go: ``metrics.jsonl`` in the run dir (always), W&B (default, offline without credentials),
+TensorBoard (optional). Only the main process writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def truncate_metrics_file(path: Path, last_step: int) -> None:
+    """On resume from step k, drop lines the interrupted run wrote after k, so the file reads as one run."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
+class RunLogger:
+    """Writes one JSON object per logged step to ``metrics.jsonl`` and mirrors it to W&B / TensorBoard.
+
+    Args:
+        run_dir: the run directory.
+        config: the resolved Hydra config (saved as the W&B run config).
+        logger_cfg: the ``logger`` group: ``backend`` (wandb | tensorboard | none), ``project``,
+            ``mode`` (auto | online | offline), ``histogram_every``.
+        run_name: the W&B run name (built from the command-line overrides).
+        group: W&B group (experiment or sweep name).
+        enabled: False on non-main processes.
+    """
+
+    def __init__(self, run_dir: Path, config: DictConfig, logger_cfg: Mapping[str, Any], run_name: str, group: str,
+                 enabled: bool = True, resumed_step: int | None = None):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb = None
+        self.tensorboard = None
+        self.histogram_every = int(logger_cfg.get("histogram_every", 0) or 0)
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resumed_step is not None:
+            truncate_metrics_file(self.path, resumed_step)
+        self._file = open(self.path, "a", buffering=1)  # line buffered: every line reaches disk
+        backend = logger_cfg.get("backend", "none")
+        if backend == "wandb":
+            self._init_wandb(run_dir, config, logger_cfg, run_name, group)
+        elif backend == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        elif backend != "none":
+            raise ValueError(f"logger.backend={backend!r} must be one of wandb, tensorboard, none")
+
+    def _init_wandb(self, run_dir, config, logger_cfg, run_name, group) -> None:
+        import wandb
+
+        mode = logger_cfg.get("mode", "auto")
+        if mode == "auto":
+            # never block on the network: online only when credentials are present
+            has_key = bool(os.environ.get("WANDB_API_KEY")) or Path("~/.netrc").expanduser().is_file()
+            mode = "online" if has_key else "offline"
+        self.wandb = wandb.init(
+            project=logger_cfg.get("project", "lbdpo"),
+            entity=logger_cfg.get("entity"),
+            group=group,
+            name=run_name,
+            dir=str(run_dir),
+            mode=mode,
+            config=OmegaConf.to_container(config, resolve=True),
+            resume="allow",
+            id=logger_cfg.get("run_id") or None,
+        )
+        log.info("W&B run in %s mode (sync offline runs later with `wandb sync %s/wandb/offline-run-*`)",
+                 mode, run_dir)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(dict(metrics), step=step)
+        if self.tensorboard is not None:
+            for k, v in metrics.items():
+                self.tensorboard.add_scalar(k, v, step)
+
+    def histogram(self, step: int, name: str, values) -> None:
+        """β (or other) histogram every ``histogram_every`` steps (W&B / TensorBoard only)."""
+        if not self.enabled or not self.histogram_every or step % self.histogram_every:
+            return
+        values = values.detach().float().cpu()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Histogram(values.numpy())}, step=step)
+        if self.tensorboard is not None:
+            self.tensorboard.add_histogram(name, values, step)
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        if self.enabled and self.wandb is not None:
+            self.wandb.summary.update(dict(values))
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -1,0 +1,27 @@
+"""Train a policy with Learnable-β DPO.
+
+    python train.py                                   # defaults: embedded SmolLM2, sentiment data, learnable β
+    python train.py beta_head=mlp beta_head.epsilon=0.1
+    python train.py beta_head=fixed beta_head.beta=0.1  # plain DPO baseline
+    python train.py -m                                # the default sweep (conf/config.yaml: hydra.sweeper.params)
+    python train.py -m +sweep=cpu_small               # a named sweep from sweeps/
+    accelerate launch --num_processes 2 --cpu train.py model=tiny_random
+
+Writes metrics.jsonl, checkpoints/ and (offline) W&B files into the Hydra run directory.
+"""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from lbdpo.trainer import train
+
+    metrics = train(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+    return metrics.get("eval/rewards/accuracies", float("nan"))
+
+
+if __name__ == "__main__":
+    main()
