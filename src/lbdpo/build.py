@@ -88,6 +88,8 @@ def build_datasets(data_cfg: DictConfig, tokenizer, seed: int):
     if eval_sources:
         eval_raw, eval_report = load_mixture(eval_sources, seed=seed)
     elif data_cfg.get("eval_fraction") or data_cfg.get("eval_size"):
+        if data_cfg.get("eval_fraction") and data_cfg.get("eval_size"):
+            raise ValueError("set only one of data.eval_fraction and data.eval_size (the other to null)")
         train_raw, eval_raw = train_eval_split(
             train_raw, eval_fraction=data_cfg.get("eval_fraction"), eval_size=data_cfg.get("eval_size"), seed=seed
         )

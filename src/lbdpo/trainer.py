@@ -206,7 +206,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     warmup = int(t.warmup_steps) if t.warmup_steps >= 1 else int(float(t.warmup_steps) * total_steps)
     scheduler = get_scheduler(t.lr_schedule if t.lr_schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler is NOT passed to accelerator.prepare: Accelerate would step it once per process per
+    # step, while our schedule is counted in optimizer steps of the global batch.
+    model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
     eval_loader = None
     if eval_ds is not None and len(eval_ds):

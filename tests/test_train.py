@@ -1,0 +1,237 @@
+"""Training loop end to end on the tiny model: metrics, checkpoints, resume, β modes, NaN guard, reference modes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO_ROOT
+from lbdpo.trainer import train
+
+CONF = str(REPO_ROOT / "conf")
+STEP_KEYS = [
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+    "logps/rejected", "beta/mean", "beta/std", "beta/min", "beta/max", "log_ppl/mean", "log_ppl/std",
+    "beta_head/w", "beta_head/f_mean", "beta_head/f_std", "grad_norm/policy", "grad_norm/beta_head",
+    "lr/policy", "lr/beta_head", "pairs_per_s", "tokens_per_s",
+]
+WORDS = "good fine great bad awful nice poor lovely grim superb dull bright".split()
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    rows = []
+    for i in range(48):
+        rows.append({
+            "prompt": f"Review item {i}: {WORDS[i % 12]} {WORDS[(i * 5) % 12]}?",
+            "chosen": f"It is {WORDS[(i * 7) % 12]} and {WORDS[(i + 3) % 12]}.",
+            "rejected": f"Sadly {WORDS[(i * 3) % 12]}.",
+            "domain": "en" if i % 3 else "fr",
+        })
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_cfg(pairs_file, *overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=[
+            "model=tiny_random", "trainer=tiny", "logger=none", "data=jsonl", f"data.path={pairs_file}",
+            "data.max_length=48", "data.max_prompt_length=32", "data.eval_size=8", "data.eval_fraction=null",
+            "trainer.batch_size=4", *overrides,
+        ])
+
+
+def read_metrics(run_dir: Path):
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [l for l in lines if "loss" in l], [l for l in lines if "eval/loss" in l]
+
+
+@pytest.fixture(scope="module")
+def default_run(pairs_file, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = make_cfg(pairs_file, "trainer.max_steps=6", "trainer.save_every=3", "trainer.keep_last=0",
+                   "trainer.eval_every=3")
+    final = train(cfg, run_dir)
+    return run_dir, final
+
+
+def test_metrics_and_checkpoint(default_run):
+    run_dir, final = default_run
+    steps, evals = read_metrics(run_dir)
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
+    for key in STEP_KEYS:
+        assert all(key in s and math.isfinite(s[key]) for s in steps), key
+    assert [e["step"] for e in evals] == [3, 6]
+    assert {"eval/rewards/accuracies", "eval/en/loss", "eval/fr/loss"} <= set(evals[-1])
+    assert final["eval/loss"] == evals[-1]["eval/loss"]
+    # checkpoints: step-3 and final, the policy loads with stock transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final_dir = run_dir / "checkpoints" / "final"
+    assert (run_dir / "checkpoints" / "step-3" / "trainer_state.pt").is_file()
+    policy = AutoModelForCausalLM.from_pretrained(final_dir / "policy")
+    assert AutoTokenizer.from_pretrained(final_dir / "policy").pad_token is not None
+    assert json.loads((final_dir / "beta_head_config.json").read_text())["mode"] == "learnable"
+    head_state = torch.load(final_dir / "beta_head.pt")
+    assert head_state["w"].item() == pytest.approx(steps[-1]["beta_head/w"], rel=1e-6)
+    assert sum(p.numel() for p in policy.parameters()) > 0
+    # no temporary directories left behind
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_resume_reproduces_uninterrupted_run(default_run, pairs_file, tmp_path):
+    run_dir, _ = default_run
+    uninterrupted, _ = read_metrics(run_dir)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(run_dir / "checkpoints" / "step-3", resumed_dir / "checkpoints" / "step-3")
+    # the killed run had written lines past step 3: resume must drop them
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (resumed_dir / "metrics.jsonl").write_text("\n".join(lines[:6]) + '\n{"step": 4, "loss": 99}\n{"ste')
+    cfg = make_cfg(pairs_file, "trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=3",
+                   "trainer.resume_from=auto")
+    train(cfg, resumed_dir)
+    resumed, _ = read_metrics(resumed_dir)
+    assert [s["step"] for s in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(uninterrupted[3:], resumed[3:]):
+        for key in ("loss", "beta/mean", "beta_head/w", "rewards/margins", "logps/chosen"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+
+
+def test_same_seed_same_curve(default_run, pairs_file, tmp_path):
+    run_dir, _ = default_run
+    cfg = make_cfg(pairs_file, "trainer.max_steps=6", "trainer.save_every=0", "trainer.eval_every=0")
+    train(cfg, tmp_path)
+    first, _ = read_metrics(run_dir)
+    again, _ = read_metrics(tmp_path)
+    assert [s["loss"] for s in again] == pytest.approx([s["loss"] for s in first], abs=1e-6)
+
+
+def test_fixed_beta_is_constant_and_fixed_w_does_not_move(pairs_file, tmp_path):
+    cfg = make_cfg(pairs_file, "beta_head=fixed", "beta_head.beta=0.2", "trainer.max_steps=3", "trainer.eval_every=0")
+    train(cfg, tmp_path / "fixed")
+    steps, _ = read_metrics(tmp_path / "fixed")
+    assert all(s["beta/min"] == pytest.approx(0.2) and s["beta/max"] == pytest.approx(0.2) for s in steps)
+    cfg = make_cfg(pairs_file, "beta_head.w_trainable=false", "beta_head.w_init=0.05", "trainer.max_steps=3",
+                   "trainer.eval_every=0")
+    train(cfg, tmp_path / "fixed_w")
+    steps, _ = read_metrics(tmp_path / "fixed_w")
+    assert all(s["beta_head/w"] == pytest.approx(0.05) for s in steps)
+    assert len({round(s["beta_head/f_mean"], 9) for s in steps}) > 1, "f still learns"
+
+
+def test_learnable_w_moves_and_group_lrs(default_run):
+    steps, _ = read_metrics(default_run[0])
+    assert steps[-1]["beta_head/w"] != steps[0]["beta_head/w"]
+    # trainer=tiny: policy_lr 1e-3, beta_head_lr 1e-3 by default → override checked in the next test
+    assert steps[0]["lr/beta_head"] / steps[0]["lr/policy"] == pytest.approx(1.0)
+
+
+def test_optimizer_groups(pairs_file, tiny_model):
+    from lbdpo.beta_head import BetaHead, BetaHeadConfig, DynamicBetaDPOModel
+    from lbdpo.trainer import build_optimizer
+
+    cfg = make_cfg(pairs_file, "trainer.policy_lr=1e-6", "trainer.beta_head_lr=1e-2", "trainer.weight_decay=0.1",
+                   "trainer.beta_head_weight_decay=0.01")
+    head = BetaHead(BetaHeadConfig(hidden_size=64, w_init=0.1))
+    opt = build_optimizer(DynamicBetaDPOModel(tiny_model, head), cfg.trainer)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["policy"]["lr"] == 1e-6 and groups["policy"]["weight_decay"] == 0.1
+    assert groups["beta_head"]["lr"] == 1e-2 and groups["beta_head"]["weight_decay"] == 0.01
+    assert groups["beta_head_w"]["params"] == [head.w] and groups["beta_head_w"]["weight_decay"] == 0.0
+    assert len(groups["policy"]["params"]) == len(list(tiny_model.parameters()))
+
+
+def test_nan_guard_skips_and_stops(pairs_file, tmp_path, monkeypatch):
+    import lbdpo.dpo_model as dpo_model
+
+    real = dpo_model.dpo_loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        losses, c, r = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second training step's loss is NaN
+            losses = losses * float("nan")
+        return losses, c, r
+
+    monkeypatch.setattr(dpo_model, "dpo_loss", flaky)
+    cfg = make_cfg(pairs_file, "trainer.max_steps=4", "trainer.eval_every=0", "data.eval_size=null")
+    train(cfg, tmp_path / "one_nan")
+    steps, _ = read_metrics(tmp_path / "one_nan")
+    assert [s["train/nonfinite_skips"] for s in steps] == [0, 1, 1, 1]
+
+    monkeypatch.setattr(dpo_model, "dpo_loss", lambda *a, **k: tuple(x * float("nan") for x in real(*a, **k)))
+    cfg = make_cfg(pairs_file, "trainer.max_steps=10", "trainer.eval_every=0", "trainer.max_consecutive_nonfinite=3",
+                   "data.eval_size=null")
+    with pytest.raises(RuntimeError, match="3 consecutive non-finite"):
+        train(cfg, tmp_path / "all_nan")
+
+
+def test_precompute_reference_matches_copy(pairs_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("LBDPO_CACHE_REFERENCE", str(tmp_path))
+    runs = {}
+    for mode in ("copy", "precompute"):
+        cfg = make_cfg(pairs_file, f"trainer.reference={mode}", "trainer.max_steps=3", "trainer.eval_every=3")
+        train(cfg, tmp_path / mode)
+        runs[mode] = read_metrics(tmp_path / mode)
+    for key in ("loss", "rewards/margins"):
+        assert [s[key] for s in runs["precompute"][0]] == pytest.approx([s[key] for s in runs["copy"][0]], abs=1e-5)
+    assert runs["precompute"][1][-1]["eval/loss"] == pytest.approx(runs["copy"][1][-1]["eval/loss"], abs=1e-5)
+
+
+def test_lora_with_adapter_disabled_reference(pairs_file, tmp_path):
+    cfg = make_cfg(pairs_file, "trainer.lora.enabled=true", "trainer.lora.r=4", "trainer.reference=adapter_disabled",
+                   "trainer.max_steps=2", "trainer.eval_every=0", "trainer.lora.save_merged=true")
+    train(cfg, tmp_path)
+    steps, _ = read_metrics(tmp_path)
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapter starts at zero: policy == reference
+    final = tmp_path / "checkpoints" / "final"
+    assert (final / "policy" / "adapter_config.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(final / "policy_merged")
+
+
+def test_incompatible_options_raise(pairs_file, tmp_path):
+    cfg = make_cfg(pairs_file, "trainer.reference=adapter_disabled")
+    with pytest.raises(ValueError, match="trainer.lora.enabled"):
+        train(cfg, tmp_path)
+    cfg = make_cfg(pairs_file, "trainer.reference=magic")
+    with pytest.raises(ValueError, match="trainer.reference"):
+        train(cfg, tmp_path)
+
+
+def test_two_process_ddp_matches_one_process(pairs_file, tmp_path):
+    """Two CPU processes (DDP on gloo, launched with torchrun, which Accelerate picks up) give the same losses
+    as one process with the same global batch. (`accelerate launch --cpu` in accelerate 1.15 starts a single
+    process unless an MPI hostfile is configured, so torchrun is the CPU launcher; see README.)"""
+    common = ["model=tiny_random", "trainer=tiny", "logger=none", "data=jsonl", f"data.path={pairs_file}",
+              "data.max_length=48", "data.max_prompt_length=32", "data.eval_size=8", "data.eval_fraction=null",
+              "trainer.max_steps=3",
+              "trainer.eval_every=3", "beta_head.w_init=0.1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *common, "trainer.batch_size=4",
+                          f"hydra.run.dir={tmp_path / 'one'}"], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          str(REPO_ROOT / "train.py"), *common, "trainer.batch_size=2",
+                          f"hydra.run.dir={tmp_path / 'two'}"], capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    s1, e1 = read_metrics(tmp_path / "one")
+    s2, e2 = read_metrics(tmp_path / "two")
+    assert len(s1) == len(s2) == 3
+    for a, b in zip(s1, s2):
+        for key in ("loss", "rewards/margins", "beta/mean", "beta/std"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4), (a["step"], key)
+    assert e2[-1]["eval/loss"] == pytest.approx(e1[-1]["eval/loss"], abs=1e-4)
