@@ -1,7 +1,23 @@
-"""Evaluate a checkpoint: held-out preference metrics, generations, reward-vs-KL (issue: evaluate.py)."""
+"""Evaluate a training checkpoint.
 
-import sys
+    python evaluate.py checkpoint=outputs/lbdpo/<date>/checkpoints/final
+    python evaluate.py checkpoint=... data=hh_local generation.num_prompts=32
+    python evaluate.py checkpoint=... reward_model=/path/to/reward-model
+
+Writes into the run dir (or output_dir=): eval.json (all metrics), samples.jsonl (policy and reference
+generations side by side), eval_report.md and PNGs (β per domain, β vs log PPL, training curves).
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from lbdpo.evaluate_run import evaluate_checkpoint
+
+    evaluate_checkpoint(cfg)
+
 
 if __name__ == "__main__":
-    sys.exit("evaluate.py is not implemented yet: it lands with the evaluation issue. "
-             "Held-out preference metrics are already logged during training as eval/* in metrics.jsonl.")
+    main()

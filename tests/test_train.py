@@ -235,3 +235,22 @@ def test_two_process_ddp_matches_one_process(pairs_file, tmp_path):
         for key in ("loss", "rewards/margins", "beta/mean", "beta/std"):
             assert b[key] == pytest.approx(a[key], abs=1e-4), (a["step"], key)
     assert e2[-1]["eval/loss"] == pytest.approx(e1[-1]["eval/loss"], abs=1e-4)
+
+
+def test_gradient_checkpointing_gives_same_losses(default_run, pairs_file, tmp_path):
+    cfg = make_cfg(pairs_file, "trainer.max_steps=6", "trainer.eval_every=0", "trainer.gradient_checkpointing=true")
+    train(cfg, tmp_path)
+    steps, _ = read_metrics(tmp_path)
+    reference, _ = read_metrics(default_run[0])
+    assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in reference], abs=1e-5)
+
+
+def test_wandb_offline_run_is_written(pairs_file, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc → auto mode must pick offline
+    cfg = make_cfg(pairs_file, "logger=wandb", "logger.histogram_every=1", "trainer.max_steps=2",
+                   "trainer.eval_every=0", "data.eval_size=null")
+    train(cfg, tmp_path / "run")
+    offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))

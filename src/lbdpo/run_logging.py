@@ -60,7 +60,10 @@ class RunLogger:
         if backend == "wandb":
             self._init_wandb(run_dir, config, logger_cfg, run_name, group)
         elif backend == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ValueError("logger=tensorboard needs the tensorboard package: pip install tensorboard") from err
 
             self.tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
         elif backend != "none":

@@ -1,0 +1,239 @@
+"""``evaluate.py``'s body: sections run in order, and eval.json is rewritten after each one, so results
+computed so far survive a failure in a later, optional step (generation, reward, plots)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .build import build_datasets, to_container
+from .data.collator import PreferenceCollator
+from .data.tokenize import end_of_turn_ids, resolve_prompt_format
+from .dpo_model import DynamicBetaDPOModel
+from .evaluation import (
+    generate,
+    kl_estimate,
+    load_checkpoint,
+    preference_eval,
+    resolve_reward_fn,
+    reward_comparison,
+    sequence_logps,
+)
+from .models import freeze, load_model
+
+log = logging.getLogger(__name__)
+
+
+class Results:
+    """eval.json, rewritten atomically after every section."""
+
+    def __init__(self, path: Path, initial: dict[str, Any]):
+        self.path = path
+        self.data = initial
+        self.data.setdefault("skipped", {})
+        self.save()
+
+    def set(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self.save()
+
+    def skip(self, section: str, reason: str) -> None:
+        log.warning("skipping %s: %s", section, reason)
+        self.data["skipped"][section] = reason
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=float))
+        tmp.replace(self.path)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
+    """Run every evaluation section for ``cfg.checkpoint``; returns the eval.json content."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ckpt = Path(cfg.checkpoint)
+    run_cfg, policy, tokenizer, head = load_checkpoint(ckpt)
+    run_dir = ckpt.parent.parent
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    policy.to(device)
+    head.to(device)
+    trainer_state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False) \
+        if (ckpt / "trainer_state.pt").is_file() else {}
+    results = Results(out_dir / "eval.json", {
+        "checkpoint": str(ckpt),
+        "step": trainer_state.get("state", {}).get("step"),
+        "beta_head": to_container(OmegaConf.create(json.loads((ckpt / "beta_head_config.json").read_text()))),
+        "model": to_container(run_cfg.model),
+        "seed": run_cfg.get("seed"),
+    })
+
+    # ---- reference model ---------------------------------------------------------------------
+    reference = None
+    if cfg.reference != "none":
+        try:
+            reference = freeze(load_model(to_container(run_cfg.model), vocab_size=len(tokenizer))).to(device)
+        except Exception as err:  # a hub model without network, a moved local path, …
+            results.skip("reference", f"could not load the reference {run_cfg.model.get('name_or_path')}: {err}")
+    else:
+        results.skip("reference", "reference=none")
+
+    # ---- data --------------------------------------------------------------------------------
+    data_cfg = cfg.data if cfg.get("data") else run_cfg.data
+    data_cfg = OmegaConf.merge(data_cfg, {"max_eval_pairs": cfg.max_pairs or data_cfg.get("max_eval_pairs")})
+    _, eval_ds, report = build_datasets(data_cfg, tokenizer, seed=int(run_cfg.get("seed", 0)))
+    results.set("data", {"eval_pairs": 0 if eval_ds is None else len(eval_ds), "filters": report})
+    if eval_ds is None or len(eval_ds) == 0:
+        results.skip("preference", "the data config has no eval split (set data.eval or data.eval_size)")
+        return results.data
+
+    # ---- preference metrics ------------------------------------------------------------------
+    per_pair = None
+    if reference is not None:
+        model = DynamicBetaDPOModel(policy, head, ref_model=reference).eval()
+        pref = preference_eval(model, eval_ds, PreferenceCollator(tokenizer.pad_token_id), int(cfg.batch_size),
+                               float(cfg.common_beta), device)
+        per_pair = pref.pop("per_pair")
+        results.set("preference", pref)
+    else:
+        results.skip("preference", "needs the reference model")
+
+    # ---- generation, reward, KL ----------------------------------------------------------------
+    samples_path = out_dir / "samples.jsonl"
+    if cfg.generation.enabled and reference is not None:
+        try:
+            run_generation(cfg, results, policy, reference, tokenizer, eval_ds, data_cfg, device, samples_path)
+        except Exception as err:
+            results.skip("generation", f"{type(err).__name__}: {err}")
+            log.debug(traceback.format_exc())
+    elif not cfg.generation.enabled:
+        results.skip("generation", "generation.enabled=false")
+
+    # ---- plots and report ----------------------------------------------------------------------
+    figures: dict[str, str] = {}
+    if cfg.plots:
+        try:
+            figures = make_plots(out_dir, run_dir, per_pair)
+        except Exception as err:
+            results.skip("plots", f"{type(err).__name__}: {err}")
+    results.set("figures", figures)
+    (out_dir / "eval_report.md").write_text(render_report(results.data, samples_path))
+    log.info("wrote %s, %s and eval_report.md", results.path, samples_path)
+    return results.data
+
+
+def run_generation(cfg, results: Results, policy, reference, tokenizer, eval_ds, data_cfg, device, samples_path):
+    """Greedy and sampled continuations of policy and reference; reward, win rate and MC KL when possible."""
+    g = cfg.generation
+    seen, prompts, texts, domains = set(), [], [], []
+    for row in eval_ds:
+        key = tuple(row["prompt_input_ids"])
+        if key not in seen:
+            seen.add(key)
+            prompts.append(row["prompt_input_ids"])
+            texts.append(row.get("prompt", ""))
+            domains.append(row.get("domain", "all"))
+        if len(prompts) >= int(g.num_prompts):
+            break
+    fmt = resolve_prompt_format(data_cfg.get("prompt_format", "auto"), tokenizer)
+    eos = end_of_turn_ids(tokenizer, fmt) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    common = dict(max_new_tokens=int(g.max_new_tokens), batch_size=int(g.batch_size), device=device)
+    gen = {}
+    for who, model in (("policy", policy), ("reference", reference)):
+        for mode in ("greedy", "sample"):
+            gen[f"{who}_{mode}"] = generate(model, prompts, tokenizer.pad_token_id, eos, sample=mode == "sample",
+                                            seed=int(cfg.seed), **common)
+    decoded = {k: [tokenizer.decode(ids, skip_special_tokens=True) for ids in v] for k, v in gen.items()}
+    with open(samples_path, "w") as f:
+        for i, prompt in enumerate(texts):
+            f.write(json.dumps({"prompt": prompt, "domain": domains[i], **{k: v[i] for k, v in decoded.items()}},
+                               ensure_ascii=False) + "\n")
+    section: dict[str, Any] = {"num_prompts": len(prompts), "max_new_tokens": int(g.max_new_tokens)}
+    # KL(π‖πref) on the policy's own samples: log π − log πref of each sampled continuation
+    pol = sequence_logps(policy, prompts, gen["policy_sample"], tokenizer.pad_token_id, int(g.batch_size), device)
+    ref = sequence_logps(reference, prompts, gen["policy_sample"], tokenizer.pad_token_id, int(g.batch_size), device)
+    section["kl"] = kl_estimate(pol, ref)
+    results.set("generation", section)
+    reward_name = data_cfg.get("reward") if cfg.reward == "auto" else cfg.reward
+    reward_fn = resolve_reward_fn(reward_name, cfg.reward_model, device)
+    if reward_fn is None:
+        results.skip("reward", "the eval data has no ground-truth reward (set reward= or reward_model=)")
+        return
+    section["reward"] = reward_comparison(reward_fn(decoded["policy_sample"]), reward_fn(decoded["reference_sample"]))
+    section["reward_greedy"] = reward_comparison(reward_fn(decoded["policy_greedy"]),
+                                                 reward_fn(decoded["reference_greedy"]))
+    results.set("generation", section)
+
+
+def make_plots(out_dir: Path, run_dir: Path, per_pair: dict | None) -> dict[str, str]:
+    from . import plots
+
+    figures = {}
+    if per_pair:
+        path = plots.plot_beta_hist_by_domain(per_pair["beta"], per_pair["domain"], out_dir / "beta_hist_by_domain.png")
+        if path:
+            figures["beta_hist_by_domain"] = str(path)
+        path = plots.plot_beta_vs_log_ppl(per_pair["beta"], per_pair["log_ppl"], per_pair["domain"],
+                                          out_dir / "beta_vs_log_ppl.png")
+        if path:
+            figures["beta_vs_log_ppl"] = str(path)
+    if (run_dir / "metrics.jsonl").is_file():
+        path = plots.plot_training_curves(run_dir / "metrics.jsonl", out_dir / "training_curves.png")
+        if path:
+            figures["training_curves"] = str(path)
+    return figures
+
+
+def render_report(data: dict[str, Any], samples_path: Path) -> str:
+    """eval_report.md: headline numbers, per-domain table, generation numbers, skipped sections, figures."""
+    lines = [f"# Evaluation of `{data['checkpoint']}`", ""]
+    head = data.get("beta_head", {})
+    beta_desc = f"fixed β = {head.get('beta')}" if head.get("mode") == "fixed" else (
+        f"learnable β: {head.get('ppl_transform')}, NN={head.get('context_net_type')}, ε={head.get('epsilon')}, "
+        f"w_trainable={head.get('w_trainable')}, normalize={head.get('normalize')}")
+    lines += [f"- step: {data.get('step')}", f"- model: {data.get('model', {}).get('name_or_path')}",
+              f"- β: {beta_desc}", f"- held-out pairs: {data.get('data', {}).get('eval_pairs')}", ""]
+    pref = data.get("preference")
+    if pref:
+        cb = pref["common_beta_value"]
+        lines += ["## Preference metrics (held-out pairs)", "",
+                  f"| subset | pairs | acc | margin (own β) | loss (own β) | margin (β={cb}) | loss (β={cb}) | β mean ± std | log PPL |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        rows = [("all", pref["num_pairs"], pref["own_beta"], pref["common_beta"])]
+        rows += [(d, v["num_pairs"], v["own_beta"], v["common_beta"]) for d, v in pref["per_domain"].items()]
+        for name, n, own, com in rows:
+            lines.append(f"| {name} | {n} | {own['rewards/accuracies']:.3f} | {own['rewards/margins']:.3f} | "
+                         f"{own['loss']:.4f} | {com['rewards/margins']:.3f} | {com['loss']:.4f} | "
+                         f"{own['beta/mean']:.4f} ± {own['beta/std']:.4f} | {own['log_ppl/mean']:.3f} |")
+        lines.append("")
+    gen = data.get("generation")
+    if gen:
+        lines += ["## Generation", "", f"{gen['num_prompts']} held-out prompts, ≤ {gen['max_new_tokens']} new tokens; "
+                  f"samples side by side in `{samples_path.name}`.", ""]
+        kl = gen.get("kl")
+        if kl:
+            lines.append(f"- KL(π‖π_ref), Monte-Carlo on policy samples: {kl['mean']:.3f} ± {kl['sem']:.3f} nats (n={kl['n']})")
+        for key, label in (("reward", "sampled"), ("reward_greedy", "greedy")):
+            r = gen.get(key)
+            if r:
+                lines.append(f"- reward ({label}): policy {r['policy_mean']:.4f} vs reference {r['reference_mean']:.4f}; "
+                             f"win rate {r['win_rate']:.3f}")
+        lines.append("")
+    if data.get("skipped"):
+        lines += ["## Skipped sections", ""] + [f"- {k}: {v}" for k, v in data["skipped"].items()] + [""]
+    if data.get("figures"):
+        lines += ["## Figures", ""] + [f"![{k}]({Path(v).name})" for k, v in data["figures"].items()] + [""]
+    return "\n".join(lines)

@@ -1,0 +1,196 @@
+"""Evaluation of a checkpoint: held-out preference metrics, generations, and the reward-vs-KL point.
+
+Used by ``evaluate.py``. Every section writes its results into one dict that the caller saves after each
+section, so a failure in an optional step (generation, reward, plots) never loses what came before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .beta_head import BetaHead, BetaHeadConfig
+from .data.collator import PreferenceCollator
+from .dpo_model import DynamicBetaDPOModel, position_ids_from_mask
+from .logprobs import response_logps, token_logps
+from .losses import dpo_loss
+from .metrics import preference_metrics
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | Path):
+    """(run config, policy, tokenizer, beta head) from a ``checkpoints/<name>/`` directory.
+
+    LoRA checkpoints (``policy/adapter_config.json``) are loaded onto their base model from the saved config.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import load_model, prepare_tokenizer
+
+    path = Path(path)
+    for needed in ("config.yaml", "policy", "beta_head.pt", "beta_head_config.json"):
+        if not (path / needed).exists():
+            raise FileNotFoundError(f"{path} is not a complete lbdpo checkpoint: {needed} is missing")
+    cfg = OmegaConf.load(path / "config.yaml")
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path / "policy"), "right")
+    if (path / "policy" / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = load_model(OmegaConf.to_container(cfg.model, resolve=True), vocab_size=len(tokenizer))
+        policy = PeftModel.from_pretrained(base, path / "policy")
+    else:
+        policy = AutoModelForCausalLM.from_pretrained(path / "policy", dtype=torch.float32)
+    head_cfg = json.loads((path / "beta_head_config.json").read_text())
+    head = BetaHead(BetaHeadConfig.from_mapping(head_cfg))
+    head.load_state_dict(torch.load(path / "beta_head.pt", map_location="cpu"))
+    policy.eval()
+    head.eval()
+    return cfg, policy, tokenizer, head
+
+
+# ------------------------------------------------------------------------------------------------
+# Preference metrics
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def preference_eval(model: DynamicBetaDPOModel, dataset, collator: PreferenceCollator, batch_size: int,
+                    common_beta: float, device: torch.device) -> dict[str, Any]:
+    """DPO metrics on held-out pairs with the run's own β(x) and with one common β (comparable across runs).
+
+    Returns:
+        ``own_beta`` and ``common_beta`` metric dicts, ``per_domain`` (domain → both dicts), and
+        ``per_pair`` lists (β, log PPL, domain) for plots.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    keys = ("losses", "beta", "log_ppl", "f", "policy_chosen_logps", "policy_rejected_logps",
+            "reference_chosen_logps", "reference_rejected_logps", "chosen_rewards", "rejected_rewards")
+    values: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    domains: list[str] = []
+    for batch in tqdm(loader, desc="preference eval", leave=False):
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        out = model(batch)
+        for k, v in out.per_pair().items():
+            values[k].append(v.float().cpu())
+        domains.extend(batch.get("domain") or ["all"] * out.losses.shape[0])
+    pairs = {k: torch.cat(v) for k, v in values.items()}
+
+    def common(sub: dict[str, torch.Tensor]) -> dict[str, float]:
+        losses, cr, rr = dpo_loss(sub["policy_chosen_logps"], sub["policy_rejected_logps"],
+                                  sub["reference_chosen_logps"], sub["reference_rejected_logps"], common_beta)
+        return preference_metrics({**sub, "losses": losses, "chosen_rewards": cr, "rejected_rewards": rr,
+                                   "beta": torch.full_like(losses, common_beta)})
+
+    result: dict[str, Any] = {"own_beta": preference_metrics(pairs), "common_beta": common(pairs),
+                              "common_beta_value": common_beta, "num_pairs": len(domains), "per_domain": {}}
+    for domain in sorted(set(domains)):
+        idx = torch.tensor([d == domain for d in domains])
+        sub = {k: v[idx] for k, v in pairs.items()}
+        result["per_domain"][domain] = {"num_pairs": int(idx.sum()), "own_beta": preference_metrics(sub),
+                                        "common_beta": common(sub)}
+    result["per_pair"] = {"beta": pairs["beta"].tolist(), "log_ppl": pairs["log_ppl"].tolist(), "domain": domains}
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation, reward, KL
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[list[int]], pad_token_id: int, eos_ids: Sequence[int], *, sample: bool,
+             max_new_tokens: int, batch_size: int, seed: int, device: torch.device) -> list[list[int]]:
+    """Continuations of tokenized prompts, batched with left padding.
+
+    Sampling is plain ancestral sampling from the model (temperature 1, no top-k/top-p), which is what the
+    Monte-Carlo KL estimate needs. Each continuation is cut after its first end-of-turn/EOS token.
+    """
+    torch.manual_seed(seed)
+    outputs: list[list[int]] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generate (sample)" if sample else "generate (greedy)",
+                      leave=False):
+        chunk = prompts[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(chunk):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        kwargs = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {"do_sample": False}
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             pad_token_id=pad_token_id, eos_token_id=list(eos_ids), **kwargs)
+        for row in out[:, width:].tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+            outputs.append(row[:cut])
+    return outputs
+
+
+@torch.no_grad()
+def sequence_logps(model, prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_token_id: int,
+                   batch_size: int, device: torch.device) -> torch.Tensor:
+    """log π(y|x) summed over response tokens for each (prompt, response): (N,) float32."""
+    out = []
+    collator = PreferenceCollator(pad_token_id)
+    for start in range(0, len(prompts), batch_size):
+        feats = [{"prompt_input_ids": p, "chosen_input_ids": r or [pad_token_id], "rejected_input_ids": r or [pad_token_id]}
+                 for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
+        batch = collator(feats)
+        n = len(feats)
+        ids, mask = batch["input_ids"][:n].to(device), batch["attention_mask"][:n].to(device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                       use_cache=False).logits
+        out.append(response_logps(token_logps(logits, ids), batch["labels"][:n].to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def kl_estimate(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> dict[str, float]:
+    """Monte-Carlo KL(π‖πref) = E_{y~π}[log π(y|x) − log πref(y|x)] from samples of the policy."""
+    diff = (policy_logps - reference_logps).double()
+    n = diff.numel()
+    return {"mean": diff.mean().item(), "std": diff.std().item() if n > 1 else 0.0,
+            "sem": diff.std().item() / math.sqrt(n) if n > 1 else 0.0, "n": n}
+
+
+def reward_comparison(policy_rewards: Sequence[float], reference_rewards: Sequence[float]) -> dict[str, float]:
+    """Mean rewards and the policy's win rate against the reference on the same prompts (ties count ½)."""
+    p, r = torch.tensor(policy_rewards, dtype=torch.float64), torch.tensor(reference_rewards, dtype=torch.float64)
+    wins = (p > r).double() + 0.5 * (p == r).double()
+    return {"policy_mean": p.mean().item(), "reference_mean": r.mean().item(), "win_rate": wins.mean().item(),
+            "policy_std": p.std().item() if len(p) > 1 else 0.0, "n": len(p)}
+
+
+def resolve_reward_fn(name: str | None, reward_model: str | None, device: torch.device) -> Callable | None:
+    """The ground-truth reward: ``sentiment`` (VADER), a HF sequence-classification path, or None."""
+    if reward_model:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(reward_model)
+        rm = AutoModelForSequenceClassification.from_pretrained(reward_model).to(device).eval()
+
+        @torch.no_grad()
+        def score(texts: list[str]) -> list[float]:
+            enc = tok(texts, return_tensors="pt", padding=True, truncation=True).to(device)
+            return rm(**enc).logits[:, -1].float().cpu().tolist()
+
+        return score
+    if name == "sentiment":
+        from .rewards import sentiment_reward
+
+        return sentiment_reward
+    if name:
+        raise ValueError(f"data.reward={name!r}: known rewards are 'sentiment' (or set reward_model=PATH)")
+    return None
