@@ -386,11 +386,11 @@ def print_banner(cfg: DictConfig, model: DynamicBetaDPOModel, data_report: dict[
         table.add_row("β", f"w·{h.ppl_transform}·f, NN={h.context_net_type}, ε={h.epsilon}, w_init={h.w_init}, "
                            f"w_trainable={h.w_trainable}, normalize={h.normalize}")
     table.add_row("data", f"{data_report['train_pairs']} train / {data_report['eval_pairs']} eval pairs")
-    table.add_row("filters (train)", str({**data_report["train_loader"].get("skipped", {}),
-                                          **data_report["train_tokenizer_skips"]}))
-    if data_report.get("eval_loader"):
-        table.add_row("filters (eval)", str({**data_report["eval_loader"].get("skipped", {}),
-                                             **data_report["eval_tokenizer_skips"]}))
+    for split in ("train", "eval"):
+        loader = data_report.get(f"{split}_loader") or {}
+        skips = {**{k: v for k, v in loader.get("skipped", {}).items() if v}, **data_report[f"{split}_tokenizer_skips"]}
+        if loader:
+            table.add_row(f"skipped ({split})", ", ".join(f"{k}={v}" for k, v in skips.items()) or "none")
     for name, module in (("policy", model.policy_model), ("beta head", model.beta_head)):
         total, trainable = count_params(module)
         table.add_row(f"params: {name}", f"{trainable:,} trainable / {total:,}")

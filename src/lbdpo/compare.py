@@ -1,0 +1,258 @@
+"""Compare the arms of a Hydra multirun: mean ± std over seeds, the reward-vs-KL frontier, overlaid curves.
+
+    python -m lbdpo.compare outputs/multirun/<experiment>/<date>              # writes <dir>/compare/
+    python -m lbdpo.compare outputs/multirun/<experiment>/<date> --out figs/
+
+A run is a subdirectory holding ``metrics.jsonl``. Its arm is its Hydra overrides
+(``.hydra/overrides.yaml``) without the ``seed=…`` entry, so the seeds of one arm are grouped. Per arm,
+``compare.md`` shows the number of seeds and, for each metric, the mean ± **population** std over the
+seeds that have it (ddof=0, as in :mod:`lbdpo.metrics`; "–" as the std with one value, "–" alone with
+none). Metrics: the last logged ``eval/rewards/accuracies``, ``eval/rewards/margins``, ``eval/loss`` and
+``beta_head/w`` of ``metrics.jsonl``, and from ``eval.json`` (run dir, else ``checkpoints/final/``) the
+accuracy at the common β, the policy's mean reward, its win rate over the reference and the KL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+import yaml
+
+from lbdpo.plots import plot_frontier, plot_overlaid_curves, read_metrics_jsonl
+
+# (column header, where the value comes from, key path)
+COLUMNS = [
+    ("acc", "eval", ("eval/rewards/accuracies",)),
+    ("margin", "eval", ("eval/rewards/margins",)),
+    ("loss", "eval", ("eval/loss",)),
+    ("acc @ common β", "eval.json", ("preference", "common_beta", "rewards/accuracies")),
+    ("reward", "eval.json", ("generation", "reward", "policy_mean")),
+    ("win rate", "eval.json", ("generation", "reward", "win_rate")),
+    ("KL", "eval.json", ("generation", "kl", "mean")),
+    ("w", "train", ("beta_head/w",)),
+]
+CURVES = [("curves_loss.png", "loss"), ("curves_beta_mean.png", "beta/mean"),
+          ("curves_eval_accuracy.png", "eval/rewards/accuracies")]
+
+
+# ---------------------------------------------------------------- one run
+
+def _number(value) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _get(tree, path: tuple[str, ...]):
+    """``tree[path[0]][path[1]]…``, or None when any level is missing or not a mapping."""
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _last(lines: list[dict], key: str) -> float | None:
+    """The value of ``key`` in the last line that logged it as a finite number."""
+    for line in reversed(lines):
+        value = _number(line.get(key))
+        if value is not None:
+            return value
+    return None
+
+
+def _read_yaml(path: Path):
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def is_seed_override(override: str) -> bool:
+    """True for ``seed=1``, ``+seed=1``, ``++seed=1`` (not for ``data.seed=…``)."""
+    return override.split("=", 1)[0].lstrip("+~") == "seed"
+
+
+def arm_name(overrides: list[str], run_name: str) -> str:
+    """The run's overrides without its seed, joined with spaces (``run_name`` when nothing is left)."""
+    return " ".join(o for o in overrides if not is_seed_override(o)) or run_name
+
+
+def find_eval_json(run_dir: Path) -> Path | None:
+    """``eval.json`` of a run: in the run dir first, else in ``checkpoints/final/``; None when neither."""
+    for candidate in (run_dir / "eval.json", run_dir / "checkpoints" / "final" / "eval.json"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_run(run_dir: Path) -> dict | None:
+    """Arm, label, metric values and β-head mode of one run dir (None when it has no ``metrics.jsonl``).
+
+    An unreadable ``eval.json`` is treated as absent (its columns show "–").
+    """
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        return None
+    train, evals = read_metrics_jsonl(metrics_path)
+    overrides = [str(o) for o in (_read_yaml(run_dir / ".hydra" / "overrides.yaml") or [])]
+    config = _read_yaml(run_dir / ".hydra" / "config.yaml") or {}
+    eval_json_path = find_eval_json(run_dir)
+    eval_json = {}
+    if eval_json_path is not None:
+        try:
+            eval_json = json.loads(eval_json_path.read_text())
+        except json.JSONDecodeError:
+            eval_json = {}
+    values = {}
+    for header, source, key in COLUMNS:
+        if source == "eval":
+            values[header] = _last(evals, key[0])
+        elif source == "train":
+            values[header] = _last(train, key[0])
+        else:
+            values[header] = _number(_get(eval_json, key))
+    fixed = _get(config, ("beta_head", "mode")) == "fixed"
+    return {
+        "run": run_dir.name,
+        "label": " ".join(overrides) or run_dir.name,
+        "arm": arm_name(overrides, run_dir.name),
+        "metrics_path": metrics_path,
+        "eval_json": eval_json_path,
+        "kind": "fixed" if fixed else "learnable",
+        "beta": _number(_get(config, ("beta_head", "beta"))) if fixed else None,
+        "values": values,
+    }
+
+
+# ---------------------------------------------------------------- runs → arms
+
+def _natural_key(name: str):
+    """Sort "2_…" before "10_…"."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def collect_runs(multirun_dir: Path) -> list[dict]:
+    """Every run (subdirectory with ``metrics.jsonl``) of a multirun dir, in natural order of the dir names."""
+    dirs = sorted((d for d in Path(multirun_dir).iterdir() if d.is_dir()), key=lambda d: _natural_key(d.name))
+    runs = [read_run(d) for d in dirs]
+    return [r for r in runs if r is not None]
+
+
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and population std (ddof=0) of the non-None values; std None with fewer than two, both None with none."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None
+    mean = sum(present) / len(present)
+    if len(present) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in present) / len(present))
+
+
+def fmt_mean_std(mean: float | None, std: float | None) -> str:
+    """``0.7000 ± 0.1000``; ``0.7000 ± –`` with one value; ``–`` with none."""
+    if mean is None:
+        return "–"
+    return f"{mean:.4f} ± " + ("–" if std is None else f"{std:.4f}")
+
+
+def group_arms(runs: list[dict]) -> list[dict]:
+    """One entry per arm (first-appearance order): its runs, kind, β and (mean, std) of every column."""
+    arms: dict[str, list[dict]] = {}
+    for run in runs:
+        arms.setdefault(run["arm"], []).append(run)
+    out = []
+    for arm, members in arms.items():
+        out.append({
+            "arm": arm,
+            "runs": members,
+            "n_seeds": len(members),
+            "kind": members[0]["kind"],
+            "beta": members[0]["beta"],
+            "stats": {header: mean_std([r["values"][header] for r in members]) for header, _, _ in COLUMNS},
+        })
+    return out
+
+
+def frontier_points(arms: list[dict]) -> list[dict]:
+    """One plot_frontier point per arm that has both a mean KL and a mean reward."""
+    points = []
+    for a in arms:
+        (kl, kl_std), (reward, reward_std) = a["stats"]["KL"], a["stats"]["reward"]
+        if kl is None or reward is None:
+            continue
+        points.append({"kl": kl, "reward": reward, "kl_std": kl_std, "reward_std": reward_std,
+                       "label": a["arm"], "kind": a["kind"], "beta": a["beta"]})
+    return points
+
+
+def markdown_table(arms: list[dict]) -> str:
+    header = ["arm", "seeds", *(h for h, _, _ in COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for a in arms:
+        cells = [a["arm"], str(a["n_seeds"]), *(fmt_mean_std(*a["stats"][h]) for h, _, _ in COLUMNS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- outputs
+
+def write_comparison(multirun_dir: Path, out_dir: Path) -> tuple[str, dict[str, Path | None]]:
+    """Write ``compare.md`` and the figures into ``out_dir``; return the table and {name: path or None if skipped}.
+
+    Raises ValueError when ``multirun_dir`` holds no run.
+    """
+    multirun_dir, out_dir = Path(multirun_dir), Path(out_dir)
+    runs = collect_runs(multirun_dir)
+    if not runs:
+        raise ValueError(f"no run with a metrics.jsonl under {multirun_dir}")
+    arms = group_arms(runs)
+    table = markdown_table(arms)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    outputs: dict[str, Path | None] = {}
+    outputs["frontier.png"] = plot_frontier(frontier_points(arms), out_dir / "frontier.png")
+    labels = {}
+    for r in runs:
+        label = r["label"] if r["label"] not in labels else f"{r['label']} ({r['run']})"
+        labels[label] = r["metrics_path"]
+    for name, key in CURVES:
+        outputs[name] = plot_overlaid_curves(labels, key, out_dir / name)
+
+    notes = ["Mean ± population std (ddof=0) over the seeds that have the value; \"± –\" = one value, "
+             "\"–\" = none. acc/margin/loss: last eval of metrics.jsonl; acc @ common β, reward, win rate, KL: "
+             "eval.json; w: last train step."]
+    md = [f"# Comparison of {multirun_dir}", "", table, "", *notes, ""]
+    if outputs["frontier.png"] is None:
+        md += ["Frontier figure skipped: no run has both generation KL and reward in eval.json.", ""]
+    else:
+        md += ["![reward vs KL](frontier.png)", ""]
+    for name, key in CURVES:
+        md += [f"![{key}]({name})", ""] if outputs[name] else [f"{name} skipped: no run logged {key}.", ""]
+    md_path = out_dir / "compare.md"
+    md_path.write_text("\n".join(md))
+    return table, {"compare.md": md_path, **outputs}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lbdpo.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("multirun_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: MULTIRUN_DIR/compare)")
+    args = parser.parse_args(argv)
+    if not args.multirun_dir.is_dir():
+        parser.error(f"{args.multirun_dir} is not a directory")
+    try:
+        table, outputs = write_comparison(args.multirun_dir, args.out or args.multirun_dir / "compare")
+    except ValueError as err:
+        parser.error(str(err))
+    print(table)
+    print()
+    for name, path in outputs.items():
+        print(f"{name}: {path if path is not None else 'skipped (no data)'}")
+
+
+if __name__ == "__main__":
+    main()

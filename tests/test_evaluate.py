@@ -1,0 +1,110 @@
+"""evaluate.py on tiny-model checkpoints: eval.json contents, identities when policy == reference, robustness."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO_ROOT
+from lbdpo.evaluate_run import evaluate_checkpoint
+from lbdpo.evaluation import kl_estimate, reward_comparison
+from lbdpo.trainer import train
+
+CONF = str(REPO_ROOT / "conf")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A 2-step run whose policy did not move (policy_lr=0): policy == reference."""
+    data = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    words = "good fine great bad awful nice poor lovely".split()
+    data.write_text("".join(json.dumps({"prompt": f"Say something about {w} thing {i}.", "chosen": f"It is {w}.",
+                                        "rejected": "No.", "domain": "a" if i % 2 else "b"}) + "\n"
+                            for i, w in enumerate(words * 4)))
+    run_dir = tmp_path_factory.mktemp("run")
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "model=tiny_random", "trainer=tiny", "logger=none", "data=jsonl", f"data.path={data}",
+            "data.max_length=40", "data.max_prompt_length=24", "data.eval_size=8", "data.eval_fraction=null",
+            "trainer.max_steps=2", "trainer.policy_lr=0", "trainer.eval_every=0", "beta_head.epsilon=0.3"])
+    train(cfg, run_dir)
+    return run_dir / "checkpoints" / "final"
+
+
+def eval_cfg(checkpoint, out_dir, *overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("evaluate", overrides=[f"checkpoint={checkpoint}", f"output_dir={out_dir}",
+                                              "generation.num_prompts=6", "generation.max_new_tokens=8",
+                                              "generation.batch_size=4", *overrides])
+
+
+def test_eval_json_report_and_plots(checkpoint, tmp_path):
+    result = evaluate_checkpoint(eval_cfg(checkpoint, tmp_path))
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["preference"]["num_pairs"] == 8 and saved["step"] == 2
+    assert set(saved["preference"]["per_domain"]) == {"a", "b"}
+    for key in ("own_beta", "common_beta"):
+        assert {"loss", "rewards/accuracies", "rewards/margins", "beta/mean"} <= set(saved["preference"][key])
+    # policy == reference: log 2 loss, zero margins, KL exactly 0
+    assert saved["preference"]["own_beta"]["loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert saved["generation"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-5)
+    assert saved["generation"]["num_prompts"] == 6
+    assert "reward" in saved["skipped"]  # the jsonl data has no ground-truth reward
+    samples = [json.loads(l) for l in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and {"policy_greedy", "reference_greedy", "policy_sample", "reference_sample"} <= set(samples[0])
+    assert all(s["policy_greedy"] == s["reference_greedy"] for s in samples)  # same model, greedy
+    report = (tmp_path / "eval_report.md").read_text()
+    assert "Preference metrics" in report and "KL" in report
+    for name in ("beta_hist_by_domain.png", "beta_vs_log_ppl.png", "training_curves.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG, name
+    assert result["preference"] == saved["preference"]
+
+
+def test_common_beta_accuracy_matches_own_beta_sign(checkpoint, tmp_path):
+    """Accuracy only depends on the sign of the log-ratio margin, so any positive β gives the same accuracy."""
+    # a checkpoint whose policy moved: train a copy of the run 2 more steps with a real learning rate
+    from lbdpo.evaluation import load_checkpoint, preference_eval
+    from lbdpo.data.collator import PreferenceCollator
+    from lbdpo.dpo_model import DynamicBetaDPOModel
+    from lbdpo.models import freeze, load_model
+
+    cfg, policy, tok, head = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    reference = freeze(load_model(dict(cfg.model), vocab_size=len(tok)))
+    feats = [{"prompt_input_ids": [5, 6, 7 + i], "chosen_input_ids": [8 + i, 9], "rejected_input_ids": [10, 11 + i, 12],
+              "domain": "x"} for i in range(12)]
+    pref = preference_eval(DynamicBetaDPOModel(policy, head, reference), feats, PreferenceCollator(tok.pad_token_id),
+                           4, common_beta=0.37, device=torch.device("cpu"))
+    own, common = pref["own_beta"], pref["common_beta"]
+    assert 0 < own["rewards/accuracies"] < 1  # a non-trivial case
+    assert common["rewards/accuracies"] == own["rewards/accuracies"]
+    assert common["beta/mean"] == pytest.approx(0.37)
+    assert own["rewards/margins"] != pytest.approx(common["rewards/margins"])
+
+
+def test_win_rate_half_and_kl_zero_for_identical_models():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(400, generator=g).tolist()
+    b = torch.rand(400, generator=g).tolist()  # same distribution, independent draws
+    assert reward_comparison(a, b)["win_rate"] == pytest.approx(0.5, abs=0.07)
+    assert reward_comparison(a, a)["win_rate"] == 0.5  # ties count half
+    lp = torch.randn(50)
+    assert kl_estimate(lp, lp.clone())["mean"] == 0.0
+
+
+def test_missing_reference_and_partial_checkpoint(checkpoint, tmp_path):
+    out = evaluate_checkpoint(eval_cfg(checkpoint, tmp_path / "noref", "reference=none"))
+    assert "preference" not in out and {"reference", "preference"} <= set(out["skipped"])
+    assert (tmp_path / "noref" / "eval_report.md").is_file()
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "beta_head.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="beta_head.pt is missing"):
+        evaluate_checkpoint(eval_cfg(broken, tmp_path / "b"))
