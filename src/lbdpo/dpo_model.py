@@ -16,7 +16,8 @@ response, so this is exact), and the last-layer hidden state at the prompt's las
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -50,7 +51,13 @@ class DPOOutput:
     reference_rejected_logps: torch.Tensor
     chosen_rewards: torch.Tensor  # β·(log πθ − log πref)(yw|x), detached
     rejected_rewards: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    w: torch.Tensor  # the head's current w (detached scalar)
+
+    @functools.cached_property
+    def metrics(self) -> dict[str, float]:
+        """Scalar metrics of this batch (see :func:`lbdpo.metrics.preference_metrics`), computed on first access
+        so that the training loop, which gathers per-pair values across processes first, pays nothing."""
+        return {**preference_metrics(self.per_pair()), "beta_head/w": float(self.w)}
 
     def per_pair(self) -> dict[str, torch.Tensor]:
         """The detached (B,) tensors, e.g. to gather across processes before :func:`preference_metrics`."""
@@ -205,7 +212,7 @@ class DynamicBetaDPOModel(nn.Module):
         )
         loss = losses.mean() + self.beta_head.regularization_loss()
 
-        result = DPOOutput(
+        return DPOOutput(
             loss=loss,
             losses=losses,
             beta=beta,
@@ -217,7 +224,5 @@ class DynamicBetaDPOModel(nn.Module):
             reference_rejected_logps=ref_rejected,
             chosen_rewards=chosen_rewards,
             rejected_rewards=rejected_rewards,
+            w=self.beta_head.w.detach(),
         )
-        result.metrics = preference_metrics(result.per_pair())
-        result.metrics["beta_head/w"] = float(self.beta_head.w.detach())
-        return result

@@ -53,3 +53,14 @@ def preference_metrics(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
         f = _stats("f", values["f"])
         out["beta_head/f_mean"], out["beta_head/f_std"] = f["f/mean"], f["f/std"]
     return out
+
+
+def metrics_by_domain(values: Mapping[str, torch.Tensor], domains: list[str]) -> dict[str, dict[str, float]]:
+    """:func:`preference_metrics` of each domain's pairs. ``domains`` has one entry per pair."""
+    if len(domains) != len(values["losses"]):
+        raise ValueError(f"{len(domains)} domain labels for {len(values['losses'])} pairs")
+    out = {}
+    for domain in sorted(set(domains)):
+        idx = torch.tensor([d == domain for d in domains])
+        out[domain] = preference_metrics({k: v[idx] for k, v in values.items()})
+    return out

@@ -33,7 +33,7 @@ from .checkpoint import (
 )
 from .data.collator import PreferenceCollator
 from .dpo_model import DynamicBetaDPOModel
-from .metrics import preference_metrics
+from .metrics import metrics_by_domain, preference_metrics
 from .reference import add_reference_columns
 from .run_logging import RunLogger
 
@@ -135,11 +135,9 @@ def evaluate_pairs(model, loader, accelerator: Accelerator) -> dict[str, float]:
         return {}
     values = {k: torch.cat(v).cpu() for k, v in gathered.items()}
     metrics = {f"eval/{k}": v for k, v in preference_metrics(values).items()}
-    if domains and len(domains) == len(values["losses"]) and len(set(domains)) > 1:
-        for domain in sorted(set(domains)):
-            idx = torch.tensor([d == domain for d in domains])
-            sub = {k: v[idx] for k, v in values.items()}
-            metrics.update({f"eval/{domain}/{k}": v for k, v in preference_metrics(sub).items()})
+    if domains and len(set(domains)) > 1:
+        for domain, sub in metrics_by_domain(values, domains).items():
+            metrics.update({f"eval/{domain}/{k}": v for k, v in sub.items()})
     return metrics
 
 
