@@ -164,7 +164,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     need_ref_model = t.reference in ("copy", "precompute")
     policy, reference, tokenizer = build_policy_and_reference(cfg, need_reference=need_ref_model)
     if t.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(policy, "activation_checkpointing_enable"):  # transformers ≥ 5 name
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.config.use_cache = False
     if t.lora.enabled:
         policy = apply_lora(policy, t.lora)
