@@ -9,7 +9,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lbdpo-installed
 ARGS   ?=
 
-.PHONY: setup train test clean-venv
+# `make evaluate` evaluates the newest checkpoints/final under outputs/ (or CHECKPOINT=path).
+CHECKPOINT ?= $(shell ls -td outputs/*/*/checkpoints/final 2>/dev/null | head -1)
+
+.PHONY: setup train test evaluate clean-venv
 
 setup: $(STAMP)
 
@@ -27,6 +30,10 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)
+
+evaluate: setup
+	@test -n "$(CHECKPOINT)" || { echo "no checkpoint: run make train first or pass CHECKPOINT=..."; exit 2; }
+	$(PY) evaluate.py checkpoint=$(CHECKPOINT) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
