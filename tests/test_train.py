@@ -254,3 +254,30 @@ def test_wandb_offline_run_is_written(pairs_file, tmp_path, monkeypatch):
     train(cfg, tmp_path / "run")
     offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+
+
+def test_interrupt_saves_checkpoint_and_resume_continues(default_run, pairs_file, tmp_path, monkeypatch):
+    """Ctrl-C during step 5 saves checkpoints/step-4; resuming reproduces the uninterrupted run."""
+    import lbdpo.dpo_model as dpo_model
+
+    real, calls = dpo_model.dpo_loss, {"n": 0}
+
+    def interrupt_at_fifth_training_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5 + 1:  # +1: the eval forward at step 3 (eval_every=3) also calls dpo_loss
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dpo_model, "dpo_loss", interrupt_at_fifth_training_forward)
+    overrides = ("trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=3")
+    cfg = make_cfg(pairs_file, *overrides, "data.max_eval_pairs=4", "trainer.eval_batch_size=4")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path)
+    assert (tmp_path / "checkpoints" / "step-4" / "trainer_state.pt").is_file()
+    monkeypatch.setattr(dpo_model, "dpo_loss", real)
+    train(make_cfg(pairs_file, *overrides, "data.max_eval_pairs=4", "trainer.eval_batch_size=4",
+                   "trainer.resume_from=auto"), tmp_path)
+    resumed, _ = read_metrics(tmp_path)
+    uninterrupted, _ = read_metrics(default_run[0])
+    assert [s["step"] for s in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [s["loss"] for s in resumed] == pytest.approx([s["loss"] for s in uninterrupted], abs=1e-5)

@@ -247,6 +247,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
                     dynamic_ncols=True)
     batches = None
     last_eval: dict[str, float] = {}
+    step_start = (state.epoch, state.batch_in_epoch)
 
     def next_batch() -> dict[str, Any]:
         """The next micro-batch; crosses epoch boundaries, and skips what a resumed run already consumed."""
@@ -270,6 +271,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     try:
         while state.step < total_steps:
             t0 = time.perf_counter()
+            step_start = (state.epoch, state.batch_in_epoch)  # where an interrupted step would restart
             per_pair: dict[str, list[torch.Tensor]] = {k: [] for k in PER_PAIR_KEYS}
             tokens = 0
             nonfinite = False
@@ -339,11 +341,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
             if eval_loader is not None and t.eval_every and state.step % int(t.eval_every) == 0:
                 last_eval = evaluate_pairs(model, eval_loader, accelerator)
                 logger.log(state.step, last_eval)
-                progress.write(format_eval(state.step, last_eval))
+                if accelerator.is_main_process:
+                    progress.write(format_eval(state.step, last_eval))
             if t.save_every and state.step % int(t.save_every) == 0 and state.step < total_steps:
                 checkpoint(f"step-{state.step}")
     except KeyboardInterrupt:
         log.warning("interrupted: saving checkpoints/step-%d before exiting", state.step)
+        state.epoch, state.batch_in_epoch = step_start  # the unfinished step is redone on resume
+        optimizer.zero_grad(set_to_none=True)
         checkpoint(f"step-{state.step}")
         logger.close()
         raise
