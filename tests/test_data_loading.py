@@ -324,3 +324,22 @@ def test_presplit_hh_prompt_becomes_hh_transcript(tmp_path):
     assert ds[0]["transcript_format"] == "hh"
     assert ds[0]["prompt"] == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant:"
     assert ds[0]["chosen"] == " Like this."
+
+
+def test_check_counts_loader_and_tokenizer_skips(tmp_path, tiny_model_and_tokenizer, capsys):
+    """`python -m lbdpo.data.check` reports each file's loader skips and truncation skips."""
+    from lbdpo.data.check import check_file, main
+    from lbdpo.data.tokenize import TokenizeConfig
+
+    rows = PAIRS + [{"prompt": "Same?", "chosen": "x", "rejected": "x"},  # chosen_equals_rejected
+                    {"prompt": "", "chosen": "a", "rejected": "b"},  # empty_prompt
+                    {"prompt": "Long?", "chosen": "a " * 50 + "X", "rejected": "a " * 50 + "Y"}]  # same after cut
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = TokenizeConfig(prompt_format="chat", max_length=48, max_prompt_length=32)
+    result = check_file(str(path), tiny_model_and_tokenizer[1], cfg)
+    assert result == {"file": "pairs.jsonl", "rows_in": 6,
+                      "loader_skips": {"chosen_equals_rejected": 1, "empty_prompt": 1},
+                      "tokenizer_skips": {"identical_after_truncation": 1}, "pairs": 3}
+    main([str(path), "--max-length", "48", "--max-prompt-length", "32", "--prompt-format", "chat"])
+    out = capsys.readouterr().out
+    assert "| pairs.jsonl | 6 | chosen_equals_rejected 1, empty_prompt 1 | identical_after_truncation 1 | 3 |" in out

@@ -17,7 +17,8 @@ from lbdpo.rewards import sentiment_reward
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "sentiment"
-ROW_KEYS = {"prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "domain", "subject", "template_id"}
+ROW_KEYS = {"prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "chosen_finished", "rejected_finished",
+            "domain", "subject", "template_id"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,6 +228,7 @@ def test_built_dataset_rows(split):
         assert -1.0 <= r["rejected_reward"] < r["chosen_reward"] <= 1.0
         assert r["domain"] in DOMAINS and r["template_id"].startswith(r["domain"])
         assert "<|im_start|>" not in r["prompt"]  # plain user text, not chat-templated
+        assert isinstance(r["chosen_finished"], bool) and isinstance(r["rejected_finished"], bool)
     assert {r["domain"] for r in rows} == set(DOMAINS)
     # the stored rewards are the ground-truth reward of the stored texts
     recomputed = sentiment_reward([r["chosen"] for r in rows] + [r["rejected"] for r in rows])

@@ -135,3 +135,23 @@ def test_bad_tokenize_config_names_key(tiny_model_and_tokenizer):
         PairEncoder(tok, TokenizeConfig(prompt_format="chat"))
     assert PairEncoder(tok, TokenizeConfig(prompt_format="auto")).prompt_format == "raw"
     assert end_of_turn_ids(tok, "raw") == [tok.eos_token_id]
+
+
+def test_unfinished_response_gets_no_end_of_turn(tiny_model_and_tokenizer):
+    """`<key>_finished=false` (a sample cut at a token limit) → no end-of-turn token; true/missing → one."""
+    tok = tiny_model_and_tokenizer[1]
+    cfg = TokenizeConfig(prompt_format="chat", max_length=64, max_prompt_length=32)
+    rows = [
+        {"prompt": "Review a film.", "chosen": "Great fun and", "rejected": "Dull, slow", "chosen_finished": False,
+         "rejected_finished": True},
+        {"prompt": "Review a book.", "chosen": "A joy.", "rejected": "Boring and", "chosen_finished": None,
+         "rejected_finished": False},
+    ]
+    ds, skips = tokenize_pairs(Dataset.from_list(rows), tok, cfg)
+    eot = PairEncoder(tok, cfg).eot
+    assert not skips and len(ds) == 2
+    for row, enc in zip(rows, ds):
+        for key in ("chosen", "rejected"):
+            text_ids = tok(row[key], add_special_tokens=False)["input_ids"]
+            expected = text_ids if row[f"{key}_finished"] is False else text_ids + eot
+            assert enc[f"{key}_input_ids"] == expected, (key, row)

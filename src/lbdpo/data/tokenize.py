@@ -7,7 +7,10 @@ For every pair the model sees ``prompt_ids + response_ids`` where
   generates); with ``"raw"`` the prompt text as is (base models; HH transcripts keep their
   ``"\\n\\nHuman: … \\n\\nAssistant:"`` form).
 - ``response_ids`` are the response text tokenized on its own, followed by the template's end-of-turn
-  token (chat) or EOS (raw).
+  token (chat) or EOS (raw). A row may say that a response is NOT a finished turn, with an optional
+  boolean column ``chosen_finished`` / ``rejected_finished`` set to false (sampled text cut at a token
+  limit, as in the built-in ``sentiment`` data): that response gets no end-of-turn token, so the policy
+  is not taught to end its turn where a length limit happened to fall. Missing or null means finished.
 
 The two id lists are concatenated; the joined string is never re-tokenized, so no token straddles the
 boundary and the response log-prob is log π(y | x) for exactly the x used at generation time. This
@@ -135,11 +138,16 @@ class PairEncoder:
         # HH responses begin with the space after "Assistant:"; in a chat turn that space is noise.
         return text.strip() if self.prompt_format == "chat" else text
 
+    def response_ids(self, rows: list[dict[str, Any]], key: str) -> list[list[int]]:
+        """Token ids of each row's ``key`` response, with the end-of-turn ids unless ``<key>_finished`` is false."""
+        ids = self.tokenizer([self.response_text(r[key]) for r in rows], add_special_tokens=False)["input_ids"]
+        finished = [row.get(f"{key}_finished") for row in rows]
+        return [x + self.eot if x and (fin is None or bool(fin)) else x for x, fin in zip(ids, finished)]
+
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         n = len(batch["prompt"])
         rows = [{k: batch[k][i] for k in batch} for i in range(n)]
-        chosen = self.tokenizer([self.response_text(r["chosen"]) for r in rows], add_special_tokens=False)["input_ids"]
-        rejected = self.tokenizer([self.response_text(r["rejected"]) for r in rows], add_special_tokens=False)["input_ids"]
+        chosen, rejected = self.response_ids(rows, "chosen"), self.response_ids(rows, "rejected")
         out: dict[str, list] = {c: [] for c in TOKENIZED_COLUMNS}
         out["skip_reason"] = []
         for row, c_ids, r_ids in zip(rows, chosen, rejected):
@@ -151,7 +159,8 @@ class PairEncoder:
         return out
 
     def encode_one(self, row, chosen_ids, rejected_ids) -> tuple[list[int], list[int], list[int], str]:
-        """Apply truncation to one pair; returns (prompt, chosen, rejected, skip_reason or "")."""
+        """Apply truncation to one pair (responses already end with their end-of-turn ids, if any);
+        returns (prompt, chosen, rejected, skip_reason or "")."""
         cfg = self.config
         try:
             prompt = self.prompt_ids(row)
@@ -163,8 +172,8 @@ class PairEncoder:
         if len(prompt) < 2:
             return [], [], [], "prompt_too_short"
         budget = cfg.max_length - len(prompt)
-        chosen = (chosen_ids + self.eot)[:budget]
-        rejected = (rejected_ids + self.eot)[:budget]
+        chosen = chosen_ids[:budget]
+        rejected = rejected_ids[:budget]
         if not chosen_ids or not rejected_ids or budget < 1:
             return [], [], [], "response_empty_after_truncation"
         if chosen == rejected:
