@@ -12,7 +12,15 @@ ARGS   ?=
 # `make evaluate` evaluates the newest checkpoints/final under outputs/ (or CHECKPOINT=path).
 CHECKPOINT ?= $(shell ls -td outputs/*/*/checkpoints/final 2>/dev/null | head -1)
 
-.PHONY: setup train test evaluate clean-venv
+# `make sweep-cpu` runs the CPU-sized comparison (sweeps/cpu_small.yaml), evaluates every run's final checkpoint
+# and writes the comparison (compare.md, frontier.png, curves) into $(SWEEP_DIR)/compare/. report.md is built from it.
+ifndef SWEEP_DIR
+SWEEP_DIR := outputs/multirun/sweep_cpu_small/$(shell date -u +%Y-%m-%d_%H-%M-%S)
+endif
+SWEEP_ARGS ?=
+EVAL_ARGS ?=
+
+.PHONY: setup train test evaluate sweep-cpu clean-venv
 
 setup: $(STAMP)
 
@@ -34,6 +42,11 @@ test: setup
 evaluate: setup
 	@test -n "$(CHECKPOINT)" || { echo "no checkpoint: run make train first or pass CHECKPOINT=..."; exit 2; }
 	$(PY) evaluate.py checkpoint=$(CHECKPOINT) $(ARGS)
+
+sweep-cpu: setup
+	$(PY) train.py -m +sweep=cpu_small hydra.sweep.dir=$(SWEEP_DIR) $(SWEEP_ARGS)
+	for ckpt in $(SWEEP_DIR)/*/checkpoints/final; do $(PY) evaluate.py checkpoint=$$ckpt $(EVAL_ARGS) || exit 1; done
+	$(PY) -m lbdpo.compare $(SWEEP_DIR)
 
 clean-venv:
 	rm -rf $(VENV)

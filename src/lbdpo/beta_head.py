@@ -12,7 +12,9 @@
 - ``h``: the policy's last-layer hidden state at the prompt's last token; ``NN``: linear or MLP.
   ``f`` lies in [1 − ε, 1 + ε]; ε = 0 gives f ≡ 1.
 - ``normalize=batch_mean``: β_i = target_beta · g_i / mean_j g_j with g_i = w·T_i·f_i, so the head only
-  learns how to *distribute* β across the prompts of a batch (w cancels and receives no gradient).
+  learns how to *distribute* β across the prompts of a batch (w cancels and receives no gradient). The mean
+  is over the micro-batch this module sees (one process, one gradient-accumulation step), so the β of a
+  prompt depends on its batch-mates; with ε = 0 and ``ppl_transform=none`` every β equals target_beta.
 - ``mode=fixed``: β ≡ ``beta`` for every prompt: plain DPO through the same code path (the baseline).
 
 Known trap: with the DPO loss alone, dL/dβ = −Δ·σ(−βΔ) (Δ the log-ratio margin), which is negative
