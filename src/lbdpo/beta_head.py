@@ -140,7 +140,10 @@ class BetaHead(nn.Module):
         self.register_buffer("w_init_value", torch.tensor(w0))
         self.register_buffer("w_initialized", torch.tensor(not auto))
 
-        if config.context_net_type == "linear":
+        if self.epsilon == 0.0:
+            # f ≡ 1: no NN, so no parameter that never receives a gradient (DDP rejects those)
+            self.context_net = None
+        elif config.context_net_type == "linear":
             self.context_net = nn.Linear(config.hidden_size, 1)
         else:
             self.context_net = nn.Sequential(
@@ -149,7 +152,7 @@ class BetaHead(nn.Module):
                 nn.Dropout(config.dropout),
                 nn.Linear(config.context_mlp_hidden_size, 1),
             )
-        for module in self.context_net.modules():
+        for module in self.context_net.modules() if self.context_net is not None else ():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=config.init_std)
                 nn.init.zeros_(module.bias)
