@@ -58,3 +58,20 @@ def test_smollm2_loads_offline_and_answers(monkeypatch):
     out = model.generate(**enc, max_new_tokens=20, do_sample=False)
     answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_reference_dtype_applies_to_the_reference_only():
+    """Policy master weights stay in `dtype`; the frozen reference loads in `reference_dtype` when set."""
+    from omegaconf import OmegaConf
+
+    from lbdpo.build import build_policy_and_reference
+    from lbdpo.models import reference_model_config
+
+    cfg = OmegaConf.create({"model": {**TINY_CFG, "reference_dtype": "bfloat16"}})
+    policy, reference, _ = build_policy_and_reference(cfg, need_reference=True)
+    assert policy.dtype == torch.float32 and reference.dtype == torch.bfloat16
+    assert not any(p.requires_grad for p in reference.parameters())
+    # same weights up to bf16 rounding
+    torch.testing.assert_close(reference.model.embed_tokens.weight.float(),
+                               policy.model.embed_tokens.weight.bfloat16().float())
+    assert reference_model_config({**TINY_CFG, "reference_dtype": None})["dtype"] == "float32"

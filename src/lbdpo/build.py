@@ -10,7 +10,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from .beta_head import BetaHead, BetaHeadConfig
-from .models import freeze, hidden_size_of, load_model, load_model_and_tokenizer
+from .models import freeze, hidden_size_of, load_model, load_model_and_tokenizer, reference_model_config
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,12 @@ def build_beta_head(beta_head_cfg: Mapping[str, Any], hidden_size: int) -> BetaH
 
 
 def build_policy_and_reference(cfg: DictConfig, need_reference: bool):
-    """(policy, reference or None, tokenizer). The reference is a separately loaded, frozen copy."""
+    """(policy, reference or None, tokenizer). The reference is a separately loaded, frozen copy, in
+    ``model.reference_dtype`` when that is set (see :func:`lbdpo.models.reference_model_config`)."""
     model_cfg = to_container(cfg.model)
     policy, tokenizer = load_model_and_tokenizer(model_cfg)
-    reference = freeze(load_model(model_cfg, vocab_size=len(tokenizer))) if need_reference else None
+    reference = freeze(load_model(reference_model_config(model_cfg), vocab_size=len(tokenizer))) \
+        if need_reference else None
     return policy, reference, tokenizer
 
 

@@ -25,7 +25,7 @@ from .evaluation import (
     reward_comparison,
     sequence_logps,
 )
-from .models import freeze, load_model
+from .models import freeze, load_model, reference_model_config
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     reference = None
     if cfg.reference != "none":
         try:
-            reference = freeze(load_model(to_container(run_cfg.model), vocab_size=len(tokenizer))).to(device)
+            ref_cfg = reference_model_config(to_container(run_cfg.model))
+            reference = freeze(load_model(ref_cfg, vocab_size=len(tokenizer))).to(device)
         except Exception as err:  # a hub model without network, a moved local path, …
             results.skip("reference", f"could not load the reference {run_cfg.model.get('name_or_path')}: {err}")
     else:

@@ -231,6 +231,21 @@ def load_model_and_tokenizer(model_cfg: Mapping[str, Any]) -> tuple[PreTrainedMo
     return model, tokenizer
 
 
+def reference_model_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``model`` config for the frozen reference: the policy's, with ``dtype`` replaced by
+    ``reference_dtype`` when that is set.
+
+    The policy's weights are the optimizer's master weights: in bfloat16, an AdamW update of lr ≈ 1e-6
+    on a weight of size ≈ 0.05 is below half a bf16 ulp and rounds away, so a policy trained at DPO's
+    usual learning rates keeps ``dtype: float32`` and gets bf16 speed from ``trainer.mixed_precision``.
+    The reference never updates, so bf16 weights (``reference_dtype: auto`` on a GPU) only halve its memory.
+    """
+    cfg = dict(model_cfg)
+    if cfg.get("reference_dtype") is not None:
+        cfg["dtype"] = cfg["reference_dtype"]
+    return cfg
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     """Put a (reference) model in eval mode with every parameter frozen."""
     model.eval()
@@ -257,6 +272,7 @@ __all__ = [
     "load_model_and_tokenizer",
     "load_tokenizer",
     "prepare_tokenizer",
+    "reference_model_config",
     "resolve_dtype",
     "smollm2_gguf_path",
     "smollm2_local_dir",
