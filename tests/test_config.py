@@ -57,3 +57,20 @@ def test_bad_beta_head_override_names_key():
     cfg = compose_with("beta_head.epsilon=1.5")
     with pytest.raises(ValueError, match=r"beta_head\.epsilon"):
         BetaHeadConfig.from_mapping(to_container(cfg.beta_head), hidden_size=8)
+
+
+def test_multirun_dir_names_pass_unquoted_as_override_values():
+    """A sweep's run dir (named by hydra.job.config.override_dirname) must be usable as `checkpoint=PATH` /
+    `trainer.resume_from=PATH`: Hydra's override grammar rejects an unquoted "=" or ","."""
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    naming = OmegaConf.load(CONF / "config.yaml").hydra.job.config.override_dirname
+    parser = OverridesParser.create()
+    overrides = parser.parse_overrides(["+arm=fixed_b01", "seed=1", "beta_head.epsilon=0.3", "+sweep=cpu_small",
+                                        "trainer.resume_from=auto"])
+    name = get_overrides_dirname(overrides, list(naming.exclude_keys), naming.item_sep, naming.kv_sep)
+    assert name == "+arm-fixed_b01__beta_head.epsilon-0.3__seed-1"
+    path = f"outputs/multirun/sweep_cpu_small/2026-01-01_00-00-00/0_{name}/checkpoints/final"
+    assert parser.parse_overrides([f"checkpoint={path}"])[0].value() == path

@@ -120,6 +120,7 @@ def test_arm_name_drops_seed():
     assert arm_name(overrides, "x") == "+arm=fixed_b01 beta_head.epsilon=0.1"
     assert arm_name(["+seed=3"], "run_dir") == "run_dir"
     assert arm_name(["data.seed=3"], "run_dir") == "data.seed=3"
+    assert arm_name(["+arm=learn_eps01", "+sweep=cpu_small", "seed=0"], "x") == "+arm=learn_eps01"
 
 
 def test_mean_std_population():

@@ -74,9 +74,15 @@ def is_seed_override(override: str) -> bool:
     return override.split("=", 1)[0].lstrip("+~") == "seed"
 
 
+def is_sweep_override(override: str) -> bool:
+    """True for ``+sweep=NAME``: the named sweep, the same for every run of a multirun."""
+    return override.split("=", 1)[0].lstrip("+~") == "sweep"
+
+
 def arm_name(overrides: list[str], run_name: str) -> str:
-    """The run's overrides without its seed, joined with spaces (``run_name`` when nothing is left)."""
-    return " ".join(o for o in overrides if not is_seed_override(o)) or run_name
+    """The run's overrides without its seed and sweep name, joined with spaces (``run_name`` when nothing is left)."""
+    kept = [o for o in overrides if not (is_seed_override(o) or is_sweep_override(o))]
+    return " ".join(kept) or run_name
 
 
 def find_eval_json(run_dir: Path) -> Path | None:
