@@ -18,7 +18,8 @@ ifndef SWEEP_DIR
 SWEEP_DIR := outputs/multirun/sweep_cpu_small/$(shell date -u +%Y-%m-%d_%H-%M-%S)
 endif
 SWEEP_ARGS ?=
-EVAL_ARGS ?= max_pairs=1000   # every held-out pair (259 in the sentiment test split), not the 64 used during training
+# evaluate every held-out pair (259 in the sentiment test split), not the 64 used during training
+EVAL_ARGS ?= max_pairs=1000
 
 .PHONY: setup train test evaluate sweep-cpu clean-venv
 

@@ -114,6 +114,7 @@ def test_batch_mean_normalisation():
     torch.testing.assert_close(beta, 0.1 * g / g.mean(), rtol=1e-5, atol=1e-7)
     beta.sum().backward()
     assert head.w.grad is None or head.w.grad.abs() < 1e-6  # w cancels out
+    assert "w" not in dict(head.named_parameters())  # so it is not trained (Adam would amplify float noise)
 
 
 def test_w_prior_penalty():

@@ -12,7 +12,7 @@
 - ``h``: the policy's last-layer hidden state at the prompt's last token; ``NN``: linear or MLP.
   ``f`` lies in [1 − ε, 1 + ε]; ε = 0 gives f ≡ 1.
 - ``normalize=batch_mean``: β_i = target_beta · g_i / mean_j g_j with g_i = w·T_i·f_i, so the head only
-  learns how to *distribute* β across the prompts of a batch (w cancels and receives no gradient). The mean
+  learns how to *distribute* β across the prompts of a batch (w cancels, so it is kept as a buffer). The mean
   is over the micro-batch this module sees (one process, one gradient-accumulation step), so the β of a
   prompt depends on its batch-mates; with ε = 0 and ``ppl_transform=none`` every β equals target_beta.
 - ``mode=fixed``: β ≡ ``beta`` for every prompt: plain DPO through the same code path (the baseline).
@@ -132,7 +132,9 @@ class BetaHead(nn.Module):
 
         auto = config.w_init == "auto"
         w0 = 1.0 if auto else float(config.w_init)
-        if config.w_trainable:
+        # Under batch_mean, w cancels out of β: as a Parameter it would only drift on float-noise gradients
+        # that Adam scales up to full-size steps, so it is a buffer there.
+        if config.w_trainable and config.normalize != "batch_mean":
             self.w = nn.Parameter(torch.tensor(w0))
         else:
             self.register_buffer("w", torch.tensor(w0))
