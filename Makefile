@@ -47,7 +47,7 @@ evaluate: setup
 sweep-cpu: setup
 	$(PY) train.py -m +sweep=cpu_small hydra.sweep.dir=$(SWEEP_DIR) $(SWEEP_ARGS)
 	for ckpt in $(SWEEP_DIR)/*/checkpoints/final; do $(PY) evaluate.py "checkpoint='$$ckpt'" $(EVAL_ARGS) || exit 1; done
-	$(PY) -m lbdpo.compare $(SWEEP_DIR)
+	$(PY) -m lbdpo.eval.compare $(SWEEP_DIR)
 
 clean-venv:
 	rm -rf $(VENV)

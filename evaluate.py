@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from lbdpo.evaluate_run import evaluate_checkpoint
+    from lbdpo.eval.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(cfg)
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from lbdpo.trainer import train
+    from lbdpo.train.trainer import train
 
     metrics = train(cfg, run_dir=HydraConfig.get().runtime.output_dir)
     return metrics.get("eval/rewards/accuracies", float("nan"))

@@ -10,7 +10,7 @@ from conftest import REPO_ROOT
 from lbdpo.beta_head import BetaHeadConfig
 from lbdpo.build import to_container
 from lbdpo.data.tokenize import TokenizeConfig
-from lbdpo.trainer import check_trainer_config
+from lbdpo.train.setup import check_trainer_config
 
 CONF = REPO_ROOT / "conf"
 GROUPS = ["model", "beta_head", "data", "trainer", "logger"]

@@ -10,9 +10,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO_ROOT
-from lbdpo.evaluate_run import evaluate_checkpoint
-from lbdpo.evaluation import kl_estimate, reward_comparison
-from lbdpo.trainer import train
+from lbdpo.eval.evaluate import evaluate_checkpoint
+from lbdpo.eval.evaluation import kl_estimate, reward_comparison
+from lbdpo.train.trainer import train
 
 CONF = str(REPO_ROOT / "conf")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -68,7 +68,8 @@ def test_eval_json_report_and_plots(checkpoint, tmp_path):
 def test_common_beta_accuracy_matches_own_beta_sign(checkpoint, tmp_path):
     """Accuracy only depends on the sign of the log-ratio margin, so any positive β gives the same accuracy."""
     # a checkpoint whose policy moved: train a copy of the run 2 more steps with a real learning rate
-    from lbdpo.evaluation import load_checkpoint, preference_eval
+    from lbdpo.eval.evaluation import preference_eval
+    from lbdpo.train.checkpoint import load_checkpoint
     from lbdpo.data.collator import PreferenceCollator
     from lbdpo.dpo_model import DynamicBetaDPOModel
     from lbdpo.models import freeze, load_model

@@ -12,8 +12,8 @@ import torch
 from conftest import random_pairs
 from lbdpo.beta_head import BetaHead, BetaHeadConfig, DynamicBetaDPOModel
 from lbdpo.data import PreferenceCollator
-from lbdpo.dpo_model import position_ids_from_mask
-from lbdpo.logprobs import prompt_ppl_mask, real_token_positions, token_logps
+from lbdpo.data.collator import pad_rows
+from lbdpo.logprobs import position_ids_from_mask, prompt_ppl_mask, real_token_positions, sequence_log_ppl, token_logps
 
 ATOL = 1e-5
 
@@ -46,22 +46,18 @@ def seq_log_ppl(model, seq):
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_compute_ppl_matches_brute_force(tiny_model, tiny_model_and_tokenizer, padding_side):
+def test_sequence_log_ppl_matches_brute_force(tiny_model, tiny_model_and_tokenizer, padding_side):
     tok = tiny_model_and_tokenizer[1]
     pairs = random_pairs(5, len(tok), seed=1, prompt_range=(2, 12))
     seqs = [p["prompt_input_ids"] for p in pairs]
     assert len({len(s) for s in seqs}) > 1, "need unequal lengths"
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), tok.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        sl = slice(0, len(s)) if padding_side == "right" else slice(width - len(s), width)
-        ids[i, sl], mask[i, sl] = torch.tensor(s), 1
-    head = BetaHead(BetaHeadConfig(hidden_size=64))
-    model = DynamicBetaDPOModel(tiny_model, head)
-    ppl = model.compute_ppl(ids, mask)
-    expected = torch.tensor([seq_log_ppl(tiny_model, s) for s in seqs]).exp().float()
-    torch.testing.assert_close(ppl, expected, atol=ATOL, rtol=1e-5)
+    ids, mask = pad_rows(seqs, tok.pad_token_id, padding_side)
+    assert mask.sum(-1).tolist() == [len(s) for s in seqs]
+    assert all(ids[i][mask[i].bool()].tolist() == s for i, s in enumerate(seqs))
+    with torch.no_grad():
+        log_ppl = sequence_log_ppl(tiny_model, ids, mask)
+    expected = torch.tensor([seq_log_ppl(tiny_model, s) for s in seqs]).float()
+    torch.testing.assert_close(log_ppl, expected, atol=ATOL, rtol=1e-5)
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])

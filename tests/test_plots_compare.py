@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from lbdpo.compare import arm_name, main, mean_std, write_comparison
-from lbdpo.plots import (moving_average, plot_beta_hist_by_domain, plot_beta_vs_log_ppl, plot_frontier,
+from lbdpo.eval.compare import arm_name, main, mean_std, write_comparison
+from lbdpo.eval.plots import (moving_average, plot_beta_hist_by_domain, plot_beta_vs_log_ppl, plot_frontier,
                          plot_overlaid_curves, plot_training_curves, read_metrics_jsonl)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -15,13 +15,13 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO_ROOT
-from lbdpo.trainer import train
+from lbdpo.train.trainer import train
 
 CONF = str(REPO_ROOT / "conf")
 STEP_KEYS = [
     "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
     "logps/rejected", "beta/mean", "beta/std", "beta/min", "beta/max", "log_ppl/mean", "log_ppl/std",
-    "beta_head/w", "beta_head/f_mean", "beta_head/f_std", "grad_norm/policy", "grad_norm/beta_head",
+    "beta_head/w", "beta_head/f_mean", "beta_head/f_std", "grad_norm/total", "grad_norm/beta_head",
     "lr/policy", "lr/beta_head", "pairs_per_s", "tokens_per_s",
 ]
 WORDS = "good fine great bad awful nice poor lovely grim superb dull bright".split()
@@ -139,7 +139,7 @@ def test_learnable_w_moves_and_group_lrs(default_run):
 
 def test_optimizer_groups(pairs_file, tiny_model):
     from lbdpo.beta_head import BetaHead, BetaHeadConfig, DynamicBetaDPOModel
-    from lbdpo.trainer import build_optimizer
+    from lbdpo.train.setup import build_optimizer
 
     cfg = make_cfg(pairs_file, "trainer.policy_lr=1e-6", "trainer.beta_head_lr=1e-2", "trainer.weight_decay=0.1",
                    "trainer.beta_head_weight_decay=0.01")
@@ -174,6 +174,47 @@ def test_nan_guard_skips_and_stops(pairs_file, tmp_path, monkeypatch):
     monkeypatch.setattr(dpo_model, "dpo_loss", lambda *a, **k: tuple(x * float("nan") for x in real(*a, **k)))
     cfg = make_cfg(pairs_file, "trainer.max_steps=10", "trainer.eval_every=0", "trainer.max_consecutive_nonfinite=3",
                    "data.eval_size=null")
+    with pytest.raises(RuntimeError, match="3 consecutive non-finite"):
+        train(cfg, tmp_path / "all_nan")
+
+
+def nan_policy_forward(monkeypatch, bad_calls):
+    """Make the policy's forward (the one with hidden states) return NaN logits and h on the given calls."""
+    import lbdpo.dpo_model as dpo_model
+
+    real, calls = dpo_model.forward_model, {"n": 0}
+
+    def forward(model, input_ids, attention_mask, output_hidden_states=False):
+        out = real(model, input_ids, attention_mask, output_hidden_states=output_hidden_states)
+        if output_hidden_states:
+            calls["n"] += 1
+            if calls["n"] in bad_calls:
+                out.logits = out.logits * float("nan")
+                out.hidden_states = tuple(h * float("nan") for h in out.hidden_states)
+        return out
+
+    monkeypatch.setattr(dpo_model, "forward_model", forward)
+
+
+@pytest.mark.parametrize("head", ["linear", "fixed"])
+def test_nan_policy_forward_goes_through_the_guard(pairs_file, tmp_path, monkeypatch, head):
+    """NaN from the policy itself (not only from the loss) is skipped and counted, with either β head; on the
+    first step it also postpones w_init=auto to the next, finite batch."""
+    nan_policy_forward(monkeypatch, bad_calls={1, 3})
+    cfg = make_cfg(pairs_file, f"beta_head={head}", "trainer.max_steps=4", "trainer.eval_every=0",
+                   "data.eval_size=null")
+    train(cfg, tmp_path / "run")
+    steps, _ = read_metrics(tmp_path / "run")
+    assert [s["train/nonfinite_skips"] for s in steps] == [1, 1, 2, 2]
+    assert math.isnan(steps[0]["loss"]) and math.isfinite(steps[1]["loss"]) and math.isfinite(steps[3]["loss"])
+    head_state = torch.load(tmp_path / "run" / "checkpoints" / "final" / "beta_head.pt")
+    assert torch.isfinite(head_state["w"])
+    if head == "linear":
+        assert bool(head_state["w_initialized"])
+
+    nan_policy_forward(monkeypatch, bad_calls=set(range(1, 100)))
+    cfg = make_cfg(pairs_file, f"beta_head={head}", "trainer.max_steps=10", "trainer.eval_every=0",
+                   "trainer.max_consecutive_nonfinite=3", "data.eval_size=null")
     with pytest.raises(RuntimeError, match="3 consecutive non-finite"):
         train(cfg, tmp_path / "all_nan")
 

@@ -4,8 +4,8 @@
 
 - ``w``: a scalar, an ``nn.Parameter`` (``w_trainable=True``, default) or a fixed buffer.
 - ``T``: the perplexity term, ``ppl_transform``:
-    ``log_ppl``         T = log PPL(x)              (design document 000; default)
-    ``ppl``             T = PPL(x)                  (design document 003)
+    ``log_ppl``         T = log PPL(x)              (log-PPL form; default)
+    ``ppl``             T = PPL(x)                  (linear-PPL form)
     ``none``            T = 1                       (ablation: no perplexity)
     ``inverse_log_ppl`` T = 1 / (1 + log PPL(x))    (ablation: β decreasing in perplexity)
   where log PPL(x) = mean token NLL of the prompt x under the policy.
@@ -23,7 +23,10 @@ whenever a pair's margin is positive, so a trainable w drifts upward as the poli
 two remedies offered; the defaults follow the design documents (learnable w, no normalisation).
 
 :class:`DynamicBetaDPOModel`, which wires this head to a policy, lives in :mod:`lbdpo.dpo_model` and is
-importable from here too (``from lbdpo.beta_head import DynamicBetaDPOModel``).
+importable from here too (``from lbdpo.beta_head import DynamicBetaDPOModel``, the design documents' import).
+
+Non-finite input (a NaN policy forward gives a NaN log PPL and h) is not an error here: β comes out
+non-finite, so does the loss, and the trainer's guard skips and counts the step (one policy for NaN).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from .dpo_model import DynamicBetaDPOModel  # re-exported (the design documents' import); it never imports back
 
 PPL_TRANSFORMS = ("log_ppl", "ppl", "none", "inverse_log_ppl")
 NET_TYPES = ("linear", "mlp")
@@ -183,12 +188,15 @@ class BetaHead(nn.Module):
 
     @torch.no_grad()
     def _auto_init_w(self, g: torch.Tensor) -> None:
-        """w_init="auto": choose w so that the (global) batch-mean β equals target_beta. Runs once."""
+        """w_init="auto": choose w so that the (global) batch-mean β equals target_beta. Runs once, on the
+        first batch whose T(PPL)·f is finite (a non-finite batch is skipped by the trainer and leaves w as is)."""
         mean_g = g.detach().float().mean()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(mean_g, op=dist.ReduceOp.SUM)
             mean_g /= dist.get_world_size()
-        if not (torch.isfinite(mean_g) and mean_g > 0):
+        if not torch.isfinite(mean_g):
+            return
+        if not mean_g > 0:
             raise ValueError(f"beta_head.w_init='auto' cannot be set: mean of T(PPL)·f on the first batch is {mean_g}")
         w = self.config.target_beta / mean_g
         self.w.copy_(w)
@@ -212,17 +220,15 @@ class BetaHead(nn.Module):
             return_details: also return a dict with ``f`` (B,) and ``ppl_term`` (B,).
 
         Returns:
-            β (B,) float32, positive and finite; or ``(β, details)`` when ``return_details``.
+            β (B,) float32, in [beta_min, beta_max] for finite input; or ``(β, details)`` when ``return_details``.
         """
         if (ppl is None) == (log_ppl is None):
             raise ValueError("BetaHead.forward needs exactly one of `ppl` or `log_ppl`")
         if log_ppl is None:
-            if not torch.all(ppl > 0):
+            if torch.any(ppl <= 0):  # NaN passes through (see the module docstring)
                 raise ValueError("BetaHead.forward: perplexity must be > 0")
             log_ppl = torch.log(ppl)
         log_ppl = log_ppl.to(device=self.w.device, dtype=torch.float32)
-        if not torch.isfinite(log_ppl).all():
-            raise ValueError("BetaHead.forward: log PPL contains NaN or inf (check the prompt mask)")
         batch = log_ppl.shape[0]
 
         if self.fixed:
@@ -258,15 +264,6 @@ class BetaHead(nn.Module):
             f"ppl_transform={c.ppl_transform}, net={c.context_net_type}, epsilon={c.epsilon}, "
             f"w_trainable={c.w_trainable}, w_init={c.w_init}, normalize={c.normalize}"
         )
-
-
-def __getattr__(name: str):
-    # `from lbdpo.beta_head import DynamicBetaDPOModel` (the design documents' import) without a cycle.
-    if name == "DynamicBetaDPOModel":
-        from .dpo_model import DynamicBetaDPOModel
-
-        return DynamicBetaDPOModel
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["BetaHead", "BetaHeadConfig", "DynamicBetaDPOModel", "PPL_TRANSFORMS"]

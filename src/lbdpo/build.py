@@ -74,11 +74,15 @@ def _is_hub_id(path: str) -> bool:
     return not Path(path).suffix and path.count("/") == 1 and not resolve_path(path).exists()
 
 
-def build_datasets(data_cfg: DictConfig, tokenizer, seed: int):
+def build_datasets(data_cfg: DictConfig, tokenizer, seed: int, tokenize_train: bool = True):
     """Load, filter, split and tokenize the train and eval pairs described by the ``data`` group.
 
+    Args:
+        tokenize_train: False for evaluation: the train rows are still read when the eval split is cut from
+            them (``eval_fraction`` / ``eval_size``), but not tokenized, and the train dataset is None.
+
     Returns:
-        (train dataset, eval dataset or None, report dict with the loader's filter counts and the
+        (train dataset or None, eval dataset or None, report dict with the loader's filter counts and the
         tokenizer's skip counts, for the start banner and the run's summary).
     """
     from .data.loading import load_mixture, train_eval_split
@@ -108,18 +112,20 @@ def build_datasets(data_cfg: DictConfig, tokenizer, seed: int):
         max_prompt_length=int(data_cfg.max_prompt_length),
         num_proc=data_cfg.get("num_proc"),
     )
-    train_ds, train_skips = tokenize_pairs(train_raw, tokenizer, tok_cfg, desc="tokenize train")
+    train_ds, train_skips = (None, Counter())
+    if tokenize_train:
+        train_ds, train_skips = tokenize_pairs(train_raw, tokenizer, tok_cfg, desc="tokenize train")
+        if len(train_ds) == 0:
+            raise ValueError("no training pairs left after filtering and tokenization (see the skip counts above)")
     eval_ds, eval_skips = (None, Counter())
     if eval_raw is not None:
         eval_ds, eval_skips = tokenize_pairs(eval_raw, tokenizer, tok_cfg, desc="tokenize eval")
-    if len(train_ds) == 0:
-        raise ValueError("no training pairs left after filtering and tokenization (see the skip counts above)")
     report = {
         "train_loader": train_report.as_dict(),
         "train_tokenizer_skips": dict(train_skips),
         "eval_loader": eval_report.as_dict() if eval_report else None,
         "eval_tokenizer_skips": dict(eval_skips),
-        "train_pairs": len(train_ds),
+        "train_pairs": len(train_ds) if train_ds is not None else None,
         "eval_pairs": len(eval_ds) if eval_ds is not None else 0,
     }
     return train_ds, eval_ds, report

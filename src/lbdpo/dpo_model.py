@@ -18,22 +18,31 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.nn as nn
 
-from .beta_head import BetaHead
 from .logprobs import (
+    forward_model,
     last_prompt_token_index,
     masked_mean_nll,
     prompt_ppl_mask,
     response_logps,
-    sequence_ppl_mask,
+    sequence_logps,
     token_logps,
 )
 from .losses import dpo_loss
 from .metrics import preference_metrics
+
+if TYPE_CHECKING:  # only for annotations: beta_head re-exports this module's class, so no runtime import back
+    from .beta_head import BetaHead
+
+# The per-pair (B,) tensors of a DPOOutput: what the trainer gathers across processes and evaluation collects.
+PER_PAIR_KEYS = (
+    "losses", "beta", "log_ppl", "f", "policy_chosen_logps", "policy_rejected_logps",
+    "reference_chosen_logps", "reference_rejected_logps", "chosen_rewards", "rejected_rewards",
+)
 
 
 @dataclass
@@ -61,17 +70,7 @@ class DPOOutput:
 
     def per_pair(self) -> dict[str, torch.Tensor]:
         """The detached (B,) tensors, e.g. to gather across processes before :func:`preference_metrics`."""
-        keys = (
-            "losses", "beta", "log_ppl", "f", "policy_chosen_logps", "policy_rejected_logps",
-            "reference_chosen_logps", "reference_rejected_logps", "chosen_rewards", "rejected_rewards",
-        )
-        return {k: getattr(self, k).detach() for k in keys}
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only (0 at each row's first real token), so that a left-padded
-    row is encoded exactly like the same row without padding. (N, T) → (N, T) long."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return {k: getattr(self, k).detach() for k in PER_PAIR_KEYS}
 
 
 class DynamicBetaDPOModel(nn.Module):
@@ -106,69 +105,22 @@ class DynamicBetaDPOModel(nn.Module):
     def ref_model(self) -> nn.Module | None:
         return self._ref[0] if self._ref else None
 
-    # ------------------------------------------------------------------------------------------
-    # Building blocks
-    # ------------------------------------------------------------------------------------------
-
-    def _run(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool):
-        return model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            output_hidden_states=hidden,
-            use_cache=False,
-        )
-
-    def compute_ppl(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Exact perplexity of each sequence under the policy (no gradient).
-
-        PPL = exp(−(1/m) Σ log πθ(x_i | x_<i)) over the m real tokens that have a prediction (every
-        real token but the first); padding, on either side, never counts.
-
-        Args:
-            input_ids: (N, T); attention_mask: (N, T).
-
-        Returns:
-            (N,) float32 perplexities.
-        """
-        with torch.no_grad():
-            out = self._run(self.policy_model, input_ids, attention_mask, hidden=False)
-            lp = token_logps(out.logits, input_ids)
-            return torch.exp(masked_mean_nll(lp, sequence_ppl_mask(attention_mask)))
-
-    def get_dynamic_beta(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """β(x) for prompt-only inputs (every real token is prompt), e.g. to inspect β by domain.
-
-        Args:
-            input_ids: (N, T) prompts, any padding side; attention_mask: (N, T).
-
-        Returns:
-            (N,) β. Follows the ambient grad mode; wrap in ``torch.no_grad()`` for analysis.
-        """
-        out = self._run(self.policy_model, input_ids, attention_mask, hidden=True)
-        lp = token_logps(out.logits, input_ids)
-        log_ppl = masked_mean_nll(lp, sequence_ppl_mask(attention_mask))
-        lengths = attention_mask.long().sum(-1)
-        idx = last_prompt_token_index(attention_mask, lengths)
-        h = out.hidden_states[-1][torch.arange(len(idx), device=idx.device), idx]
-        return self.beta_head(h, log_ppl=log_ppl)
-
     @torch.no_grad()
     def reference_logps(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed reference log-probs of the chosen and rejected responses, each (B,)."""
         if "reference_chosen_logps" in batch and "reference_rejected_logps" in batch:
             return batch["reference_chosen_logps"].float(), batch["reference_rejected_logps"].float()
+        rows = (batch["input_ids"], batch["attention_mask"], batch["labels"])
         if self.ref_model is not None:
-            out = self._run(self.ref_model, batch["input_ids"], batch["attention_mask"], hidden=False)
+            logps = sequence_logps(self.ref_model, *rows)
         elif self.ref_from_disabled_adapter:
             with self.policy_model.disable_adapter():
-                out = self._run(self.policy_model, batch["input_ids"], batch["attention_mask"], hidden=False)
+                logps = sequence_logps(self.policy_model, *rows)
         else:
             raise ValueError(
                 "no reference: pass ref_model, precomputed reference_*_logps in the batch, "
                 "or ref_from_disabled_adapter=True with a peft policy"
             )
-        logps = response_logps(token_logps(out.logits, batch["input_ids"]), batch["labels"])
         n = logps.shape[0] // 2
         return logps[:n], logps[n:]
 
@@ -185,7 +137,7 @@ class DynamicBetaDPOModel(nn.Module):
             raise ValueError(f"input_ids has {input_ids.shape[0]} rows; expected 2 × {n_pairs} pairs")
 
         # 1. One policy forward over chosen and rejected rows.
-        out = self._run(self.policy_model, input_ids, attention_mask, hidden=True)
+        out = forward_model(self.policy_model, input_ids, attention_mask, output_hidden_states=True)
         token_lp = token_logps(out.logits, input_ids)  # (2B, T−1) float32
         logps = response_logps(token_lp, labels)  # (2B,)
         policy_chosen_logps, policy_rejected_logps = logps[:n_pairs], logps[n_pairs:]
@@ -197,7 +149,8 @@ class DynamicBetaDPOModel(nn.Module):
         h = out.hidden_states[-1][torch.arange(n_pairs, device=last.device), last]  # (B, H)
         del out
 
-        # 3. β(x) = w · T(PPL) · f(h)  (see beta_head.py)
+        # 3. β(x) = w · T(PPL) · f(h)  (see beta_head.py). A non-finite policy output gives a non-finite β and
+        #    loss here, which the trainer's guard skips and counts (one NaN policy for the whole loop).
         beta, details = self.beta_head(h, log_ppl=log_ppl, return_details=True)
 
         # 4. Reference log-probs and the DPO loss (eq. 7 of the DPO paper, with β per prompt).

@@ -1,4 +1,5 @@
-"""Token log-probabilities and the masks that select prompt and response tokens.
+"""Token log-probabilities, the masks that select prompt and response tokens, and the one function that
+scores a model on a collated batch (:func:`sequence_logps`).
 
 Every function here works for left padding, right padding and rows of unequal length: positions are
 identified through ``attention_mask`` (1 = real token), never through raw indices.
@@ -13,6 +14,59 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only (0 at each row's first real token), so that a left-padded
+    row is encoded exactly like the same row without padding. (N, T) → (N, T) long."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_model(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_hidden_states: bool = False):
+    """One forward of a HF causal LM over a padded batch (any padding side), positions from the mask.
+
+    Args:
+        model: a causal LM (or a peft-wrapped one); input_ids, attention_mask: (N, T).
+
+    Returns:
+        the model's output (``logits`` (N, T, V); ``hidden_states`` when asked).
+    """
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        output_hidden_states=output_hidden_states,
+        use_cache=False,
+    )
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log π(y | x) of each row: its labelled (response) tokens' log-probs under ``model``, summed.
+
+    The one place a model is scored on a collated batch: the reference during training, the precomputed
+    reference, and evaluation all call it. Follows the ambient grad mode.
+
+    Args:
+        input_ids, attention_mask, labels: (N, T) as built by :class:`lbdpo.data.PreferenceCollator`.
+
+    Returns:
+        (N,) float32.
+    """
+    logits = forward_model(model, input_ids, attention_mask).logits
+    return response_logps(token_logps(logits, input_ids), labels)
+
+
+def sequence_log_ppl(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """log PPL of each whole row under ``model``: the mean NLL of every real token but the first.
+
+    Args:
+        input_ids, attention_mask: (N, T), any padding side.
+
+    Returns:
+        (N,) float32. Follows the ambient grad mode.
+    """
+    logits = forward_model(model, input_ids, attention_mask).logits
+    return masked_mean_nll(token_logps(logits, input_ids), sequence_ppl_mask(attention_mask))
 
 
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -30,8 +84,8 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     logits = logits[:, :-1, :]
     targets = input_ids[:, 1:].unsqueeze(-1)
     picked = torch.gather(logits, -1, targets).squeeze(-1).float()
-    # logsumexp in float32, one time step block at a time when the input is low precision, so that at
-    # most one float32 copy of a (N, T, V) slice exists.
+    # logsumexp in float32; for a low-precision input one row at a time, so that at most one float32
+    # (T, V) copy of a row exists besides the input.
     if logits.dtype == torch.float32:
         normaliser = torch.logsumexp(logits, dim=-1)
     else:
@@ -50,20 +104,6 @@ def real_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """
     mask = attention_mask.long()
     return torch.where(mask.bool(), mask.cumsum(dim=-1) - 1, torch.full_like(mask, -1))
-
-
-def prompt_token_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
-    """Mask of the prompt tokens: the first ``prompt_lengths[i]`` real tokens of row i.
-
-    Args:
-        attention_mask: (N, T).
-        prompt_lengths: (N,) number of prompt tokens in each row.
-
-    Returns:
-        (N, T) bool.
-    """
-    pos = real_token_positions(attention_mask)
-    return (pos >= 0) & (pos < prompt_lengths.to(pos.device).unsqueeze(-1))
 
 
 def prompt_ppl_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:

@@ -55,12 +55,18 @@ def preference_metrics(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
-def metrics_by_domain(values: Mapping[str, torch.Tensor], domains: list[str]) -> dict[str, dict[str, float]]:
-    """:func:`preference_metrics` of each domain's pairs. ``domains`` has one entry per pair."""
-    if len(domains) != len(values["losses"]):
-        raise ValueError(f"{len(domains)} domain labels for {len(values['losses'])} pairs")
+def split_by_domain(values: Mapping[str, torch.Tensor], domains: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The per-pair tensors of each domain, in sorted domain order. ``domains`` has one label per pair."""
+    n = len(next(iter(values.values())))
+    if len(domains) != n:
+        raise ValueError(f"{len(domains)} domain labels for {n} pairs")
     out = {}
     for domain in sorted(set(domains)):
         idx = torch.tensor([d == domain for d in domains])
-        out[domain] = preference_metrics({k: v[idx] for k, v in values.items()})
+        out[domain] = {k: v[idx] for k, v in values.items()}
     return out
+
+
+def metrics_by_domain(values: Mapping[str, torch.Tensor], domains: list[str]) -> dict[str, dict[str, float]]:
+    """:func:`preference_metrics` of each domain's pairs. ``domains`` has one entry per pair."""
+    return {domain: preference_metrics(sub) for domain, sub in split_by_domain(values, domains).items()}

@@ -24,6 +24,29 @@ PASSTHROUGH_KEYS = ("domain", "index")
 REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad_value: int, padding_side: str = "right",
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id lists into one tensor: the one padding helper of the package.
+
+    Args:
+        rows: N lists of ids; pad_value: id written at padded positions; padding_side: "right" or "left";
+        width: T (default: the longest row).
+
+    Returns:
+        ``ids`` (N, T) long and ``attention_mask`` (N, T) long, 1 on the rows' own entries.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side={padding_side!r} must be 'left' or 'right'")
+    width = max(len(r) for r in rows) if width is None else width
+    ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
+        ids[i, span] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
 @dataclass
 class PreferenceCollator:
     """Pads B pairs into 2B rows: chosen rows first, then rejected rows.
@@ -62,14 +85,8 @@ class PreferenceCollator:
         width = max(len(r) for r in rows)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        label_ids = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (row, lab) in enumerate(zip(rows, labels)):
-            span = slice(0, len(row)) if self.padding_side == "right" else slice(width - len(row), width)
-            input_ids[i, span] = torch.tensor(row)
-            label_ids[i, span] = torch.tensor(lab)
-            attention_mask[i, span] = 1
+        input_ids, attention_mask = pad_rows(rows, self.pad_token_id, self.padding_side, width)
+        label_ids, _ = pad_rows(labels, IGNORE_INDEX, self.padding_side, width)
 
         batch: dict[str, Any] = {
             "input_ids": input_ids,

@@ -42,7 +42,7 @@ a required column missing from a whole file is an error instead. Everything is d
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,8 +51,8 @@ import datasets
 import numpy as np
 
 from .formats import RowSkipped, convert_row
+from .sources import load_hub, local_files, looks_like_path, read_local
 
-KNOWN_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 CORE_COLUMNS = ("prompt", "chosen", "rejected", "prompt_messages", "transcript_format")
 # Other names accepted for our columns when the column itself is absent (the design documents' names).
 COLUMN_ALIASES = {"chosen": ("chosen_response",), "rejected": ("rejected_response",)}
@@ -117,88 +117,6 @@ class FilterReport:
             if n
         ]
         return "\n".join(lines) or f"{self.source}: kept all {self.rows_in} rows"
-
-
-# --------------------------------------------------------------------------- reading sources
-
-
-def _looks_like_path(source: str) -> bool:
-    """True for things meant as local paths. A hub id is ``name`` or ``org/name``, so one slash alone is not
-    enough: paths start with / . ~, have two or more slashes, or end with a known extension."""
-    return (
-        source.startswith(("/", ".", "~"))
-        or source.count("/") >= 2
-        or "\\" in source
-        or source.lower().endswith(KNOWN_EXTENSIONS)
-    )
-
-
-def _local_files(path: Path) -> list[Path]:
-    """The data files of a file or folder (a folder's files with known extensions, sorted by name)."""
-    if path.is_file():
-        if path.suffix.lower() not in KNOWN_EXTENSIONS:
-            raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(KNOWN_EXTENSIONS)}")
-        return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in KNOWN_EXTENSIONS)
-    if not files:
-        raise FileNotFoundError(f"{path}: folder has no {'/'.join(KNOWN_EXTENSIONS)} files")
-    return files
-
-
-def _read_json_lines(path: Path, text: str) -> Iterator[Any]:
-    """Parses JSON-lines text, naming the file and 1-based line number of a malformed line."""
-    # split on "\n" only: str.splitlines() would also cut at U+2028 etc., which JSON strings may hold raw
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: malformed JSON line ({err.msg}, column {err.colno})") from None
-
-
-def _read_json(path: Path) -> list[Any]:
-    """Rows of a ``.json``/``.jsonl`` file: one JSON list, or JSON lines (whatever the extension)."""
-    text = path.read_text(encoding="utf-8")
-    if not text.lstrip().startswith("["):
-        return list(_read_json_lines(path, text))
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-    return rows
-
-
-def _read_local(path: Path, text_columns: Iterable[str]) -> list[Any]:
-    """Rows of one local file; ``.csv``/``.parquet`` are read by ``datasets``. The CSV ``text_columns`` stay
-    strings (no number parsing, no NaN for empty cells)."""
-    suffix = path.suffix.lower()
-    if suffix in (".json", ".jsonl"):
-        return _read_json(path)
-    if suffix == ".parquet":
-        return datasets.Dataset.from_parquet(str(path)).to_list()
-    as_text = dict.fromkeys(text_columns, str)  # pandas ignores the names this file does not have
-    return datasets.Dataset.from_csv(str(path), keep_default_na=False, converters=as_text).to_list()
-
-
-def _load_hub(source: str, split: str | None) -> datasets.Dataset:
-    """A hub dataset through ``datasets.load_dataset``; offline failures become a clear error."""
-    try:
-        loaded = datasets.load_dataset(source, split=split)
-    except Exception as err:  # the hub client raises many types; detect offline ones by type and text
-        text = f"{type(err).__name__} {err}".lower()
-        if isinstance(err, ConnectionError) or any(w in text for w in ("offline", "connect", "reach")):
-            raise ConnectionError(
-                f"could not load {source!r} from the Hugging Face hub (offline?): {err}. "
-                "Pass a local .json/.jsonl/.csv/.parquet file or folder instead "
-                "(e.g. ../shared/data/preference/...)."
-            ) from err
-        raise
-    if isinstance(loaded, datasets.DatasetDict):
-        if len(loaded) != 1:
-            raise ValueError(f"{source!r} has splits {sorted(loaded)}; pass split=")
-        loaded = next(iter(loaded.values()))
-    return loaded
 
 
 # --------------------------------------------------------------------------- row conversion
@@ -305,18 +223,18 @@ def load_preference_pairs(
     records: list[dict[str, Any]] = []
     if path.exists():
         csv_text_columns = {columns.get(c, c) for c in CORE_COLUMNS[:3]} | {"chosen_response", "rejected_response"}
-        files = _local_files(path)
+        files = local_files(path)
         for file in files:
             # a folder reports per file, so that its summary names the file each skip came from
             part = FilterReport(source=str(file)) if len(files) > 1 else report
-            records += _convert_rows(_read_local(file, csv_text_columns), str(file), columns, part)
+            records += _convert_rows(read_local(file, csv_text_columns), str(file), columns, part)
             if part is not report:
                 part.rows_out = part.rows_kept
                 report.add(part)
-    elif isinstance(source, Path) or _looks_like_path(str(source)):
+    elif isinstance(source, Path) or looks_like_path(str(source)):
         raise FileNotFoundError(f"preference data not found: {source} (resolved to {path.resolve()})")
     else:
-        hub = _load_hub(str(source), split)
+        hub = load_hub(str(source), split)
         records = _convert_rows(list(hub), f"{source} [{split or 'default split'}]", columns, report)
     if domain is not None:
         for record in records:

@@ -1,7 +1,7 @@
 """Per-domain prompt statistics under a model: templated prompt length and log PPL (the β formula's input).
 
-    python -m lbdpo.data.prompt_stats data/sentiment/test.jsonl                # embedded SmolLM2
-    python -m lbdpo.data.prompt_stats ../shared/data/preference/oasst1_zh_pairs.jsonl --domain oasst_zh
+    python -m lbdpo.eval.prompt_stats data/sentiment/test.jsonl                # embedded SmolLM2
+    python -m lbdpo.eval.prompt_stats ../shared/data/preference/oasst1_zh_pairs.jsonl --domain oasst_zh
 
 Prints a markdown table: domain, prompts, mean prompt tokens, log PPL mean ± std (population std).
 """
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ..beta_head import BetaHead, BetaHeadConfig
-from ..dpo_model import DynamicBetaDPOModel
+from ..data.collator import pad_rows
+from ..data.loading import load_preference_pairs
+from ..data.tokenize import PairEncoder, TokenizeConfig
+from ..logprobs import sequence_log_ppl
 from ..models import load_model_and_tokenizer
-from .loading import load_preference_pairs
-from .tokenize import PairEncoder, TokenizeConfig
 
 
 @torch.no_grad()
@@ -27,17 +27,12 @@ def prompt_log_ppl(model_cfg: dict, rows, max_prompt_length: int = 256, batch_si
     policy, tokenizer = load_model_and_tokenizer(model_cfg)
     encoder = PairEncoder(tokenizer, TokenizeConfig(max_length=max_prompt_length + 1,
                                                     max_prompt_length=max_prompt_length))
-    wrapper = DynamicBetaDPOModel(policy, BetaHead(BetaHeadConfig(mode="fixed"))).eval()
+    policy.eval()
     prompts = [encoder.prompt_ids(row)[-max_prompt_length:] for row in rows]
     log_ppl = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p), 1
-        log_ppl.extend(torch.log(wrapper.compute_ppl(ids, mask)).tolist())
+        ids, mask = pad_rows(prompts[start:start + batch_size], tokenizer.pad_token_id)
+        log_ppl.extend(sequence_log_ppl(policy, ids, mask).tolist())
     return log_ppl, [len(p) for p in prompts]
 
 

@@ -17,9 +17,9 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data.collator import PreferenceCollator
-from .logprobs import response_logps, token_logps
-from .models import cache_dir
+from ..data.collator import PreferenceCollator
+from ..logprobs import sequence_logps
+from ..models import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +38,13 @@ def reference_cache_key(model_cfg: Mapping[str, Any], dataset: Dataset) -> str:
 def compute_reference_logps(ref_model, dataset: Dataset, collator: PreferenceCollator, batch_size: int,
                             device: torch.device, desc: str = "reference log-probs") -> torch.Tensor:
     """Summed reference log-probs of every pair: (N, 2) float32, columns (chosen, rejected)."""
-    from .dpo_model import position_ids_from_mask
-
     ref_model.eval()
     loader = DataLoader(dataset.with_format(columns=["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]),
                         batch_size=batch_size, shuffle=False, collate_fn=collator)
     out = []
     for batch in tqdm(loader, desc=desc, leave=False):
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logits = ref_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                           use_cache=False).logits
-        lp = response_logps(token_logps(logits, ids), batch["labels"].to(device)).float().cpu()
+        rows = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        lp = sequence_logps(ref_model, *rows).float().cpu()
         n = lp.shape[0] // 2
         out.append(torch.stack([lp[:n], lp[n:]], dim=1))
     return torch.cat(out) if out else torch.zeros(0, 2)

@@ -167,3 +167,34 @@ def load_trainer_state(path: Path, *, policy, beta_head, optimizer, scheduler) -
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])
     return TrainerState(**blob["state"])
+
+
+def load_checkpoint(path: str | Path):
+    """(run config, policy, tokenizer, beta head) from a ``checkpoints/<name>/`` directory.
+
+    LoRA checkpoints (``policy/adapter_config.json``) are loaded onto their base model from the saved config.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..beta_head import BetaHead, BetaHeadConfig
+    from ..models import load_model, prepare_tokenizer
+
+    path = Path(path)
+    for needed in ("config.yaml", "policy", "beta_head.pt", "beta_head_config.json"):
+        if not (path / needed).exists():
+            raise FileNotFoundError(f"{path} is not a complete lbdpo checkpoint: {needed} is missing")
+    cfg = OmegaConf.load(path / "config.yaml")
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path / "policy"), "right")
+    if (path / "policy" / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = load_model(OmegaConf.to_container(cfg.model, resolve=True), vocab_size=len(tokenizer))
+        policy = PeftModel.from_pretrained(base, path / "policy")
+    else:
+        policy = AutoModelForCausalLM.from_pretrained(path / "policy", dtype=torch.float32)
+    head_cfg = json.loads((path / "beta_head_config.json").read_text())
+    head = BetaHead(BetaHeadConfig.from_mapping(head_cfg))
+    head.load_state_dict(torch.load(path / "beta_head.pt", map_location="cpu"))
+    policy.eval()
+    head.eval()
+    return cfg, policy, tokenizer, head

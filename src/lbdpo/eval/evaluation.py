@@ -6,60 +6,21 @@ section, so a failure in an optional step (generation, reward, plots) never lose
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .beta_head import BetaHead, BetaHeadConfig
-from .data.collator import PreferenceCollator
-from .dpo_model import DynamicBetaDPOModel, position_ids_from_mask
-from .logprobs import response_logps, token_logps
-from .losses import dpo_loss
-from .metrics import preference_metrics
+from ..data.collator import PreferenceCollator, pad_rows
+from ..dpo_model import PER_PAIR_KEYS, DynamicBetaDPOModel
+from ..logprobs import sequence_logps
+from ..losses import dpo_loss
+from ..metrics import preference_metrics, split_by_domain
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------------
-# Loading
-# ------------------------------------------------------------------------------------------------
-
-
-def load_checkpoint(path: str | Path):
-    """(run config, policy, tokenizer, beta head) from a ``checkpoints/<name>/`` directory.
-
-    LoRA checkpoints (``policy/adapter_config.json``) are loaded onto their base model from the saved config.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .models import load_model, prepare_tokenizer
-
-    path = Path(path)
-    for needed in ("config.yaml", "policy", "beta_head.pt", "beta_head_config.json"):
-        if not (path / needed).exists():
-            raise FileNotFoundError(f"{path} is not a complete lbdpo checkpoint: {needed} is missing")
-    cfg = OmegaConf.load(path / "config.yaml")
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path / "policy"), "right")
-    if (path / "policy" / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base = load_model(OmegaConf.to_container(cfg.model, resolve=True), vocab_size=len(tokenizer))
-        policy = PeftModel.from_pretrained(base, path / "policy")
-    else:
-        policy = AutoModelForCausalLM.from_pretrained(path / "policy", dtype=torch.float32)
-    head_cfg = json.loads((path / "beta_head_config.json").read_text())
-    head = BetaHead(BetaHeadConfig.from_mapping(head_cfg))
-    head.load_state_dict(torch.load(path / "beta_head.pt", map_location="cpu"))
-    policy.eval()
-    head.eval()
-    return cfg, policy, tokenizer, head
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,9 +38,7 @@ def preference_eval(model: DynamicBetaDPOModel, dataset, collator: PreferenceCol
         ``per_pair`` lists (β, log PPL, domain) for plots.
     """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
-    keys = ("losses", "beta", "log_ppl", "f", "policy_chosen_logps", "policy_rejected_logps",
-            "reference_chosen_logps", "reference_rejected_logps", "chosen_rewards", "rejected_rewards")
-    values: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    values: dict[str, list[torch.Tensor]] = {k: [] for k in PER_PAIR_KEYS}
     domains: list[str] = []
     for batch in tqdm(loader, desc="preference eval", leave=False):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -97,10 +56,8 @@ def preference_eval(model: DynamicBetaDPOModel, dataset, collator: PreferenceCol
 
     result: dict[str, Any] = {"own_beta": preference_metrics(pairs), "common_beta": common(pairs),
                               "common_beta_value": common_beta, "num_pairs": len(domains), "per_domain": {}}
-    for domain in sorted(set(domains)):
-        idx = torch.tensor([d == domain for d in domains])
-        sub = {k: v[idx] for k, v in pairs.items()}
-        result["per_domain"][domain] = {"num_pairs": int(idx.sum()), "own_beta": preference_metrics(sub),
+    for domain, sub in split_by_domain(pairs, domains).items():
+        result["per_domain"][domain] = {"num_pairs": len(sub["losses"]), "own_beta": preference_metrics(sub),
                                         "common_beta": common(sub)}
     result["per_pair"] = {"beta": pairs["beta"].tolist(), "log_ppl": pairs["log_ppl"].tolist(), "domain": domains}
     return result
@@ -123,13 +80,8 @@ def generate(model, prompts: Sequence[list[int]], pad_token_id: int, eos_ids: Se
     outputs: list[list[int]] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate (sample)" if sample else "generate (greedy)",
                       leave=False):
-        chunk = prompts[start:start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        ids, mask = pad_rows(prompts[start:start + batch_size], pad_token_id, padding_side="left")
+        width = ids.shape[1]
         kwargs = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {"do_sample": False}
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              pad_token_id=pad_token_id, eos_token_id=list(eos_ids), **kwargs)
@@ -140,9 +92,10 @@ def generate(model, prompts: Sequence[list[int]], pad_token_id: int, eos_ids: Se
 
 
 @torch.no_grad()
-def sequence_logps(model, prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_token_id: int,
-                   batch_size: int, device: torch.device) -> torch.Tensor:
-    """log π(y|x) summed over response tokens for each (prompt, response): (N,) float32."""
+def sample_logps(model, prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_token_id: int,
+                 batch_size: int, device: torch.device) -> torch.Tensor:
+    """log π(y|x) summed over response tokens for each tokenized (prompt, response), e.g. generated samples:
+    (N,) float32. An empty response scores one pad token (its log-prob is read, not used by callers)."""
     out = []
     collator = PreferenceCollator(pad_token_id)
     for start in range(0, len(prompts), batch_size):
@@ -150,10 +103,8 @@ def sequence_logps(model, prompts: Sequence[list[int]], responses: Sequence[list
                  for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
         batch = collator(feats)
         n = len(feats)
-        ids, mask = batch["input_ids"][:n].to(device), batch["attention_mask"][:n].to(device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                       use_cache=False).logits
-        out.append(response_logps(token_logps(logits, ids), batch["labels"][:n].to(device)).float().cpu())
+        rows = (batch[k][:n].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        out.append(sequence_logps(model, *rows).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 

@@ -1,7 +1,7 @@
 """Compare the arms of a Hydra multirun: mean ± std over seeds, the reward-vs-KL frontier, overlaid curves.
 
-    python -m lbdpo.compare outputs/multirun/<experiment>/<date>              # writes <dir>/compare/
-    python -m lbdpo.compare outputs/multirun/<experiment>/<date> --out figs/
+    python -m lbdpo.eval.compare outputs/multirun/<experiment>/<date>              # writes <dir>/compare/
+    python -m lbdpo.eval.compare outputs/multirun/<experiment>/<date> --out figs/
 
 A run is a subdirectory holding ``metrics.jsonl``. Its arm is its Hydra overrides
 (``.hydra/overrides.yaml``) without the ``seed=…`` entry, so the seeds of one arm are grouped. Per arm,
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from lbdpo.plots import plot_frontier, plot_overlaid_curves, read_metrics_jsonl
+from .plots import plot_frontier, plot_overlaid_curves, read_metrics_jsonl
 
 # (column header, where the value comes from, key path)
 COLUMNS = [
@@ -243,7 +243,7 @@ def write_comparison(multirun_dir: Path, out_dir: Path) -> tuple[str, dict[str, 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lbdpo.compare", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lbdpo.eval.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("multirun_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: MULTIRUN_DIR/compare)")

@@ -1,5 +1,6 @@
-"""Where metrics go: ``metrics.jsonl`` in the run dir (always), W&B (default, offline without credentials),
-TensorBoard (optional). Only the main process writes."""
+"""What a run shows and writes: the start banner, the eval line, and where metrics go: ``metrics.jsonl`` in the
+run dir (always), W&B (default, offline without credentials), TensorBoard (optional). Only the main process
+writes."""
 
 from __future__ import annotations
 
@@ -126,3 +127,44 @@ class RunLogger:
             self.wandb.finish()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def format_eval(step: int, metrics: Mapping[str, float]) -> str:
+    """One console line with the headline held-out metrics."""
+    keys = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/beta/mean", "eval/log_ppl/mean")
+    return f"[eval step {step}] " + "  ".join(f"{k[5:]}={metrics[k]:.4f}" for k in keys if k in metrics)
+
+
+def count_params(module) -> tuple[int, int]:
+    params = list(module.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def print_banner(cfg: DictConfig, model, data_report: dict[str, Any], total_steps: int,
+                 pairs_per_step: int, run_dir: Path) -> None:
+    """Start-of-run summary: config essentials, parameter counts per group, data filter counts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"lbdpo run → {run_dir}", show_header=False)
+    m, h, t = cfg.model, cfg.beta_head, cfg.trainer
+    table.add_row("model", f"{m.name_or_path} ({m.source}, {m.dtype})")
+    if h.mode == "fixed":
+        table.add_row("β", f"fixed β = {h.beta}")
+    else:
+        table.add_row("β", f"w·{h.ppl_transform}·f, NN={h.context_net_type}, ε={h.epsilon}, w_init={h.w_init}, "
+                           f"w_trainable={h.w_trainable}, normalize={h.normalize}")
+    table.add_row("data", f"{data_report['train_pairs']} train / {data_report['eval_pairs']} eval pairs")
+    for split in ("train", "eval"):
+        loader = data_report.get(f"{split}_loader") or {}
+        skips = {**{k: v for k, v in loader.get("skipped", {}).items() if v}, **data_report[f"{split}_tokenizer_skips"]}
+        if loader:
+            table.add_row(f"skipped ({split})", ", ".join(f"{k}={v}" for k, v in skips.items()) or "none")
+    for name, module in (("policy", model.policy_model), ("beta head", model.beta_head)):
+        total, trainable = count_params(module)
+        table.add_row(f"params: {name}", f"{trainable:,} trainable / {total:,}")
+    table.add_row("schedule", f"{total_steps} steps × {pairs_per_step} pairs, policy_lr={t.policy_lr}, "
+                              f"beta_head_lr={t.beta_head_lr}, reference={t.reference}")
+    console.print(table)
+    log.info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))

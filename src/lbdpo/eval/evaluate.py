@@ -12,20 +12,20 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .build import build_datasets, to_container
-from .data.collator import PreferenceCollator
-from .data.tokenize import end_of_turn_ids, resolve_prompt_format
-from .dpo_model import DynamicBetaDPOModel
+from ..build import build_datasets, to_container
+from ..data.collator import PreferenceCollator
+from ..data.tokenize import end_of_turn_ids, resolve_prompt_format
+from ..dpo_model import DynamicBetaDPOModel
+from ..models import freeze, load_model, reference_model_config
+from ..train.checkpoint import load_checkpoint
 from .evaluation import (
     generate,
     kl_estimate,
-    load_checkpoint,
     preference_eval,
+    sample_logps,
     resolve_reward_fn,
     reward_comparison,
-    sequence_logps,
 )
-from .models import freeze, load_model, reference_model_config
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     # ---- data --------------------------------------------------------------------------------
     data_cfg = cfg.data if cfg.get("data") else run_cfg.data
     data_cfg = OmegaConf.merge(data_cfg, {"max_eval_pairs": cfg.max_pairs or data_cfg.get("max_eval_pairs")})
-    _, eval_ds, report = build_datasets(data_cfg, tokenizer, seed=int(run_cfg.get("seed", 0)))
+    _, eval_ds, report = build_datasets(data_cfg, tokenizer, seed=int(run_cfg.get("seed", 0)), tokenize_train=False)
     results.set("data", {"eval_pairs": 0 if eval_ds is None else len(eval_ds), "filters": report})
     if eval_ds is None or len(eval_ds) == 0:
         results.skip("preference", "the data config has no eval split (set data.eval or data.eval_size)")
@@ -164,8 +164,8 @@ def run_generation(cfg, results: Results, policy, reference, tokenizer, eval_ds,
                                ensure_ascii=False) + "\n")
     section: dict[str, Any] = {"num_prompts": len(prompts), "max_new_tokens": int(g.max_new_tokens)}
     # KL(π‖πref) on the policy's own samples: log π − log πref of each sampled continuation
-    pol = sequence_logps(policy, prompts, gen["policy_sample"], tokenizer.pad_token_id, int(g.batch_size), device)
-    ref = sequence_logps(reference, prompts, gen["policy_sample"], tokenizer.pad_token_id, int(g.batch_size), device)
+    pol = sample_logps(policy, prompts, gen["policy_sample"], tokenizer.pad_token_id, int(g.batch_size), device)
+    ref = sample_logps(reference, prompts, gen["policy_sample"], tokenizer.pad_token_id, int(g.batch_size), device)
     section["kl"] = kl_estimate(pol, ref)
     results.set("generation", section)
     reward_name = data_cfg.get("reward") if cfg.reward == "auto" else cfg.reward

@@ -1,0 +1,246 @@
+"""Set-up of a training run: the trainer options' checks, models + data + reference, the optimizer, the
+micro-batch stream, resume and the logger, gathered into a :class:`Run` that the loop's phases share."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+from ..build import build_beta_head, build_datasets, build_policy_and_reference, policy_hidden_size, to_container
+from ..data.collator import PreferenceCollator
+from ..dpo_model import DynamicBetaDPOModel
+from .checkpoint import TrainerState, load_trainer_state, resolve_resume_path
+from .reference import add_reference_columns
+from .run_logging import RunLogger, print_banner
+
+log = logging.getLogger(__name__)
+
+REFERENCE_MODES = ("copy", "precompute", "adapter_disabled")
+SCHEDULES = ("linear", "cosine", "constant")
+DATA_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "reference_chosen_logps",
+                "reference_rejected_logps", "domain")
+
+
+def check_trainer_config(t: DictConfig) -> None:
+    """Incompatible or invalid trainer options fail before anything is loaded, naming the key."""
+    if t.reference not in REFERENCE_MODES:
+        raise ValueError(f"trainer.reference={t.reference!r} must be one of {REFERENCE_MODES}")
+    if t.reference == "adapter_disabled" and not t.lora.enabled:
+        raise ValueError("trainer.reference=adapter_disabled needs trainer.lora.enabled=true")
+    if t.lr_schedule not in SCHEDULES:
+        raise ValueError(f"trainer.lr_schedule={t.lr_schedule!r} must be one of {SCHEDULES}")
+    if not t.max_steps and not t.num_epochs:
+        raise ValueError("set trainer.max_steps or trainer.num_epochs")
+    for key in ("batch_size", "gradient_accumulation_steps", "eval_batch_size"):
+        if int(t[key]) < 1:
+            raise ValueError(f"trainer.{key}={t[key]} must be ≥ 1")
+
+
+def apply_lora(policy, lora_cfg: DictConfig):
+    """Wrap the policy with a peft LoRA adapter (only the adapter trains)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_cfg.target_modules
+    targets = targets if isinstance(targets, str) else list(targets)
+    config = LoraConfig(r=int(lora_cfg.r), lora_alpha=int(lora_cfg.alpha), lora_dropout=float(lora_cfg.dropout),
+                        target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(policy, config)
+
+
+def build_optimizer(model: DynamicBetaDPOModel, t: DictConfig) -> torch.optim.Optimizer:
+    """AdamW with three groups: policy (policy_lr, weight_decay), beta-head NN (beta_head_lr,
+    beta_head_weight_decay), and w (beta_head_lr, no weight decay)."""
+    policy_params = [p for p in model.policy_model.parameters() if p.requires_grad]
+    head_w = [p for n, p in model.beta_head.named_parameters() if n == "w"]
+    head_nn = [p for n, p in model.beta_head.named_parameters() if n != "w"]
+    groups = [
+        {"name": "policy", "params": policy_params, "lr": float(t.policy_lr), "weight_decay": float(t.weight_decay)},
+        {"name": "beta_head", "params": head_nn, "lr": float(t.beta_head_lr),
+         "weight_decay": float(t.beta_head_weight_decay)},
+        {"name": "beta_head_w", "params": head_w, "lr": float(t.beta_head_lr), "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, betas=(float(t.adam_beta1), float(t.adam_beta2)), eps=float(t.adam_eps))
+
+
+def epoch_order(train_ds, epoch: int, seed: int, batch_size: int, group_by_length: bool) -> list[int]:
+    """The seeded order of training pairs for one epoch (same seed + epoch → same order, for exact resume)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    if group_by_length:
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(
+            train_ds["prompt_input_ids"], train_ds["chosen_input_ids"], train_ds["rejected_input_ids"])]
+        return list(get_length_grouped_indices(lengths, batch_size, generator=g))
+    return torch.randperm(len(train_ds), generator=g).tolist()
+
+
+def make_loader(ds, batch_size: int, collator, indices=None, drop_last=False) -> DataLoader:
+    source = ds if indices is None else torch.utils.data.Subset(ds, indices)
+    return DataLoader(source, batch_size=batch_size, shuffle=False, drop_last=drop_last, collate_fn=collator)
+
+
+class TrainBatches:
+    """Micro-batches of the training pairs, epoch after epoch in the seeded order of :func:`epoch_order`.
+
+    Reads and advances ``state.epoch`` / ``state.batch_in_epoch``, so a run resumed from a checkpoint
+    continues with exactly the batch it would have seen next.
+    """
+
+    def __init__(self, train_ds, collator, accelerator: Accelerator, t: DictConfig, seed: int, state: TrainerState,
+                 pairs_per_step: int):
+        self.ds, self.collator, self.accelerator, self.t = train_ds, collator, accelerator, t
+        self.seed, self.state, self.pairs_per_step = seed, state, pairs_per_step
+        self._it = None
+
+    def __next__(self) -> dict[str, Any]:
+        state = self.state
+        while True:
+            if self._it is None:
+                order = epoch_order(self.ds, state.epoch, self.seed, self.pairs_per_step, self.t.group_by_length)
+                loader = self.accelerator.prepare_data_loader(
+                    make_loader(self.ds, int(self.t.batch_size), self.collator, order, drop_last=True))
+                if state.batch_in_epoch:
+                    loader = self.accelerator.skip_first_batches(loader, state.batch_in_epoch)
+                self._it = iter(loader)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                state.epoch, state.batch_in_epoch, self._it = state.epoch + 1, 0, None
+                continue
+            state.batch_in_epoch += 1
+            return batch
+
+
+def run_name_from_overrides() -> str:
+    """The W&B run name: the command line's overrides (``default`` when none, or outside ``@hydra.main``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().overrides.task
+        return ",".join(o for o in overrides if not o.startswith(("hydra.", "trainer.resume_from"))) or "default"
+    except ValueError:  # not under @hydra.main
+        return "default"
+
+
+@dataclass
+class Run:
+    """What the phases of one training run share; built by :func:`setup`."""
+
+    cfg: DictConfig
+    run_dir: Path
+    accelerator: Accelerator
+    model: Any  # the DynamicBetaDPOModel as prepared by Accelerate (DDP-wrapped under several processes)
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    batches: TrainBatches
+    eval_loader: DataLoader | None
+    logger: RunLogger
+    state: TrainerState
+    total_steps: int
+    pairs_per_step: int
+    train_pairs: int
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def t(self) -> DictConfig:
+        return self.cfg.trainer
+
+    @property
+    def inner(self) -> DynamicBetaDPOModel:
+        return self.accelerator.unwrap_model(self.model)
+
+
+def build_model_and_data(cfg: DictConfig, accelerator: Accelerator):
+    """Policy (+ LoRA, activation checkpointing), BetaHead, tokenized data and the reference, wired into a
+    :class:`DynamicBetaDPOModel`. Returns (model, tokenizer, train_ds, eval_ds or None, data_report, collator)."""
+    t = cfg.trainer
+    policy, reference, tokenizer = build_policy_and_reference(cfg, need_reference=t.reference in ("copy", "precompute"))
+    if t.gradient_checkpointing:
+        if hasattr(policy, "activation_checkpointing_enable"):  # transformers ≥ 5 name
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.config.use_cache = False
+    if t.lora.enabled:
+        policy = apply_lora(policy, t.lora)
+    beta_head = build_beta_head(cfg.beta_head, policy_hidden_size(policy))
+
+    with accelerator.main_process_first():
+        train_ds, eval_ds, data_report = build_datasets(cfg.data, tokenizer, seed=int(cfg.seed))
+    collator = PreferenceCollator(tokenizer.pad_token_id, padding_side="right",
+                                  pad_to_multiple_of=t.get("pad_to_multiple_of"))
+
+    # the reference: a frozen copy, precomputed log-probs (then the model is freed), or the adapter-off policy
+    if t.reference == "precompute":
+        reference.to(accelerator.device)
+        with accelerator.main_process_first():
+            args = (to_container(cfg.model), collator, int(t.eval_batch_size), accelerator.device)
+            train_ds = add_reference_columns(reference, train_ds, *args, name="train")
+            if eval_ds is not None:
+                eval_ds = add_reference_columns(reference, eval_ds, *args, name="eval")
+        reference = None
+        gc.collect()
+    elif reference is not None:
+        reference.to(accelerator.device)
+    model = DynamicBetaDPOModel(policy, beta_head, ref_model=reference, label_smoothing=float(t.label_smoothing),
+                                ref_from_disabled_adapter=t.reference == "adapter_disabled")
+    train_ds = train_ds.remove_columns([c for c in train_ds.column_names if c not in DATA_COLUMNS])
+    if eval_ds is not None:
+        eval_ds = eval_ds.remove_columns([c for c in eval_ds.column_names if c not in DATA_COLUMNS])
+    return model, tokenizer, train_ds, eval_ds, data_report, collator
+
+
+def setup(cfg: DictConfig, run_dir: Path) -> Run:
+    """Everything before the first step: models and data, optimizer and schedule, resume, logger, banner."""
+    t = cfg.trainer
+    check_trainer_config(t)
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=bool(t.get("cpu", False)))
+    set_seed(int(cfg.seed))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model, tokenizer, train_ds, eval_ds, data_report, collator = build_model_and_data(cfg, accelerator)
+
+    pairs_per_step = int(t.batch_size) * int(t.gradient_accumulation_steps) * accelerator.num_processes
+    steps_per_epoch = len(train_ds) // pairs_per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_ds)} training pairs is fewer than one step's {pairs_per_step} "
+                         "(trainer.batch_size × gradient_accumulation_steps × processes)")
+    total_steps = int(t.max_steps) if t.max_steps else int(t.num_epochs) * steps_per_epoch
+    optimizer = build_optimizer(model, t)
+    warmup = int(t.warmup_steps) if t.warmup_steps >= 1 else int(float(t.warmup_steps) * total_steps)
+    scheduler = get_scheduler(t.lr_schedule if t.lr_schedule != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    # The scheduler is NOT passed to accelerator.prepare: Accelerate would step it once per process per
+    # step, while our schedule is counted in optimizer steps of the global batch.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    inner = accelerator.unwrap_model(model)
+    eval_loader = None
+    if eval_ds is not None and len(eval_ds):
+        eval_loader = accelerator.prepare_data_loader(make_loader(eval_ds, int(t.eval_batch_size), collator))
+
+    state = TrainerState()
+    resume_path = resolve_resume_path(t.resume_from, run_dir)
+    if resume_path is not None:
+        state = load_trainer_state(resume_path, policy=inner.policy_model, beta_head=inner.beta_head,
+                                   optimizer=optimizer, scheduler=scheduler)
+        log.info("resumed from %s at step %d", resume_path, state.step)
+    logger = RunLogger(run_dir, cfg, cfg.logger, run_name=run_name_from_overrides(), group=str(cfg.experiment),
+                       enabled=accelerator.is_main_process,
+                       resumed_step=state.step if resume_path is not None else None)
+    if accelerator.is_main_process:
+        print_banner(cfg, inner, data_report, total_steps, pairs_per_step, run_dir)
+    batches = TrainBatches(train_ds, collator, accelerator, t, int(cfg.seed), state, pairs_per_step)
+    return Run(cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=model, tokenizer=tokenizer,
+               optimizer=optimizer, scheduler=scheduler, batches=batches, eval_loader=eval_loader, logger=logger,
+               state=state, total_steps=total_steps, pairs_per_step=pairs_per_step, train_pairs=len(train_ds))
