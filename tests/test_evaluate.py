@@ -43,8 +43,13 @@ def eval_cfg(checkpoint, out_dir, *overrides):
                                               "generation.batch_size=4", *overrides])
 
 
-def test_eval_json_report_and_plots(checkpoint, tmp_path):
+def test_eval_json_report_and_plots(checkpoint, tmp_path, monkeypatch):
+    import lbdpo.data.tokenize as tokenize
+
+    tokenized, real = [], tokenize.tokenize_pairs
+    monkeypatch.setattr(tokenize, "tokenize_pairs", lambda ds, *a, **k: tokenized.append(len(ds)) or real(ds, *a, **k))
     result = evaluate_checkpoint(eval_cfg(checkpoint, tmp_path))
+    assert tokenized == [8]  # only the 8 held-out pairs: the training split is read (to cut it) but not tokenized
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["preference"]["num_pairs"] == 8 and saved["step"] == 2
     assert set(saved["preference"]["per_domain"]) == {"a", "b"}
