@@ -73,17 +73,19 @@ def test_eval_json_report_and_plots(checkpoint, tmp_path, monkeypatch):
 def test_common_beta_accuracy_matches_own_beta_sign(checkpoint, tmp_path):
     """Accuracy only depends on the sign of the log-ratio margin, so any positive β gives the same accuracy."""
     # a checkpoint whose policy moved: train a copy of the run 2 more steps with a real learning rate
-    from lbdpo.eval.evaluation import preference_eval
-    from lbdpo.train.checkpoint import load_checkpoint
+    from lbdpo import AutoModelForCausalLMWithBetaHead
     from lbdpo.data.collator import PreferenceCollator
     from lbdpo.dpo_model import DynamicBetaDPOModel
+    from lbdpo.eval.evaluation import preference_eval
     from lbdpo.models import freeze, load_model
 
-    cfg, policy, tok, head = load_checkpoint(checkpoint)
+    lm = AutoModelForCausalLMWithBetaHead.from_pretrained(checkpoint)
+    policy, tok, head = lm.policy, lm.tokenizer, lm.beta_head
+    cfg = {"model": lm.base_model}
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    reference = freeze(load_model(dict(cfg.model), vocab_size=len(tok)))
+    reference = freeze(load_model(dict(cfg["model"]), vocab_size=len(tok)))
     feats = [{"prompt_input_ids": [5, 6, 7 + i], "chosen_input_ids": [8 + i, 9], "rejected_input_ids": [10, 11 + i, 12],
               "domain": "x"} for i in range(12)]
     pref = preference_eval(DynamicBetaDPOModel(policy, head, reference), feats, PreferenceCollator(tok.pad_token_id),
@@ -111,6 +113,6 @@ def test_missing_reference_and_partial_checkpoint(checkpoint, tmp_path):
     assert (tmp_path / "noref" / "eval_report.md").is_file()
     broken = tmp_path / "broken"
     shutil.copytree(checkpoint, broken)
-    (broken / "beta_head.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="beta_head.pt is missing"):
+    (broken / "beta_head.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="beta_head.safetensors is missing"):
         evaluate_checkpoint(eval_cfg(broken, tmp_path / "b"))

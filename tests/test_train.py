@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
 
 from conftest import REPO_ROOT
 from lbdpo.train.trainer import train
@@ -79,10 +80,10 @@ def test_metrics_and_checkpoint(default_run):
 
     final_dir = run_dir / "checkpoints" / "final"
     assert (run_dir / "checkpoints" / "step-3" / "trainer_state.pt").is_file()
-    policy = AutoModelForCausalLM.from_pretrained(final_dir / "policy")
-    assert AutoTokenizer.from_pretrained(final_dir / "policy").pad_token is not None
+    policy = AutoModelForCausalLM.from_pretrained(final_dir)
+    assert AutoTokenizer.from_pretrained(final_dir).pad_token is not None
     assert json.loads((final_dir / "beta_head_config.json").read_text())["mode"] == "learnable"
-    head_state = torch.load(final_dir / "beta_head.pt")
+    head_state = load_file(final_dir / "beta_head.safetensors")
     assert head_state["w"].item() == pytest.approx(steps[-1]["beta_head/w"], rel=1e-6)
     assert sum(p.numel() for p in policy.parameters()) > 0
     # no temporary directories left behind
@@ -207,7 +208,7 @@ def test_nan_policy_forward_goes_through_the_guard(pairs_file, tmp_path, monkeyp
     steps, _ = read_metrics(tmp_path / "run")
     assert [s["train/nonfinite_skips"] for s in steps] == [1, 1, 2, 2]
     assert math.isnan(steps[0]["loss"]) and math.isfinite(steps[1]["loss"]) and math.isfinite(steps[3]["loss"])
-    head_state = torch.load(tmp_path / "run" / "checkpoints" / "final" / "beta_head.pt")
+    head_state = load_file(tmp_path / "run" / "checkpoints" / "final" / "beta_head.safetensors")
     assert torch.isfinite(head_state["w"])
     if head == "linear":
         assert bool(head_state["w_initialized"])
@@ -238,10 +239,15 @@ def test_lora_with_adapter_disabled_reference(pairs_file, tmp_path):
     steps, _ = read_metrics(tmp_path)
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapter starts at zero: policy == reference
     final = tmp_path / "checkpoints" / "final"
-    assert (final / "policy" / "adapter_config.json").is_file()
+    assert (final / "adapter_config.json").is_file()
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(final / "policy_merged")
+    from lbdpo import AutoModelForCausalLMWithBetaHead
+
+    merged = AutoModelForCausalLM.from_pretrained(final / "merged")
+    lm = AutoModelForCausalLMWithBetaHead.from_pretrained(final)  # the adapter on its base, from lbdpo_config.json
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(lm(ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_incompatible_options_raise(pairs_file, tmp_path):

@@ -74,6 +74,14 @@ def _is_hub_id(path: str) -> bool:
     return not Path(path).suffix and path.count("/") == 1 and not resolve_path(path).exists()
 
 
+def tokenize_config(data_cfg: DictConfig):
+    """The ``data`` group's tokenization keys as a :class:`~lbdpo.data.tokenize.TokenizeConfig`."""
+    from .data.tokenize import TokenizeConfig
+
+    return TokenizeConfig(prompt_format=data_cfg.get("prompt_format", "auto"), max_length=int(data_cfg.max_length),
+                          max_prompt_length=int(data_cfg.max_prompt_length), num_proc=data_cfg.get("num_proc"))
+
+
 def build_datasets(data_cfg: DictConfig, tokenizer, seed: int, tokenize_train: bool = True):
     """Load, filter, split and tokenize the train and eval pairs described by the ``data`` group.
 
@@ -86,7 +94,7 @@ def build_datasets(data_cfg: DictConfig, tokenizer, seed: int, tokenize_train: b
         tokenizer's skip counts, for the start banner and the run's summary).
     """
     from .data.loading import load_mixture, train_eval_split
-    from .data.tokenize import TokenizeConfig, tokenize_pairs
+    from .data.tokenize import tokenize_pairs
 
     train_raw, train_report = load_mixture(_sources(data_cfg.train), seed=seed)
     eval_sources = _sources(data_cfg.get("eval"))
@@ -106,12 +114,7 @@ def build_datasets(data_cfg: DictConfig, tokenizer, seed: int, tokenize_train: b
     if eval_raw is not None and data_cfg.get("max_eval_pairs"):
         eval_raw = eval_raw.select(range(min(len(eval_raw), int(data_cfg.max_eval_pairs))))
 
-    tok_cfg = TokenizeConfig(
-        prompt_format=data_cfg.get("prompt_format", "auto"),
-        max_length=int(data_cfg.max_length),
-        max_prompt_length=int(data_cfg.max_prompt_length),
-        num_proc=data_cfg.get("num_proc"),
-    )
+    tok_cfg = tokenize_config(data_cfg)
     train_ds, train_skips = (None, Counter())
     if tokenize_train:
         train_ds, train_skips = tokenize_pairs(train_raw, tokenizer, tok_cfg, desc="tokenize train")

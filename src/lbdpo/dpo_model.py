@@ -38,6 +38,34 @@ from .metrics import preference_metrics
 if TYPE_CHECKING:  # only for annotations: beta_head re-exports this module's class, so no runtime import back
     from .beta_head import BetaHead
 
+@dataclass
+class PromptStats:
+    """β and its inputs for a batch of prompts, read from one policy forward; all (B,) but ``hidden`` (B, H)."""
+
+    beta: torch.Tensor  # β(x)
+    log_ppl: torch.Tensor  # log PPL(x) under the policy
+    hidden: torch.Tensor  # h: last-layer hidden state at the prompt's last token
+    f: torch.Tensor  # the head's context factor f(h)
+
+
+def prompt_stats(beta_head: "BetaHead", token_lp: torch.Tensor, last_hidden: torch.Tensor,
+                 attention_mask: torch.Tensor, prompt_lengths: torch.Tensor) -> PromptStats:
+    """β(x), log PPL(x), h and f of each row's prompt, from a forward over prompt (+ response) rows.
+
+    Causal attention makes a prompt's positions independent of what follows it, so reading them from a
+    prompt + response row is exact. The one implementation, used by training and by the model API.
+
+    Args:
+        beta_head: the β module; token_lp: (B, T − 1) from :func:`lbdpo.logprobs.token_logps`;
+        last_hidden: (B, T, H) the last layer; attention_mask: (B, T); prompt_lengths: (B,) (≥ 2 each).
+    """
+    log_ppl = masked_mean_nll(token_lp, prompt_ppl_mask(attention_mask, prompt_lengths))
+    last = last_prompt_token_index(attention_mask, prompt_lengths)
+    h = last_hidden[torch.arange(len(last), device=last.device), last]  # (B, H)
+    beta, details = beta_head(h, log_ppl=log_ppl, return_details=True)  # β(x) = w · T(PPL) · f(h)
+    return PromptStats(beta=beta, log_ppl=log_ppl, hidden=h, f=details["f"])
+
+
 # The per-pair (B,) tensors of a DPOOutput: what the trainer gathers across processes and evaluation collects.
 PER_PAIR_KEYS = (
     "losses", "beta", "log_ppl", "f", "policy_chosen_logps", "policy_rejected_logps",
@@ -77,7 +105,8 @@ class DynamicBetaDPOModel(nn.Module):
     """Policy + :class:`BetaHead` (+ optional frozen reference) for Learnable-β DPO.
 
     Args:
-        policy_model: any HF causal LM (or a peft-wrapped one).
+        policy_model: any HF causal LM (or a peft-wrapped one), or an
+            :class:`lbdpo.modeling.AutoModelForCausalLMWithBetaHead` (then ``beta_head`` is its head).
         beta_head: the β module; its ``hidden_size`` must match the policy's.
         ref_model: a frozen reference causal LM, or ``None`` when reference log-probs are precomputed
             in the batch (or, with LoRA, when the policy's adapter is disabled to get them:
@@ -88,12 +117,16 @@ class DynamicBetaDPOModel(nn.Module):
     def __init__(
         self,
         policy_model: nn.Module,
-        beta_head: BetaHead,
+        beta_head: BetaHead | None = None,
         ref_model: nn.Module | None = None,
         label_smoothing: float = 0.0,
         ref_from_disabled_adapter: bool = False,
     ):
         super().__init__()
+        if beta_head is None:  # an AutoModelForCausalLMWithBetaHead: its policy and head
+            if not hasattr(policy_model, "beta_head"):
+                raise ValueError("DynamicBetaDPOModel needs a beta_head (or a model with one)")
+            policy_model, beta_head = policy_model.policy, policy_model.beta_head
         self.policy_model = policy_model
         self.beta_head = beta_head
         # Keep the reference out of this module's parameters/state_dict: it is frozen and saved nowhere.
@@ -142,16 +175,13 @@ class DynamicBetaDPOModel(nn.Module):
         logps = response_logps(token_lp, labels)  # (2B,)
         policy_chosen_logps, policy_rejected_logps = logps[:n_pairs], logps[n_pairs:]
 
-        # 2. Prompt statistics from the chosen half: log PPL(x) and h at the prompt's last token.
-        chosen_mask = attention_mask[:n_pairs]
-        log_ppl = masked_mean_nll(token_lp[:n_pairs], prompt_ppl_mask(chosen_mask, prompt_lengths))
-        last = last_prompt_token_index(chosen_mask, prompt_lengths)
-        h = out.hidden_states[-1][torch.arange(n_pairs, device=last.device), last]  # (B, H)
+        # 2-3. From the chosen half: log PPL(x), h at the prompt's last token, and β(x) = w · T(PPL) · f(h).
+        #    A non-finite policy output gives a non-finite β and loss, which the trainer's guard skips and
+        #    counts (one NaN policy for the whole loop).
+        stats = prompt_stats(self.beta_head, token_lp[:n_pairs], out.hidden_states[-1][:n_pairs],
+                             attention_mask[:n_pairs], prompt_lengths)
         del out
-
-        # 3. β(x) = w · T(PPL) · f(h)  (see beta_head.py). A non-finite policy output gives a non-finite β and
-        #    loss here, which the trainer's guard skips and counts (one NaN policy for the whole loop).
-        beta, details = self.beta_head(h, log_ppl=log_ppl, return_details=True)
+        beta, log_ppl = stats.beta, stats.log_ppl
 
         # 4. Reference log-probs and the DPO loss (eq. 7 of the DPO paper, with β per prompt).
         ref_chosen, ref_rejected = self.reference_logps(batch)
@@ -170,7 +200,7 @@ class DynamicBetaDPOModel(nn.Module):
             losses=losses,
             beta=beta,
             log_ppl=log_ppl.detach(),
-            f=details["f"].detach(),
+            f=stats.f.detach(),
             policy_chosen_logps=policy_chosen_logps,
             policy_rejected_logps=policy_rejected_logps,
             reference_chosen_logps=ref_chosen,

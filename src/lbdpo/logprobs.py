@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from .data.collator import IGNORE_INDEX  # the batch contract: labels are −100 off the response
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

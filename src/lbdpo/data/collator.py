@@ -18,8 +18,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..logprobs import IGNORE_INDEX
 
+IGNORE_INDEX = -100  # label of prompt and padding positions: no loss, no log-prob counted
 PASSTHROUGH_KEYS = ("domain", "index")
 REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
 

@@ -3,6 +3,7 @@ computed so far survive a failure in a later, optional step (generation, reward,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import traceback
@@ -17,7 +18,7 @@ from ..data.collator import PreferenceCollator
 from ..data.tokenize import end_of_turn_ids, resolve_prompt_format
 from ..dpo_model import DynamicBetaDPOModel
 from ..models import freeze, load_model, reference_model_config
-from ..train.checkpoint import load_checkpoint
+from ..modeling import AutoModelForCausalLMWithBetaHead
 from .evaluation import (
     generate,
     kl_estimate,
@@ -64,7 +65,12 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     """Run every evaluation section for ``cfg.checkpoint``; returns the eval.json content."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ckpt = Path(cfg.checkpoint)
-    run_cfg, policy, tokenizer, head = load_checkpoint(ckpt)
+    if not (ckpt / "config.yaml").is_file():
+        raise FileNotFoundError(f"{ckpt / 'config.yaml'} is missing: checkpoint= must be a training checkpoint "
+                                "(outputs/<run>/checkpoints/final or step-N)")
+    run_cfg = OmegaConf.load(ckpt / "config.yaml")
+    lm = AutoModelForCausalLMWithBetaHead.from_pretrained(ckpt)
+    policy, tokenizer, head = lm.policy, lm.tokenizer, lm.beta_head
     run_dir = ckpt.parent.parent
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +82,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     results = Results(out_dir / "eval.json", {
         "checkpoint": str(ckpt),
         "step": trainer_state.get("state", {}).get("step"),
-        "beta_head": to_container(OmegaConf.create(json.loads((ckpt / "beta_head_config.json").read_text()))),
+        "beta_head": dataclasses.asdict(head.config),
         "model": to_container(run_cfg.model),
         "seed": run_cfg.get("seed"),
     })

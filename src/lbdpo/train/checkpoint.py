@@ -1,11 +1,10 @@
 """Atomic checkpoints and exact resume.
 
-Layout of ``<run_dir>/checkpoints/step-N/`` (and ``final/``):
+Layout of ``<run_dir>/checkpoints/step-N/`` (and ``final/``): an
+:class:`~lbdpo.modeling.AutoModelForCausalLMWithBetaHead` folder (``from_pretrained`` loads policy + head;
+``AutoModelForCausalLM.from_pretrained`` the policy alone; LoRA: the adapter, and ``merged/`` with
+``trainer.lora.save_merged``), plus
 
-    policy/               HF ``save_pretrained`` + tokenizer: ``AutoModelForCausalLM.from_pretrained`` loads it
-                          (LoRA: the adapter; ``policy_merged/`` too when ``trainer.lora.save_merged``)
-    beta_head.pt          BetaHead state dict (w, w_initialized, NN weights)
-    beta_head_config.json BetaHeadConfig as a dict
     config.yaml           the run's resolved Hydra config
     trainer_state.pt      optimizer, scheduler, step/epoch/batch position, counters, RNG states
 
@@ -16,7 +15,6 @@ save leaves the previous checkpoint intact and never a half-written one under a 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import re
@@ -59,33 +57,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    path: Path,
-    *,
-    policy,
-    tokenizer,
-    beta_head,
-    config,
-    optimizer,
-    scheduler,
-    state: TrainerState,
-    save_merged_lora: bool = False,
-) -> Path:
-    """Write a checkpoint atomically to ``path`` (replacing an older one of the same name)."""
+def save_checkpoint(path: Path, *, model, config, optimizer, scheduler, state: TrainerState,
+                    save_merged_lora: bool = False) -> Path:
+    """Write a checkpoint atomically to ``path`` (replacing an older one of the same name).
+
+    Args:
+        model: the run's :class:`~lbdpo.modeling.AutoModelForCausalLMWithBetaHead` (policy, head, tokenizer).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
     try:
-        policy.save_pretrained(tmp / "policy", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "policy")
-        if save_merged_lora and hasattr(policy, "merge_and_unload"):
-            import copy
-
-            merged = copy.deepcopy(policy).merge_and_unload()
-            merged.save_pretrained(tmp / "policy_merged", safe_serialization=True)
-            tokenizer.save_pretrained(tmp / "policy_merged")
-        torch.save(beta_head.state_dict(), tmp / "beta_head.pt")
-        (tmp / "beta_head_config.json").write_text(json.dumps(dataclasses.asdict(beta_head.config), indent=2))
+        model.save_pretrained(tmp, merge_lora=save_merged_lora, provenance={"step": state.step})
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=True))
         torch.save(
             {
@@ -147,54 +130,24 @@ def load_trainer_state(path: Path, *, policy, beta_head, optimizer, scheduler) -
     """Restore weights, optimizer, scheduler and RNG from a checkpoint; returns its TrainerState."""
     from safetensors.torch import load_file
 
-    policy_dir = path / "policy"
-    if (policy_dir / "adapter_model.safetensors").is_file():
+    from ..modeling import HEAD_WEIGHTS
+
+    if (path / "adapter_model.safetensors").is_file():
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(policy, load_file(policy_dir / "adapter_model.safetensors"))
+        set_peft_model_state_dict(policy, load_file(path / "adapter_model.safetensors"))
     else:
         state_dict = {}
-        for shard in sorted(policy_dir.glob("*.safetensors")):
+        for shard in sorted(path.glob("model*.safetensors")):
             state_dict.update(load_file(shard))
         missing, unexpected = policy.load_state_dict(state_dict, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied embeddings are not saved
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint {policy_dir} does not match the policy: missing={missing[:5]} "
+        if missing or unexpected or not state_dict:
+            raise RuntimeError(f"checkpoint {path} does not match the policy: missing={missing[:5]} "
                                f"unexpected={unexpected[:5]}")
-    beta_head.load_state_dict(torch.load(path / "beta_head.pt", map_location="cpu"))
+    beta_head.load_state_dict(load_file(path / HEAD_WEIGHTS))
     blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])
     return TrainerState(**blob["state"])
-
-
-def load_checkpoint(path: str | Path):
-    """(run config, policy, tokenizer, beta head) from a ``checkpoints/<name>/`` directory.
-
-    LoRA checkpoints (``policy/adapter_config.json``) are loaded onto their base model from the saved config.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..beta_head import BetaHead, BetaHeadConfig
-    from ..models import load_model, prepare_tokenizer
-
-    path = Path(path)
-    for needed in ("config.yaml", "policy", "beta_head.pt", "beta_head_config.json"):
-        if not (path / needed).exists():
-            raise FileNotFoundError(f"{path} is not a complete lbdpo checkpoint: {needed} is missing")
-    cfg = OmegaConf.load(path / "config.yaml")
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path / "policy"), "right")
-    if (path / "policy" / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base = load_model(OmegaConf.to_container(cfg.model, resolve=True), vocab_size=len(tokenizer))
-        policy = PeftModel.from_pretrained(base, path / "policy")
-    else:
-        policy = AutoModelForCausalLM.from_pretrained(path / "policy", dtype=torch.float32)
-    head_cfg = json.loads((path / "beta_head_config.json").read_text())
-    head = BetaHead(BetaHeadConfig.from_mapping(head_cfg))
-    head.load_state_dict(torch.load(path / "beta_head.pt", map_location="cpu"))
-    policy.eval()
-    head.eval()
-    return cfg, policy, tokenizer, head

@@ -16,9 +16,17 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from ..build import build_beta_head, build_datasets, build_policy_and_reference, policy_hidden_size, to_container
+from ..build import (
+    build_beta_head,
+    build_datasets,
+    build_policy_and_reference,
+    policy_hidden_size,
+    to_container,
+    tokenize_config,
+)
 from ..data.collator import PreferenceCollator
 from ..dpo_model import DynamicBetaDPOModel
+from ..modeling import AutoModelForCausalLMWithBetaHead
 from .checkpoint import TrainerState, load_trainer_state, resolve_resume_path
 from .reference import add_reference_columns
 from .run_logging import RunLogger, print_banner
@@ -141,7 +149,7 @@ class Run:
     run_dir: Path
     accelerator: Accelerator
     model: Any  # the DynamicBetaDPOModel as prepared by Accelerate (DDP-wrapped under several processes)
-    tokenizer: Any
+    lm: AutoModelForCausalLMWithBetaHead  # its policy + head + tokenizer: what checkpoints save
     optimizer: torch.optim.Optimizer
     scheduler: Any
     batches: TrainBatches
@@ -163,8 +171,9 @@ class Run:
 
 
 def build_model_and_data(cfg: DictConfig, accelerator: Accelerator):
-    """Policy (+ LoRA, activation checkpointing), BetaHead, tokenized data and the reference, wired into a
-    :class:`DynamicBetaDPOModel`. Returns (model, tokenizer, train_ds, eval_ds or None, data_report, collator)."""
+    """Policy (+ LoRA, activation checkpointing) and BetaHead as one AutoModelForCausalLMWithBetaHead (what
+    checkpoints save), tokenized data, and the reference, wired into a :class:`DynamicBetaDPOModel`.
+    Returns (dpo model, the policy+head object, train_ds, eval_ds or None, data_report, collator)."""
     t = cfg.trainer
     policy, reference, tokenizer = build_policy_and_reference(cfg, need_reference=t.reference in ("copy", "precompute"))
     if t.gradient_checkpointing:
@@ -176,6 +185,8 @@ def build_model_and_data(cfg: DictConfig, accelerator: Accelerator):
     if t.lora.enabled:
         policy = apply_lora(policy, t.lora)
     beta_head = build_beta_head(cfg.beta_head, policy_hidden_size(policy))
+    lm = AutoModelForCausalLMWithBetaHead(policy, beta_head, tokenizer, tokenize=tokenize_config(cfg.data),
+                                          base_model=to_container(cfg.model))
 
     with accelerator.main_process_first():
         train_ds, eval_ds, data_report = build_datasets(cfg.data, tokenizer, seed=int(cfg.seed))
@@ -194,12 +205,12 @@ def build_model_and_data(cfg: DictConfig, accelerator: Accelerator):
         gc.collect()
     elif reference is not None:
         reference.to(accelerator.device)
-    model = DynamicBetaDPOModel(policy, beta_head, ref_model=reference, label_smoothing=float(t.label_smoothing),
+    model = DynamicBetaDPOModel(lm, ref_model=reference, label_smoothing=float(t.label_smoothing),
                                 ref_from_disabled_adapter=t.reference == "adapter_disabled")
     train_ds = train_ds.remove_columns([c for c in train_ds.column_names if c not in DATA_COLUMNS])
     if eval_ds is not None:
         eval_ds = eval_ds.remove_columns([c for c in eval_ds.column_names if c not in DATA_COLUMNS])
-    return model, tokenizer, train_ds, eval_ds, data_report, collator
+    return model, lm, train_ds, eval_ds, data_report, collator
 
 
 def setup(cfg: DictConfig, run_dir: Path) -> Run:
@@ -209,7 +220,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=bool(t.get("cpu", False)))
     set_seed(int(cfg.seed))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model, tokenizer, train_ds, eval_ds, data_report, collator = build_model_and_data(cfg, accelerator)
+    model, lm, train_ds, eval_ds, data_report, collator = build_model_and_data(cfg, accelerator)
 
     pairs_per_step = int(t.batch_size) * int(t.gradient_accumulation_steps) * accelerator.num_processes
     steps_per_epoch = len(train_ds) // pairs_per_step
@@ -241,6 +252,6 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     if accelerator.is_main_process:
         print_banner(cfg, inner, data_report, total_steps, pairs_per_step, run_dir)
     batches = TrainBatches(train_ds, collator, accelerator, t, int(cfg.seed), state, pairs_per_step)
-    return Run(cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=model, tokenizer=tokenizer,
+    return Run(cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=model, lm=lm,
                optimizer=optimizer, scheduler=scheduler, batches=batches, eval_loader=eval_loader, logger=logger,
                state=state, total_steps=total_steps, pairs_per_step=pairs_per_step, train_pairs=len(train_ds))

@@ -160,10 +160,9 @@ def save(run: Run, name: str) -> None:
     """Write ``checkpoints/<name>`` from the main process (all processes wait), then prune old step-N."""
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
-        inner, checkpoint_dir = run.inner, run.run_dir / "checkpoints"
-        save_checkpoint(checkpoint_dir / name, policy=inner.policy_model, tokenizer=run.tokenizer,
-                        beta_head=inner.beta_head, config=run.cfg, optimizer=run.optimizer, scheduler=run.scheduler,
-                        state=run.state, save_merged_lora=bool(run.t.lora.save_merged))
+        checkpoint_dir = run.run_dir / "checkpoints"
+        save_checkpoint(checkpoint_dir / name, model=run.lm, config=run.cfg, optimizer=run.optimizer,
+                        scheduler=run.scheduler, state=run.state, save_merged_lora=bool(run.t.lora.save_merged))
         prune_checkpoints(checkpoint_dir, int(run.t.keep_last))
     run.accelerator.wait_for_everyone()
 
