@@ -190,3 +190,90 @@ def test_from_mapping_rejects_unknown_keys():
     with pytest.raises(ValueError, match="epsilonn"):
         BetaHeadConfig.from_mapping({"epsilonn": 0.1}, hidden_size=H)
     assert BetaHeadConfig.from_mapping({"epsilon": 0.2}, hidden_size=H).epsilon == 0.2
+
+
+# --------------------------------------------------------------------------------------------------
+# the log-PPL approximation head (use_ppl_approx)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("net", ["linear", "mlp"])
+def test_ppl_approx_head_formula_init_and_exact_beta(net):
+    head = BetaHead(BetaHeadConfig(hidden_size=H, w_init=0.05, epsilon=0.3, use_ppl_approx=True, ppl_net_type=net,
+                                   init_std=0.3))
+    h, log_ppl = inputs()
+    beta, d = head(h, log_ppl=log_ppl, return_details=True)
+    approx = d["log_ppl_approx"]
+    # the first batch sets the output bias so that mean ℓ̂ = mean log PPL; the shape of ℓ̂ comes from h alone
+    assert approx.mean().item() == pytest.approx(log_ppl.mean().item(), abs=1e-5)
+    ln = torch.nn.functional.layer_norm(h, (H,))
+    manual = head.ppl_net[1](ln).squeeze(-1)
+    torch.testing.assert_close(approx, manual, atol=1e-5, rtol=1e-5)
+    f = 1 + 0.3 * torch.tanh(nn_out(head, h))
+    torch.testing.assert_close(beta, 0.05 * approx.clamp(min=0) * f, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(d["beta_exact"], 0.05 * log_ppl * f, atol=1e-6, rtol=1e-5)
+    # initialised once: a second batch is not shifted
+    h2, lp2 = inputs(seed=1)
+    _, d2 = head(h2, log_ppl=lp2 + 10, return_details=True)
+    assert d2["log_ppl_approx"].mean().item() < (lp2 + 10).mean().item() - 5
+
+
+def test_ppl_approx_loss_trains_only_the_approximation():
+    head = BetaHead(BetaHeadConfig(hidden_size=H, w_init=0.05, epsilon=0.3, use_ppl_approx=True,
+                                   ppl_approx_loss_weight=2.0))
+    h, log_ppl = inputs()
+    h.requires_grad_()
+    beta, d = head(h, log_ppl=log_ppl, return_details=True)
+    aux = head.auxiliary_loss(log_ppl, d["log_ppl_approx"])
+    assert aux.item() == pytest.approx(2.0 * ((d["log_ppl_approx"] - log_ppl) ** 2).mean().item(), rel=1e-6)
+    aux.backward()
+    assert h.grad is None and head.context_net.weight.grad is None and head.w.grad is None
+    assert head.ppl_net[1].weight.grad.abs().sum() > 0
+    assert head.auxiliary_loss(log_ppl, None).item() == 0.0
+    # and β's gradient never reaches the approximation (it uses ℓ̂ detached)
+    head.zero_grad()
+    beta.sum().backward()
+    assert head.ppl_net[1].weight.grad is None or head.ppl_net[1].weight.grad.abs().sum() == 0
+
+
+def test_ppl_approx_learns_a_function_of_h():
+    torch.manual_seed(0)
+    head = BetaHead(BetaHeadConfig(hidden_size=H, w_init=0.05, use_ppl_approx=True, ppl_net_type="mlp"))
+    direction = torch.randn(H)
+    opt = torch.optim.Adam(head.ppl_net.parameters(), lr=1e-2)
+    h_test = torch.randn(256, H)
+    target = lambda h: 3 + torch.tanh(torch.nn.functional.layer_norm(h, (H,)) @ direction / 4)  # noqa: E731
+    for _ in range(300):
+        h = torch.randn(64, H)
+        _, d = head(h, log_ppl=target(h), return_details=True)
+        opt.zero_grad()
+        head.auxiliary_loss(target(h), d["log_ppl_approx"]).backward()
+        opt.step()
+    from lbdpo.metrics import ppl_approx_metrics
+
+    with torch.no_grad():
+        beta, d = head(h_test, log_ppl=target(h_test), return_details=True)
+    m = ppl_approx_metrics({"log_ppl": target(h_test), "log_ppl_approx": d["log_ppl_approx"], "beta": beta,
+                            "beta_exact": d["beta_exact"]})
+    assert m["ppl_approx/r2"] > 0.9 and m["ppl_approx/mae"] < 0.1 and m["ppl_approx/spearman_beta"] > 0.9
+
+
+def test_spearman_matches_brute_force():
+    from lbdpo.metrics import spearman
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(30, generator=g), torch.randn(30, generator=g)
+    y = x + 0.7 * y
+    rank = lambda v: {i: r for r, i in enumerate(sorted(range(len(v)), key=lambda i: v[i]))}  # noqa: E731
+    rx, ry = rank(x.tolist()), rank(y.tolist())
+    n = len(x)
+    brute = 1 - 6 * sum((rx[i] - ry[i]) ** 2 for i in range(n)) / (n * (n * n - 1))
+    assert spearman(x, y) == pytest.approx(brute, abs=1e-9)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+
+
+def test_ppl_approx_bad_config():
+    with pytest.raises(ValueError, match="beta_head.ppl_net_type"):
+        BetaHeadConfig(hidden_size=H, use_ppl_approx=True, ppl_net_type="rnn")
+    with pytest.raises(ValueError, match="ppl_approx_loss_weight"):
+        BetaHeadConfig(hidden_size=H, use_ppl_approx=True, ppl_approx_loss_weight=0.0)

@@ -328,3 +328,18 @@ def test_interrupt_saves_checkpoint_and_resume_continues(default_run, pairs_file
     uninterrupted, _ = read_metrics(default_run[0])
     assert [s["step"] for s in resumed] == [1, 2, 3, 4, 5, 6]
     assert [s["loss"] for s in resumed] == pytest.approx([s["loss"] for s in uninterrupted], abs=1e-5)
+
+
+def test_ppl_approx_head_trains_and_logs(pairs_file, tmp_path):
+    from lbdpo import AutoModelForCausalLMWithBetaHead
+
+    cfg = make_cfg(pairs_file, "beta_head.use_ppl_approx=true", "beta_head.ppl_net_type=mlp", "trainer.max_steps=4",
+                   "trainer.eval_every=2")
+    train(cfg, tmp_path)
+    steps, evals = read_metrics(tmp_path)
+    assert all(math.isfinite(s["ppl_approx/mae"]) and "ppl_approx/spearman_beta" in s for s in steps)
+    assert {"eval/ppl_approx/mae", "eval/ppl_approx/r2", "eval/ppl_approx/spearman_beta"} <= set(evals[-1])
+    lm = AutoModelForCausalLMWithBetaHead.from_pretrained(tmp_path / "checkpoints" / "final")
+    assert lm.beta_head.config.use_ppl_approx and bool(lm.beta_head.ppl_net_initialized)
+    out = lm(torch.tensor([[5, 6, 7, 8, 9]]))
+    assert out.beta.shape == (1,) and torch.isfinite(out.beta).all()

@@ -16,6 +16,10 @@
   is over the micro-batch this module sees (one process, one gradient-accumulation step), so the β of a
   prompt depends on its batch-mates; with ε = 0 and ``ppl_transform=none`` every β equals target_beta.
 - ``mode=fixed``: β ≡ ``beta`` for every prompt: plain DPO through the same code path (the baseline).
+- ``use_ppl_approx``: a second network on h predicts log PPL(x) (ℓ̂ = NN_ppl(LayerNorm(h))), trained only by
+  the auxiliary loss ``ppl_approx_loss_weight`` · mean (ℓ̂ − log PPL)² against the exact, detached value of
+  the same forward; β then uses max(ℓ̂, 0) in place of log PPL. Its point is inference: β of a prompt from one
+  hidden state, without scoring every prompt token. Its output bias starts at the first batch's mean log PPL.
 
 Known trap: with the DPO loss alone, dL/dβ = −Δ·σ(−βΔ) (Δ the log-ratio margin), which is negative
 whenever a pair's margin is positive, so a trainable w drifts upward as the policy learns. The
@@ -69,6 +73,10 @@ class BetaHeadConfig:
     detach_hidden: bool = True  # stop gradients from β into the policy through h
     detach_ppl: bool = True  # stop gradients from β into the policy through log PPL
     init_std: float = 0.02  # std of the NN's weight init (bias 0), so f starts close to 1
+    use_ppl_approx: bool = False  # β uses a network's approximation of log PPL from h (see the module docstring)
+    ppl_net_type: str = "linear"  # that network: "linear" or "mlp"
+    ppl_mlp_hidden_size: int = 128  # hidden width of the "mlp" approximation network
+    ppl_approx_loss_weight: float = 1.0  # weight of its regression loss (ℓ̂ − log PPL)²
 
     def __post_init__(self) -> None:
         self.validate()
@@ -102,6 +110,11 @@ class BetaHeadConfig:
             raise ValueError(f"beta_head.normalize={self.normalize!r} must be one of {NORMALIZATIONS}")
         if float(self.w_prior_weight) < 0:
             raise ValueError(f"beta_head.w_prior_weight={self.w_prior_weight!r} must be >= 0")
+        if self.ppl_net_type not in NET_TYPES:
+            raise ValueError(f"beta_head.ppl_net_type={self.ppl_net_type!r} must be one of {NET_TYPES}")
+        if self.use_ppl_approx and not (int(self.ppl_mlp_hidden_size) > 0 and float(self.ppl_approx_loss_weight) > 0):
+            raise ValueError("beta_head.use_ppl_approx needs ppl_mlp_hidden_size > 0 and ppl_approx_loss_weight > 0 "
+                             f"(got {self.ppl_mlp_hidden_size}, {self.ppl_approx_loss_weight})")
         if not (0 < float(self.beta_min) < float(self.beta_max)):
             raise ValueError(
                 f"beta_head.beta_min={self.beta_min!r} and beta_head.beta_max={self.beta_max!r} "
@@ -118,6 +131,20 @@ class BetaHeadConfig:
         if unknown:
             raise ValueError(f"unknown beta_head key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**data)
+
+
+def scalar_net(kind: str, hidden_size: int, mlp_hidden_size: int, dropout: float, init_std: float) -> nn.Module:
+    """(…, H) → (…, 1): ``linear`` or ``mlp`` (Linear → GELU → Dropout → Linear); weights N(0, init_std), bias 0."""
+    if kind == "linear":
+        net = nn.Linear(hidden_size, 1)
+    else:
+        net = nn.Sequential(nn.Linear(hidden_size, mlp_hidden_size), nn.GELU(), nn.Dropout(dropout),
+                            nn.Linear(mlp_hidden_size, 1))
+    for module in net.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=init_std)
+            nn.init.zeros_(module.bias)
+    return net
 
 
 class BetaHead(nn.Module):
@@ -147,22 +174,14 @@ class BetaHead(nn.Module):
         self.register_buffer("w_init_value", torch.tensor(w0))
         self.register_buffer("w_initialized", torch.tensor(not auto))
 
-        if self.epsilon == 0.0:
-            # f ≡ 1: no NN, so no parameter that never receives a gradient (DDP rejects those)
-            self.context_net = None
-        elif config.context_net_type == "linear":
-            self.context_net = nn.Linear(config.hidden_size, 1)
-        else:
-            self.context_net = nn.Sequential(
-                nn.Linear(config.hidden_size, config.context_mlp_hidden_size),
-                nn.GELU(),
-                nn.Dropout(config.dropout),
-                nn.Linear(config.context_mlp_hidden_size, 1),
-            )
-        for module in self.context_net.modules() if self.context_net is not None else ():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=config.init_std)
-                nn.init.zeros_(module.bias)
+        # f ≡ 1 when ε = 0: no NN, so no parameter that never receives a gradient (DDP rejects those)
+        self.context_net = None if self.epsilon == 0.0 else scalar_net(
+            config.context_net_type, config.hidden_size, config.context_mlp_hidden_size, config.dropout, config.init_std)
+        self.ppl_net = None
+        if config.use_ppl_approx:
+            self.ppl_net = nn.Sequential(nn.LayerNorm(config.hidden_size, elementwise_affine=False), scalar_net(
+                config.ppl_net_type, config.hidden_size, config.ppl_mlp_hidden_size, 0.0, config.init_std))
+            self.register_buffer("ppl_net_initialized", torch.tensor(False))
 
     # ---------------------------------------------------------------------------------------------
 
@@ -217,7 +236,8 @@ class BetaHead(nn.Module):
             context_embedding: (B, H) last-layer hidden state at each prompt's last token.
             ppl: (B,) perplexity of each prompt (> 0). Alternatively pass ``log_ppl`` (B,), the mean
                 token NLL, which avoids an exp/log round trip; exactly one of the two is needed.
-            return_details: also return a dict with ``f`` (B,) and ``ppl_term`` (B,).
+            return_details: also return a dict with ``f`` (B,) and ``ppl_term`` (B,); with ``use_ppl_approx``
+                also ``log_ppl_approx`` (B,) and ``beta_exact`` (B,), the β the exact log PPL would give.
 
         Returns:
             β (B,) float32, in [beta_min, beta_max] for finite input; or ``(β, details)`` when ``return_details``.
@@ -238,16 +258,49 @@ class BetaHead(nn.Module):
 
         if self.config.detach_ppl:
             log_ppl = log_ppl.detach()
-        t = self.ppl_term(log_ppl)
         f = self.context_factor(context_embedding)
+        details = {"f": f}
+        if self.ppl_net is not None:  # β from the approximation ℓ̂ (trained only by auxiliary_loss)
+            details["log_ppl_approx"] = self.approximate_log_ppl(context_embedding, log_ppl)
+            t = self.ppl_term(details["log_ppl_approx"].detach().clamp(min=0.0))
+        else:
+            t = self.ppl_term(log_ppl)
         if not bool(self.w_initialized):
             self._auto_init_w(t * f)
+        beta = self.combine(t, f)
+        if self.ppl_net is not None:  # what the exact log PPL would have given, to compare rankings
+            details["beta_exact"] = self.combine(self.ppl_term(log_ppl), f).detach()
+        details["ppl_term"] = t
+        return (beta, details) if return_details else beta
+
+    def combine(self, t: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """β = clamp(w · T · f), normalised to mean target_beta under ``batch_mean``: (B,), (B,) → (B,)."""
         g = self.w * t * f  # β before normalisation and clamping
         if self.config.normalize == "batch_mean":
             g = self.config.target_beta * g / g.mean()
-        beta = g.clamp(self.config.beta_min, self.config.beta_max)
-        details = {"f": f, "ppl_term": t}
-        return (beta, details) if return_details else beta
+        return g.clamp(self.config.beta_min, self.config.beta_max)
+
+    def approximate_log_ppl(self, context_embedding: torch.Tensor, log_ppl: torch.Tensor) -> torch.Tensor:
+        """ℓ̂ = NN_ppl(LayerNorm(h)): (B, H) → (B,). h is always detached (the approximation never trains the
+        policy). On the first finite batch the output bias is shifted so that mean ℓ̂ = mean log PPL."""
+        approx = self.ppl_net(context_embedding.to(self.w.dtype).detach()).squeeze(-1)
+        if not bool(self.ppl_net_initialized):
+            shift = (log_ppl.detach() - approx.detach()).float().mean()
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(shift, op=dist.ReduceOp.SUM)
+                shift /= dist.get_world_size()
+            if torch.isfinite(shift):
+                with torch.no_grad():
+                    [m for m in self.ppl_net.modules() if isinstance(m, nn.Linear)][-1].bias.add_(shift)
+                    self.ppl_net_initialized.fill_(True)
+                approx = approx + shift
+        return approx
+
+    def auxiliary_loss(self, log_ppl: torch.Tensor, log_ppl_approx: torch.Tensor | None) -> torch.Tensor:
+        """ppl_approx_loss_weight · mean (ℓ̂ − log PPL)², the exact log PPL detached; 0 without the approximation."""
+        if log_ppl_approx is None:
+            return torch.zeros((), device=self.w.device)
+        return self.config.ppl_approx_loss_weight * (log_ppl_approx - log_ppl.detach()).pow(2).mean()
 
     def regularization_loss(self) -> torch.Tensor:
         """w_prior_weight · (log w − log w_init)², a scalar (0 when disabled, fixed or not trainable)."""

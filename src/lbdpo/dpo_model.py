@@ -46,6 +46,8 @@ class PromptStats:
     log_ppl: torch.Tensor  # log PPL(x) under the policy
     hidden: torch.Tensor  # h: last-layer hidden state at the prompt's last token
     f: torch.Tensor  # the head's context factor f(h)
+    log_ppl_approx: torch.Tensor | None = None  # the head's approximation of log PPL (use_ppl_approx)
+    beta_exact: torch.Tensor | None = None  # β from the exact log PPL, when β used the approximation
 
 
 def prompt_stats(beta_head: "BetaHead", token_lp: torch.Tensor, last_hidden: torch.Tensor,
@@ -63,13 +65,15 @@ def prompt_stats(beta_head: "BetaHead", token_lp: torch.Tensor, last_hidden: tor
     last = last_prompt_token_index(attention_mask, prompt_lengths)
     h = last_hidden[torch.arange(len(last), device=last.device), last]  # (B, H)
     beta, details = beta_head(h, log_ppl=log_ppl, return_details=True)  # β(x) = w · T(PPL) · f(h)
-    return PromptStats(beta=beta, log_ppl=log_ppl, hidden=h, f=details["f"])
+    return PromptStats(beta=beta, log_ppl=log_ppl, hidden=h, f=details["f"],
+                       log_ppl_approx=details.get("log_ppl_approx"), beta_exact=details.get("beta_exact"))
 
 
 # The per-pair (B,) tensors of a DPOOutput: what the trainer gathers across processes and evaluation collects.
 PER_PAIR_KEYS = (
     "losses", "beta", "log_ppl", "f", "policy_chosen_logps", "policy_rejected_logps",
     "reference_chosen_logps", "reference_rejected_logps", "chosen_rewards", "rejected_rewards",
+    "log_ppl_approx", "beta_exact",  # only with beta_head.use_ppl_approx
 )
 
 
@@ -77,7 +81,7 @@ PER_PAIR_KEYS = (
 class DPOOutput:
     """Result of :meth:`DynamicBetaDPOModel.forward`; per-pair tensors are (B,)."""
 
-    loss: torch.Tensor  # scalar: mean DPO loss + the BetaHead's regulariser
+    loss: torch.Tensor  # scalar: mean DPO loss + the BetaHead's regulariser and auxiliary (ppl_approx) loss
     losses: torch.Tensor  # per-pair DPO loss
     beta: torch.Tensor  # β(x) used for each pair (carries gradient to the head)
     log_ppl: torch.Tensor  # prompt log PPL under the policy
@@ -89,6 +93,8 @@ class DPOOutput:
     chosen_rewards: torch.Tensor  # β·(log πθ − log πref)(yw|x), detached
     rejected_rewards: torch.Tensor
     w: torch.Tensor  # the head's current w (detached scalar)
+    log_ppl_approx: torch.Tensor | None = None  # see PromptStats
+    beta_exact: torch.Tensor | None = None
 
     @functools.cached_property
     def metrics(self) -> dict[str, float]:
@@ -98,7 +104,7 @@ class DPOOutput:
 
     def per_pair(self) -> dict[str, torch.Tensor]:
         """The detached (B,) tensors, e.g. to gather across processes before :func:`preference_metrics`."""
-        return {k: getattr(self, k).detach() for k in PER_PAIR_KEYS}
+        return {k: getattr(self, k).detach() for k in PER_PAIR_KEYS if getattr(self, k) is not None}
 
 
 class DynamicBetaDPOModel(nn.Module):
@@ -193,7 +199,8 @@ class DynamicBetaDPOModel(nn.Module):
             beta,
             label_smoothing=self.label_smoothing,
         )
-        loss = losses.mean() + self.beta_head.regularization_loss()
+        loss = (losses.mean() + self.beta_head.regularization_loss()
+                + self.beta_head.auxiliary_loss(log_ppl, stats.log_ppl_approx))
 
         return DPOOutput(
             loss=loss,
@@ -208,4 +215,6 @@ class DynamicBetaDPOModel(nn.Module):
             chosen_rewards=chosen_rewards,
             rejected_rewards=rejected_rewards,
             w=self.beta_head.w.detach(),
+            log_ppl_approx=None if stats.log_ppl_approx is None else stats.log_ppl_approx.detach(),
+            beta_exact=stats.beta_exact,
         )

@@ -52,7 +52,32 @@ def preference_metrics(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
     if "f" in values:
         f = _stats("f", values["f"])
         out["beta_head/f_mean"], out["beta_head/f_std"] = f["f/mean"], f["f/std"]
+    if "log_ppl_approx" in values:
+        out.update(ppl_approx_metrics(values))
     return out
+
+
+def ppl_approx_metrics(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """How well the head's ℓ̂ approximates log PPL: ``ppl_approx/mae``, ``ppl_approx/r2`` (1 − SS_res/SS_tot over
+    these pairs), and ``ppl_approx/spearman_beta``, the rank correlation of the β used with the β the exact
+    log PPL would give."""
+    exact, approx = values["log_ppl"].double(), values["log_ppl_approx"].double()
+    ss_tot = ((exact - exact.mean()) ** 2).sum()
+    out = {"ppl_approx/mae": (approx - exact).abs().mean().item(),
+           "ppl_approx/r2": (1 - ((approx - exact) ** 2).sum() / ss_tot).item() if ss_tot > 0 else float("nan")}
+    if "beta_exact" in values:
+        out["ppl_approx/spearman_beta"] = spearman(values["beta"], values["beta_exact"])
+    return out
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman rank correlation of two (N,) tensors (ranks by order; NaN with fewer than 2 values or no spread)."""
+    if x.numel() < 2:
+        return float("nan")
+    rx, ry = x.double().argsort().argsort().double(), y.double().argsort().argsort().double()
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = (rx.norm() * ry.norm()).item()
+    return (rx @ ry).item() / denom if denom > 0 else float("nan")
 
 
 def split_by_domain(values: Mapping[str, torch.Tensor], domains: list[str]) -> dict[str, dict[str, torch.Tensor]]:

@@ -53,6 +53,7 @@ class CausalLMWithBetaHeadOutput(ModelOutput):
     log_ppl: torch.Tensor | None = None  # (N,) the prompt's log PPL under the policy
     hidden: torch.Tensor | None = None  # (N, H) h: last-layer hidden state at the prompt's last token
     f: torch.Tensor | None = None  # (N,) the head's context factor f(h)
+    log_ppl_approx: torch.Tensor | None = None  # (N,) the head's approximation of log PPL (use_ppl_approx)
 
 
 class AutoModelForCausalLMWithBetaHead(nn.Module):
@@ -152,7 +153,7 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
         stats = prompt_stats(self.beta_head, token_logps(out.logits, input_ids), out.hidden_states[-1],
                              attention_mask, prompt_lengths.to(input_ids.device))
         return CausalLMWithBetaHeadOutput(logits=out.logits, beta=stats.beta, log_ppl=stats.log_ppl,
-                                          hidden=stats.hidden, f=stats.f)
+                                          hidden=stats.hidden, f=stats.f, log_ppl_approx=stats.log_ppl_approx)
 
     def encode_prompts(self, prompts: Sequence[str | Sequence[Mapping[str, str]]]) -> list[list[int]]:
         """Token ids of each prompt exactly as training formats it: a string is one user message (or raw text

@@ -46,7 +46,7 @@ def preference_eval(model: DynamicBetaDPOModel, dataset, collator: PreferenceCol
         for k, v in out.per_pair().items():
             values[k].append(v.float().cpu())
         domains.extend(batch.get("domain") or ["all"] * out.losses.shape[0])
-    pairs = {k: torch.cat(v) for k, v in values.items()}
+    pairs = {k: torch.cat(v) for k, v in values.items() if v}
 
     def common(sub: dict[str, torch.Tensor]) -> dict[str, float]:
         losses, cr, rr = dpo_loss(sub["policy_chosen_logps"], sub["policy_rejected_logps"],

@@ -53,7 +53,7 @@ def evaluate_pairs(model, loader, accelerator: Accelerator) -> dict[str, float]:
     model.train()
     if not gathered["losses"]:
         return {}
-    values = {k: torch.cat(v).cpu() for k, v in gathered.items()}
+    values = {k: torch.cat(v).cpu() for k, v in gathered.items() if v}
     metrics = {f"eval/{k}": v for k, v in preference_metrics(values).items()}
     if domains and len(set(domains)) > 1:
         for domain, sub in metrics_by_domain(values, domains).items():
