@@ -139,3 +139,19 @@ def test_export_folder_and_model_card(lm, tmp_path, monkeypatch, capsys):
     assert "nowhere: no such checkpoint folder" in capsys.readouterr().err
     assert main([str(run / "checkpoints" / "final"), str(tmp_path / "out4"), "--merge-lora"]) == 1
     assert "not a LoRA adapter" in capsys.readouterr().err
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's Python API block, with tiny_random for the embedded model so that it takes seconds."""
+    import re
+
+    from conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = re.search(r"## Python API.*?```python\n(.*?)```", readme, re.S).group(1)
+    block = block.replace('"smollm2_gguf"', '"tiny_random"').replace('"my-model"', repr(str(tmp_path / "my-model")))
+    monkeypatch.chdir(REPO_ROOT)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["out"].beta.shape == (4,) and torch.isfinite(namespace["out"].loss)
+    assert (tmp_path / "my-model" / "beta_head.safetensors").is_file()
