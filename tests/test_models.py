@@ -75,3 +75,17 @@ def test_reference_dtype_applies_to_the_reference_only():
     torch.testing.assert_close(reference.model.embed_tokens.weight.float(),
                                policy.model.embed_tokens.weight.bfloat16().float())
     assert reference_model_config({**TINY_CFG, "reference_dtype": None})["dtype"] == "float32"
+
+
+@pytest.mark.slow
+def test_first_load_converts_without_touching_the_global_rng(tmp_path, monkeypatch):
+    """The one-time GGUF → safetensors conversion must not draw from the global RNG: otherwise the first run on
+    a fresh machine gets another β-head init and data order than every later run with the same seed."""
+    from lbdpo.models import smollm2_local_dir
+
+    monkeypatch.setenv("LBDPO_CACHE", str(tmp_path))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    path = smollm2_local_dir()
+    assert (path / "config.json").is_file() and path.parent == tmp_path
+    assert torch.equal(torch.get_rng_state(), before)

@@ -92,6 +92,14 @@ def smollm2_local_dir() -> Path:
     target = cache_dir() / SMOLLM2_CACHE_NAME
     if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
         return target
+    # from_config below initialises random weights before they are overwritten: without fork_rng, the first
+    # run on a machine (the one that converts) would draw from the global RNG and get another β-head init and
+    # data order than every later run with the same seed.
+    with torch.random.fork_rng(devices=[]):
+        return _convert_smollm2_gguf(target)
+
+
+def _convert_smollm2_gguf(target: Path) -> Path:
     gguf = smollm2_gguf_path()
     log.info("Converting %s to a safetensors copy in %s (once; later loads are instant)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

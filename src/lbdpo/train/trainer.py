@@ -29,8 +29,6 @@ from .setup import Run, setup
 log = logging.getLogger(__name__)
 
 
-
-
 def grad_norm(params) -> torch.Tensor:
     """Global L2 norm of the gradients of ``params`` (0 when none has a gradient)."""
     grads = [p.grad for p in params if p.grad is not None]
