@@ -330,8 +330,9 @@ def test_interrupt_saves_checkpoint_and_resume_continues(default_run, pairs_file
     assert [s["loss"] for s in resumed] == pytest.approx([s["loss"] for s in uninterrupted], abs=1e-5)
 
 
-def test_ppl_approx_head_trains_and_logs(pairs_file, tmp_path):
+def test_ppl_approx_head_trains_and_logs(pairs_file, tmp_path, capsys):
     from lbdpo import AutoModelForCausalLMWithBetaHead
+    from lbdpo.eval.ppl_approx import main as ppl_approx_main
 
     cfg = make_cfg(pairs_file, "beta_head.use_ppl_approx=true", "beta_head.ppl_net_type=mlp", "trainer.max_steps=4",
                    "trainer.eval_every=2")
@@ -343,3 +344,7 @@ def test_ppl_approx_head_trains_and_logs(pairs_file, tmp_path):
     assert lm.beta_head.config.use_ppl_approx and bool(lm.beta_head.ppl_net_initialized)
     out = lm(torch.tensor([[5, 6, 7, 8, 9]]))
     assert out.beta.shape == (1,) and torch.isfinite(out.beta).all()
+    assert out.log_ppl_approx.shape == (1,) and out.beta_exact.shape == (1,)
+    ppl_approx_main([str(tmp_path / "checkpoints" / "final"), "--data", str(pairs_file)])
+    table = capsys.readouterr().out
+    assert "48 distinct prompts" in table and "| all | 48 |" in table and "| fr | 16 |" in table

@@ -54,6 +54,7 @@ class CausalLMWithBetaHeadOutput(ModelOutput):
     hidden: torch.Tensor | None = None  # (N, H) h: last-layer hidden state at the prompt's last token
     f: torch.Tensor | None = None  # (N,) the head's context factor f(h)
     log_ppl_approx: torch.Tensor | None = None  # (N,) the head's approximation of log PPL (use_ppl_approx)
+    beta_exact: torch.Tensor | None = None  # (N,) with use_ppl_approx: the β the exact log PPL would give
 
 
 class AutoModelForCausalLMWithBetaHead(nn.Module):
@@ -153,17 +154,18 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
         stats = prompt_stats(self.beta_head, token_logps(out.logits, input_ids), out.hidden_states[-1],
                              attention_mask, prompt_lengths.to(input_ids.device))
         return CausalLMWithBetaHeadOutput(logits=out.logits, beta=stats.beta, log_ppl=stats.log_ppl,
-                                          hidden=stats.hidden, f=stats.f, log_ppl_approx=stats.log_ppl_approx)
+                                          hidden=stats.hidden, f=stats.f, log_ppl_approx=stats.log_ppl_approx,
+                                          beta_exact=stats.beta_exact)
 
-    def encode_prompts(self, prompts: Sequence[str | Sequence[Mapping[str, str]]]) -> list[list[int]]:
+    def encode_prompts(self, prompts: Sequence[str | Sequence[Mapping[str, str]] | Mapping[str, Any]]) -> list[list[int]]:
         """Token ids of each prompt exactly as training formats it: a string is one user message (or raw text
-        for ``prompt_format=raw``), a list of ``{"role", "content"}`` messages a conversation; left-truncated
-        to ``max_prompt_length``."""
+        for ``prompt_format=raw``), a list of ``{"role", "content"}`` messages a conversation, a mapping a row
+        of :func:`lbdpo.data.load_preference_pairs`; left-truncated to ``max_prompt_length``."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass tokenizer= or load it with from_pretrained")
         if self._encoder is None:
             self._encoder = PairEncoder(self.tokenizer, self.tokenize)
-        rows = [{"prompt": p} if isinstance(p, str) else
+        rows = [{"prompt": p} if isinstance(p, str) else dict(p) if isinstance(p, Mapping) else
                 {"prompt": p[-1]["content"], "prompt_messages": json.dumps(list(p))} for p in prompts]
         return [self._encoder.prompt_ids(row)[-self.tokenize.max_prompt_length:] for row in rows]
 
