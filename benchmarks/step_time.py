@@ -3,6 +3,7 @@
     python benchmarks/step_time.py                       # embedded SmolLM2-135M, 4 pairs × 96 tokens, CPU
     python benchmarks/step_time.py --model tiny_random --pairs 8 --length 64
     python benchmarks/step_time.py --reference precompute  # no reference forward in the step
+    python benchmarks/step_time.py --chunk 256             # policy log-probs without vocab-sized logits
 
 Prints seconds per step and tokens per second (median of --steps after one warm-up step).
 """
@@ -10,6 +11,7 @@ Prints seconds per step and tokens per second (median of --steps after one warm-
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -33,13 +35,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--reference", choices=["copy", "precompute"], default="copy")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--chunk", type=int, default=0, help="logps_chunk_size (0 = full logits)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     policy, tok = load_model_and_tokenizer(MODELS[args.model])
     ref = freeze(load_model(MODELS[args.model], vocab_size=len(tok))) if args.reference == "copy" else None
     head = BetaHead(BetaHeadConfig(hidden_size=hidden_size_of(policy), w_init=0.05))
-    model = DynamicBetaDPOModel(policy, head, ref).train()
+    model = DynamicBetaDPOModel(policy, head, ref, logps_chunk_size=args.chunk or None).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     g = torch.Generator().manual_seed(0)
 
@@ -62,8 +65,10 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
     tokens = 2 * args.pairs * args.length
-    print(f"model={args.model} pairs={args.pairs} length={args.length} reference={args.reference} "
-          f"threads={torch.get_num_threads()}: {sec:.2f} s/step, {tokens / sec:.0f} tokens/s, {args.pairs / sec:.2f} pairs/s")
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+    print(f"model={args.model} pairs={args.pairs} length={args.length} reference={args.reference} chunk={args.chunk} "
+          f"threads={torch.get_num_threads()}: {sec:.2f} s/step, {tokens / sec:.0f} tokens/s, {args.pairs / sec:.2f} "
+          f"pairs/s, peak RSS {peak_gb:.2f} GB")
 
 
 if __name__ == "__main__":

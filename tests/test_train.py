@@ -348,3 +348,14 @@ def test_ppl_approx_head_trains_and_logs(pairs_file, tmp_path, capsys):
     ppl_approx_main([str(tmp_path / "checkpoints" / "final"), "--data", str(pairs_file)])
     table = capsys.readouterr().out
     assert "48 distinct prompts" in table and "| all | 48 |" in table and "| fr | 16 |" in table
+
+
+def test_chunked_logps_run_matches_full_logits_run(pairs_file, tmp_path):
+    runs = {}
+    for chunk in ("null", "16"):
+        cfg = make_cfg(pairs_file, f"trainer.logps_chunk_size={chunk}", "trainer.max_steps=3", "trainer.eval_every=3")
+        train(cfg, tmp_path / chunk)
+        runs[chunk] = read_metrics(tmp_path / chunk)
+    for key in ("loss", "rewards/margins", "beta/mean", "log_ppl/mean"):
+        assert [s[key] for s in runs["16"][0]] == pytest.approx([s[key] for s in runs["null"][0]], abs=1e-5), key
+    assert runs["16"][1][-1]["eval/loss"] == pytest.approx(runs["null"][1][-1]["eval/loss"], abs=1e-5)

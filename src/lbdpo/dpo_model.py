@@ -17,14 +17,18 @@ response, so this is exact), and the last-layer hidden state at the prompt's las
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.nn as nn
 
+from .chunked_logps import chunked_token_logps, chunking_unsupported, decoder_hidden_and_head
+from .data.collator import IGNORE_INDEX
 from .logprobs import (
     forward_model,
+    position_ids_from_mask,
     last_prompt_token_index,
     masked_mean_nll,
     prompt_ppl_mask,
@@ -34,6 +38,8 @@ from .logprobs import (
 )
 from .losses import dpo_loss
 from .metrics import preference_metrics
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # only for annotations: beta_head re-exports this module's class, so no runtime import back
     from .beta_head import BetaHead
@@ -118,6 +124,10 @@ class DynamicBetaDPOModel(nn.Module):
             in the batch (or, with LoRA, when the policy's adapter is disabled to get them:
             ``ref_from_disabled_adapter=True``).
         label_smoothing: conservative-DPO label noise (see :func:`lbdpo.losses.dpo_loss`).
+        logps_chunk_size: None computes the policy's log-probs from its full logits (N, T, V); a number computes
+            only the scored positions from the last hidden state, that many positions at a time, with no
+            vocabulary-sized tensor (:mod:`lbdpo.chunked_logps`; same values and gradients to float rounding).
+            Architectures whose logits are not plain lm_head(h) fall back to full logits with one log line.
     """
 
     def __init__(
@@ -127,6 +137,7 @@ class DynamicBetaDPOModel(nn.Module):
         ref_model: nn.Module | None = None,
         label_smoothing: float = 0.0,
         ref_from_disabled_adapter: bool = False,
+        logps_chunk_size: int | None = None,
     ):
         super().__init__()
         if beta_head is None:  # an AutoModelForCausalLMWithBetaHead: its policy and head
@@ -139,6 +150,10 @@ class DynamicBetaDPOModel(nn.Module):
         self._ref = [ref_model] if ref_model is not None else []
         self.label_smoothing = float(label_smoothing)
         self.ref_from_disabled_adapter = ref_from_disabled_adapter
+        self.logps_chunk_size = int(logps_chunk_size) if logps_chunk_size else None
+        if self.logps_chunk_size and (why := chunking_unsupported(policy_model)):
+            log.warning("logps_chunk_size: %s; using full logits", why)
+            self.logps_chunk_size = None
 
     @property
     def ref_model(self) -> nn.Module | None:
@@ -163,6 +178,23 @@ class DynamicBetaDPOModel(nn.Module):
         n = logps.shape[0] // 2
         return logps[:n], logps[n:]
 
+    def policy_token_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                           prompt_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's token log-probs (2B, T − 1) and last hidden state (2B, T, H) in one forward.
+
+        With ``logps_chunk_size`` only the scored positions get a log-prob (responses of all rows, the prompt
+        tokens of the chosen rows that log PPL(x) averages; 0 elsewhere), from chunks of lm_head(h).
+        """
+        if not self.logps_chunk_size:
+            out = forward_model(self.policy_model, input_ids, attention_mask, output_hidden_states=True)
+            return token_logps(out.logits, input_ids), out.hidden_states[-1]
+        n = prompt_lengths.shape[0]
+        hidden, lm_head = decoder_hidden_and_head(self.policy_model, input_ids, attention_mask,
+                                                  position_ids_from_mask(attention_mask))
+        scored = labels[:, 1:] != IGNORE_INDEX
+        scored[:n] |= prompt_ppl_mask(attention_mask[:n], prompt_lengths)[:, 1:]
+        return chunked_token_logps(hidden, input_ids, lm_head, scored, self.logps_chunk_size), hidden
+
     # ------------------------------------------------------------------------------------------
     # The DPO forward
     # ------------------------------------------------------------------------------------------
@@ -176,17 +208,16 @@ class DynamicBetaDPOModel(nn.Module):
             raise ValueError(f"input_ids has {input_ids.shape[0]} rows; expected 2 × {n_pairs} pairs")
 
         # 1. One policy forward over chosen and rejected rows.
-        out = forward_model(self.policy_model, input_ids, attention_mask, output_hidden_states=True)
-        token_lp = token_logps(out.logits, input_ids)  # (2B, T−1) float32
+        token_lp, last_hidden = self.policy_token_logps(input_ids, attention_mask, labels, prompt_lengths)
         logps = response_logps(token_lp, labels)  # (2B,)
         policy_chosen_logps, policy_rejected_logps = logps[:n_pairs], logps[n_pairs:]
 
         # 2-3. From the chosen half: log PPL(x), h at the prompt's last token, and β(x) = w · T(PPL) · f(h).
         #    A non-finite policy output gives a non-finite β and loss, which the trainer's guard skips and
         #    counts (one NaN policy for the whole loop).
-        stats = prompt_stats(self.beta_head, token_lp[:n_pairs], out.hidden_states[-1][:n_pairs],
-                             attention_mask[:n_pairs], prompt_lengths)
-        del out
+        stats = prompt_stats(self.beta_head, token_lp[:n_pairs], last_hidden[:n_pairs], attention_mask[:n_pairs],
+                             prompt_lengths)
+        del last_hidden
         beta, log_ppl = stats.beta, stats.log_ppl
 
         # 4. Reference log-probs and the DPO loss (eq. 7 of the DPO paper, with β per prompt).

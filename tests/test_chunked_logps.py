@@ -1,0 +1,90 @@
+"""Chunked log-probs from the last hidden state: same values and gradients as full logits + log_softmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lbdpo.chunked_logps import chunked_token_logps
+from lbdpo.logprobs import forward_model, token_logps
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 5, 1000])
+def test_values_and_gradients_match_full_logits(bias, chunk_size):
+    g = torch.Generator().manual_seed(0)
+    N, T, H, V = 3, 7, 8, 50
+    hidden = torch.randn(N, T, H, generator=g, dtype=torch.float64).float().requires_grad_()
+    head = torch.nn.Linear(H, V, bias=bias)
+    input_ids = torch.randint(0, V, (N, T), generator=g)
+    scored = torch.rand(N, T - 1, generator=g) > 0.3
+    weights = torch.randn(N, T - 1, generator=g)  # an arbitrary downstream loss
+
+    full = torch.where(scored, token_logps(head(hidden), input_ids), 0.0)
+    (full * weights).sum().backward()
+    expected_grads = [hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else [])
+    hidden.grad = None
+    head.zero_grad()
+
+    chunked = chunked_token_logps(hidden, input_ids, head, scored, chunk_size=chunk_size)
+    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
+    (chunked * weights).sum().backward()
+    grads = [hidden.grad, head.weight.grad] + ([head.bias.grad] if bias else [])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_on_a_real_model_matches_its_own_logits(tiny_model):
+    """The decoder's last hidden state + the model's lm_head, chunked, reproduce the model's own log-probs."""
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    out = forward_model(tiny_model, ids, mask, output_hidden_states=True)
+    expected = token_logps(out.logits, ids)
+    scored = mask[:, 1:].bool()
+    got = chunked_token_logps(out.hidden_states[-1], ids, tiny_model.get_output_embeddings(), scored, chunk_size=4)
+    torch.testing.assert_close(got[scored], expected[scored], atol=1e-5, rtol=1e-5)
+    assert (got[~scored] == 0).all()
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_dpo_forward_and_gradients_match_the_full_logits_path(tiny_model, tiny_model_and_tokenizer, padding_side):
+    """The whole Learnable-β DPO forward with logps_chunk_size: same per-pair losses, log-probs, log PPL, h, β
+    and the same gradients of every policy and head parameter as the full-logits path."""
+    import copy
+
+    from conftest import random_pairs
+    from lbdpo.beta_head import BetaHead, BetaHeadConfig
+    from lbdpo.data import PreferenceCollator
+    from lbdpo.dpo_model import DynamicBetaDPOModel
+
+    tok = tiny_model_and_tokenizer[1]
+    reference = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    batch = PreferenceCollator(tok.pad_token_id, padding_side)(random_pairs(4, len(tok), seed=2, prompt_range=(2, 10)))
+    results = []
+    for chunk in (None, 7):
+        policy = copy.deepcopy(tiny_model)
+        torch.manual_seed(0)
+        head = BetaHead(BetaHeadConfig(hidden_size=64, epsilon=0.5, w_init=0.05, init_std=0.3))
+        model = DynamicBetaDPOModel(policy, head, reference, logps_chunk_size=chunk)
+        out = model(batch)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.per_pair(), grads))
+    (full, full_grads), (chunked, chunked_grads) = results
+    for key in ("losses", "beta", "log_ppl", "f", "policy_chosen_logps", "policy_rejected_logps"):
+        torch.testing.assert_close(chunked[key], full[key], atol=1e-5, rtol=1e-5, msg=key)
+    assert full_grads.keys() == chunked_grads.keys() and len(full_grads) > 10
+    for name in full_grads:
+        torch.testing.assert_close(chunked_grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_unsupported_architectures_fall_back(tiny_model, caplog):
+    from lbdpo.beta_head import BetaHead, BetaHeadConfig
+    from lbdpo.dpo_model import DynamicBetaDPOModel
+
+    tiny_model.config.final_logit_softcapping = 30.0
+    model = DynamicBetaDPOModel(tiny_model, BetaHead(BetaHeadConfig(mode="fixed")), logps_chunk_size=64)
+    assert model.logps_chunk_size is None and "final_logit_softcapping" in caplog.text
