@@ -36,13 +36,14 @@ def main() -> None:
     parser.add_argument("--reference", choices=["copy", "precompute"], default="copy")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--chunk", type=int, default=0, help="logps_chunk_size (0 = full logits)")
+    parser.add_argument("--share", action="store_true", help="share_prompt: each prompt computed once per pair")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     policy, tok = load_model_and_tokenizer(MODELS[args.model])
     ref = freeze(load_model(MODELS[args.model], vocab_size=len(tok))) if args.reference == "copy" else None
     head = BetaHead(BetaHeadConfig(hidden_size=hidden_size_of(policy), w_init=0.05))
-    model = DynamicBetaDPOModel(policy, head, ref, logps_chunk_size=args.chunk or None).train()
+    model = DynamicBetaDPOModel(policy, head, ref, logps_chunk_size=args.chunk or None, share_prompt=args.share).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     g = torch.Generator().manual_seed(0)
 
@@ -67,6 +68,7 @@ def main() -> None:
     tokens = 2 * args.pairs * args.length
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
     print(f"model={args.model} pairs={args.pairs} length={args.length} reference={args.reference} chunk={args.chunk} "
+          f"share={args.share} "
           f"threads={torch.get_num_threads()}: {sec:.2f} s/step, {tokens / sec:.0f} tokens/s, {args.pairs / sec:.2f} "
           f"pairs/s, peak RSS {peak_gb:.2f} GB")
 

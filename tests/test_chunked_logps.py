@@ -88,3 +88,56 @@ def test_unsupported_architectures_fall_back(tiny_model, caplog):
     tiny_model.config.final_logit_softcapping = 30.0
     model = DynamicBetaDPOModel(tiny_model, BetaHead(BetaHeadConfig(mode="fixed")), logps_chunk_size=64)
     assert model.logps_chunk_size is None and "final_logit_softcapping" in caplog.text
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_shared_prompt_forward_matches_the_standard_forward(tiny_model, tiny_model_and_tokenizer, padding_side):
+    """Each prompt computed once (its keys/values reused for both responses): same per-pair values and the same
+    gradients as one forward over every prompt + response row; unequal prompt and response lengths."""
+    import copy
+
+    from conftest import random_pairs
+    from lbdpo.beta_head import BetaHead, BetaHeadConfig
+    from lbdpo.data import PreferenceCollator
+    from lbdpo.dpo_model import DynamicBetaDPOModel
+
+    tok = tiny_model_and_tokenizer[1]
+    reference = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    pairs = random_pairs(5, len(tok), seed=4, prompt_range=(2, 11), response_range=(1, 8))
+    batch = PreferenceCollator(tok.pad_token_id, padding_side)(pairs)
+    results = []
+    for share in (False, True):
+        policy = copy.deepcopy(tiny_model)
+        torch.manual_seed(0)
+        head = BetaHead(BetaHeadConfig(hidden_size=64, epsilon=0.5, w_init=0.05, init_std=0.3))
+        model = DynamicBetaDPOModel(policy, head, reference, share_prompt=share, logps_chunk_size=5 if share else None)
+        out = model(batch)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.per_pair(), grads))
+    (full, full_grads), (shared, shared_grads) = results
+    for key in ("losses", "beta", "log_ppl", "f", "policy_chosen_logps", "policy_rejected_logps"):
+        torch.testing.assert_close(shared[key], full[key], atol=1e-5, rtol=1e-5, msg=key)
+    assert full_grads.keys() == shared_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(shared_grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_shared_prompt_falls_back_under_activation_checkpointing(tiny_model, tiny_model_and_tokenizer, caplog):
+    from conftest import random_pairs
+    from lbdpo.beta_head import BetaHead, BetaHeadConfig
+    from lbdpo.data import PreferenceCollator
+    from lbdpo.dpo_model import DynamicBetaDPOModel
+
+    tok = tiny_model_and_tokenizer[1]
+    batch = PreferenceCollator(tok.pad_token_id)(random_pairs(3, len(tok), seed=5))
+    plain = DynamicBetaDPOModel(tiny_model, BetaHead(BetaHeadConfig(mode="fixed")), tiny_model)(batch)
+    tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tiny_model.train()
+    model = DynamicBetaDPOModel(tiny_model, BetaHead(BetaHeadConfig(mode="fixed")), tiny_model, share_prompt=True)
+    out = model(batch)
+    assert not model.share_prompt and "activation checkpointing" in caplog.text
+    torch.testing.assert_close(out.policy_chosen_logps, plain.policy_chosen_logps, atol=1e-5, rtol=1e-5)

@@ -350,12 +350,15 @@ def test_ppl_approx_head_trains_and_logs(pairs_file, tmp_path, capsys):
     assert "48 distinct prompts" in table and "| all | 48 |" in table and "| fr | 16 |" in table
 
 
-def test_chunked_logps_run_matches_full_logits_run(pairs_file, tmp_path):
+def test_chunked_and_shared_prompt_runs_match_the_full_logits_run(pairs_file, tmp_path):
     runs = {}
-    for chunk in ("null", "16"):
-        cfg = make_cfg(pairs_file, f"trainer.logps_chunk_size={chunk}", "trainer.max_steps=3", "trainer.eval_every=3")
-        train(cfg, tmp_path / chunk)
-        runs[chunk] = read_metrics(tmp_path / chunk)
-    for key in ("loss", "rewards/margins", "beta/mean", "log_ppl/mean"):
-        assert [s[key] for s in runs["16"][0]] == pytest.approx([s[key] for s in runs["null"][0]], abs=1e-5), key
-    assert runs["16"][1][-1]["eval/loss"] == pytest.approx(runs["null"][1][-1]["eval/loss"], abs=1e-5)
+    arms = {"full": ["trainer.logps_chunk_size=null"], "chunked": ["trainer.logps_chunk_size=16"],
+            "shared": ["trainer.share_prompt=true"]}
+    for arm, overrides in arms.items():
+        cfg = make_cfg(pairs_file, *overrides, "trainer.max_steps=3", "trainer.eval_every=3")
+        train(cfg, tmp_path / arm)
+        runs[arm] = read_metrics(tmp_path / arm)
+    for arm in ("chunked", "shared"):
+        for key in ("loss", "rewards/margins", "beta/mean", "log_ppl/mean"):
+            assert [s[key] for s in runs[arm][0]] == pytest.approx([s[key] for s in runs["full"][0]], abs=1e-5), key
+        assert runs[arm][1][-1]["eval/loss"] == pytest.approx(runs["full"][1][-1]["eval/loss"], abs=1e-5)

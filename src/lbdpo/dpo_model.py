@@ -38,6 +38,7 @@ from .logprobs import (
 )
 from .losses import dpo_loss
 from .metrics import preference_metrics
+from .shared_prompt import shared_prompt_token_logps
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +57,25 @@ class PromptStats:
     beta_exact: torch.Tensor | None = None  # β from the exact log PPL, when β used the approximation
 
 
-def prompt_stats(beta_head: "BetaHead", token_lp: torch.Tensor, last_hidden: torch.Tensor,
-                 attention_mask: torch.Tensor, prompt_lengths: torch.Tensor) -> PromptStats:
-    """β(x), log PPL(x), h and f of each row's prompt, from a forward over prompt (+ response) rows.
+def hidden_at_prompt_end(last_hidden: torch.Tensor, attention_mask: torch.Tensor,
+                         prompt_lengths: torch.Tensor) -> torch.Tensor:
+    """h: the last-layer hidden state at each row's last prompt token. (B, T, H), (B, T), (B,) → (B, H)."""
+    last = last_prompt_token_index(attention_mask, prompt_lengths)
+    return last_hidden[torch.arange(len(last), device=last.device), last]
+
+
+def prompt_stats(beta_head: "BetaHead", token_lp: torch.Tensor, h: torch.Tensor, attention_mask: torch.Tensor,
+                 prompt_lengths: torch.Tensor) -> PromptStats:
+    """β(x), log PPL(x) and f of each row's prompt, from a forward over prompt (+ response) rows and its h.
 
     Causal attention makes a prompt's positions independent of what follows it, so reading them from a
     prompt + response row is exact. The one implementation, used by training and by the model API.
 
     Args:
         beta_head: the β module; token_lp: (B, T − 1) from :func:`lbdpo.logprobs.token_logps`;
-        last_hidden: (B, T, H) the last layer; attention_mask: (B, T); prompt_lengths: (B,) (≥ 2 each).
+        h: (B, H) from :func:`hidden_at_prompt_end`; attention_mask: (B, T); prompt_lengths: (B,) (≥ 2 each).
     """
     log_ppl = masked_mean_nll(token_lp, prompt_ppl_mask(attention_mask, prompt_lengths))
-    last = last_prompt_token_index(attention_mask, prompt_lengths)
-    h = last_hidden[torch.arange(len(last), device=last.device), last]  # (B, H)
     beta, details = beta_head(h, log_ppl=log_ppl, return_details=True)  # β(x) = w · T(PPL) · f(h)
     return PromptStats(beta=beta, log_ppl=log_ppl, hidden=h, f=details["f"],
                        log_ppl_approx=details.get("log_ppl_approx"), beta_exact=details.get("beta_exact"))
@@ -113,6 +119,17 @@ class DPOOutput:
         return {k: getattr(self, k).detach() for k in PER_PAIR_KEYS if getattr(self, k) is not None}
 
 
+def activation_checkpointing(model: nn.Module) -> bool:
+    """Whether a (peft-wrapped) HF model recomputes activations in backward (then it runs without a KV cache)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        try:
+            if bool(getattr(model, name, False)):
+                return True
+        except Exception:  # a deprecated property may raise in a later transformers
+            continue
+    return False
+
+
 class DynamicBetaDPOModel(nn.Module):
     """Policy + :class:`BetaHead` (+ optional frozen reference) for Learnable-β DPO.
 
@@ -128,6 +145,8 @@ class DynamicBetaDPOModel(nn.Module):
             only the scored positions from the last hidden state, that many positions at a time, with no
             vocabulary-sized tensor (:mod:`lbdpo.chunked_logps`; same values and gradients to float rounding).
             Architectures whose logits are not plain lm_head(h) fall back to full logits with one log line.
+        share_prompt: compute each pair's prompt once for both responses (:mod:`lbdpo.shared_prompt`; implies
+            chunked log-probs, ``logps_chunk_size`` or 1024 positions); same fallback.
     """
 
     def __init__(
@@ -138,6 +157,7 @@ class DynamicBetaDPOModel(nn.Module):
         label_smoothing: float = 0.0,
         ref_from_disabled_adapter: bool = False,
         logps_chunk_size: int | None = None,
+        share_prompt: bool = False,
     ):
         super().__init__()
         if beta_head is None:  # an AutoModelForCausalLMWithBetaHead: its policy and head
@@ -151,9 +171,12 @@ class DynamicBetaDPOModel(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.ref_from_disabled_adapter = ref_from_disabled_adapter
         self.logps_chunk_size = int(logps_chunk_size) if logps_chunk_size else None
+        self.share_prompt = bool(share_prompt)
+        if self.share_prompt and not self.logps_chunk_size:
+            self.logps_chunk_size = 1024
         if self.logps_chunk_size and (why := chunking_unsupported(policy_model)):
-            log.warning("logps_chunk_size: %s; using full logits", why)
-            self.logps_chunk_size = None
+            log.warning("logps_chunk_size / share_prompt: %s; using the full-logits forward", why)
+            self.logps_chunk_size, self.share_prompt = None, False
 
     @property
     def ref_model(self) -> nn.Module | None:
@@ -180,20 +203,30 @@ class DynamicBetaDPOModel(nn.Module):
 
     def policy_token_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                            prompt_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The policy's token log-probs (2B, T − 1) and last hidden state (2B, T, H) in one forward.
+        """The policy's token log-probs (2B, T − 1) and h (B, H) at the chosen rows' last prompt token.
 
         With ``logps_chunk_size`` only the scored positions get a log-prob (responses of all rows, the prompt
-        tokens of the chosen rows that log PPL(x) averages; 0 elsewhere), from chunks of lm_head(h).
+        tokens of the chosen rows that log PPL(x) averages; 0 elsewhere), from chunks of lm_head(h); with
+        ``share_prompt`` each prompt is also computed once for its two responses.
         """
+        n = prompt_lengths.shape[0]
+        if self.share_prompt and activation_checkpointing(self.policy_model):
+            log.warning("share_prompt: activation checkpointing is on, which disables the KV cache that sharing "
+                        "needs; using one forward per row")
+            self.share_prompt = False
+        if self.share_prompt:
+            return shared_prompt_token_logps(self.policy_model, input_ids, attention_mask, prompt_lengths,
+                                             self.logps_chunk_size)
         if not self.logps_chunk_size:
             out = forward_model(self.policy_model, input_ids, attention_mask, output_hidden_states=True)
-            return token_logps(out.logits, input_ids), out.hidden_states[-1]
-        n = prompt_lengths.shape[0]
-        hidden, lm_head = decoder_hidden_and_head(self.policy_model, input_ids, attention_mask,
-                                                  position_ids_from_mask(attention_mask))
-        scored = labels[:, 1:] != IGNORE_INDEX
-        scored[:n] |= prompt_ppl_mask(attention_mask[:n], prompt_lengths)[:, 1:]
-        return chunked_token_logps(hidden, input_ids, lm_head, scored, self.logps_chunk_size), hidden
+            token_lp, hidden = token_logps(out.logits, input_ids), out.hidden_states[-1]
+        else:
+            hidden, lm_head = decoder_hidden_and_head(self.policy_model, input_ids, attention_mask,
+                                                      position_ids_from_mask(attention_mask))
+            scored = labels[:, 1:] != IGNORE_INDEX
+            scored[:n] |= prompt_ppl_mask(attention_mask[:n], prompt_lengths)[:, 1:]
+            token_lp = chunked_token_logps(hidden, input_ids, lm_head, scored, self.logps_chunk_size)
+        return token_lp, hidden_at_prompt_end(hidden[:n], attention_mask[:n], prompt_lengths)
 
     # ------------------------------------------------------------------------------------------
     # The DPO forward
@@ -208,16 +241,14 @@ class DynamicBetaDPOModel(nn.Module):
             raise ValueError(f"input_ids has {input_ids.shape[0]} rows; expected 2 × {n_pairs} pairs")
 
         # 1. One policy forward over chosen and rejected rows.
-        token_lp, last_hidden = self.policy_token_logps(input_ids, attention_mask, labels, prompt_lengths)
+        token_lp, h = self.policy_token_logps(input_ids, attention_mask, labels, prompt_lengths)
         logps = response_logps(token_lp, labels)  # (2B,)
         policy_chosen_logps, policy_rejected_logps = logps[:n_pairs], logps[n_pairs:]
 
         # 2-3. From the chosen half: log PPL(x), h at the prompt's last token, and β(x) = w · T(PPL) · f(h).
         #    A non-finite policy output gives a non-finite β and loss, which the trainer's guard skips and
         #    counts (one NaN policy for the whole loop).
-        stats = prompt_stats(self.beta_head, token_lp[:n_pairs], last_hidden[:n_pairs], attention_mask[:n_pairs],
-                             prompt_lengths)
-        del last_hidden
+        stats = prompt_stats(self.beta_head, token_lp[:n_pairs], h, attention_mask[:n_pairs], prompt_lengths)
         beta, log_ppl = stats.beta, stats.log_ppl
 
         # 4. Reference log-probs and the DPO loss (eq. 7 of the DPO paper, with β per prompt).

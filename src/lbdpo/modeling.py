@@ -36,7 +36,7 @@ from transformers.utils import ModelOutput
 from .beta_head import BetaHead, BetaHeadConfig
 from .data.collator import pad_rows
 from .data.tokenize import PairEncoder, TokenizeConfig
-from .dpo_model import prompt_stats
+from .dpo_model import hidden_at_prompt_end, prompt_stats
 from .logprobs import forward_model, token_logps
 from .models import hidden_size_of, load_model, load_model_and_tokenizer, prepare_tokenizer
 
@@ -151,8 +151,9 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
         if prompt_lengths is None:
             prompt_lengths = attention_mask.long().sum(-1)
         out = forward_model(self.policy, input_ids, attention_mask, output_hidden_states=True)
-        stats = prompt_stats(self.beta_head, token_logps(out.logits, input_ids), out.hidden_states[-1],
-                             attention_mask, prompt_lengths.to(input_ids.device))
+        prompt_lengths = prompt_lengths.to(input_ids.device)
+        h = hidden_at_prompt_end(out.hidden_states[-1], attention_mask, prompt_lengths)
+        stats = prompt_stats(self.beta_head, token_logps(out.logits, input_ids), h, attention_mask, prompt_lengths)
         return CausalLMWithBetaHeadOutput(logits=out.logits, beta=stats.beta, log_ppl=stats.log_ppl,
                                           hidden=stats.hidden, f=stats.f, log_ppl_approx=stats.log_ppl_approx,
                                           beta_exact=stats.beta_exact)

@@ -207,7 +207,7 @@ def build_model_and_data(cfg: DictConfig, accelerator: Accelerator):
         reference.to(accelerator.device)
     model = DynamicBetaDPOModel(lm, ref_model=reference, label_smoothing=float(t.label_smoothing),
                                 ref_from_disabled_adapter=t.reference == "adapter_disabled",
-                                logps_chunk_size=t.get("logps_chunk_size"))
+                                logps_chunk_size=t.get("logps_chunk_size"), share_prompt=bool(t.get("share_prompt")))
     train_ds = train_ds.remove_columns([c for c in train_ds.column_names if c not in DATA_COLUMNS])
     if eval_ds is not None:
         eval_ds = eval_ds.remove_columns([c for c in eval_ds.column_names if c not in DATA_COLUMNS])
