@@ -119,7 +119,8 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
                 raise FileNotFoundError(f"{folder / needed} is missing: not a complete lbdpo model folder "
                                         "(save one with save_pretrained, or pass a plain HF model to get a fresh head)")
         meta = json.loads((folder / LBDPO_CONFIG).read_text()) if (folder / LBDPO_CONFIG).is_file() else {}
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(folder), "right")
+        remote = {k: hf_kwargs[k] for k in ("trust_remote_code", "revision") if k in hf_kwargs}
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(folder, **remote), "right")
         if (folder / "adapter_config.json").is_file():
             from peft import PeftModel
 
