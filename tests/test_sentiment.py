@@ -1,24 +1,52 @@
-"""The built-in ``sentiment`` dataset: reward, prompt generator, sampler helpers and (if built) the files.
+"""The built-in ``sentiment`` data set: the reward, the generator script (``scripts/make_sentiment.py``: prompts,
+pair selection, cache, sampling with a tiny random model) and the shipped files.
 
-All fast: the only model is a tiny randomly initialised Qwen2 built in memory (no download, no tokenizer).
+All fast: no test loads SmolLM2's weights (the sampling test uses the tiny random Qwen2 of conftest.py).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
+import sys
+import types
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from lbdpo.data.sentiment_prompts import DOMAINS, SUBJECTS, TEMPLATES, build_prompts, split_subjects, templates_of
-from lbdpo.rewards import sentiment_reward
+try:
+    from lbdpo.eval.rewards import sentiment_reward
+except ImportError:  # before the move to lbdpo.eval
+    from lbdpo.rewards import sentiment_reward
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "sentiment"
+SCRIPT = REPO / "scripts" / "make_sentiment.py"
+DOMAINS = ("en_plain", "en_garbled", "zh", "fr")
 ROW_KEYS = {"prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "chosen_finished", "rejected_finished",
             "domain", "subject", "template_id"}
+SHIPPED = ["--seed", "0", "--num-train", "2000", "--num-test", "300", "--max-new-tokens", "20", "--batch-size", "64"]
+shipped_data = pytest.mark.skipif(not (DATA / "samples" / "train.jsonl").is_file(), reason="data/sentiment not built")
+
+
+@pytest.fixture(scope="module")
+def ms():
+    """The generator script, imported from its path."""
+    spec = importlib.util.spec_from_file_location("make_sentiment", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
+def key(p) -> tuple[str, str]:
+    return (p.template_id, p.subject)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -47,182 +75,199 @@ def test_reward_shape_and_empty():
 
 
 # --------------------------------------------------------------------------------------------------
-# prompt generator
+# prompts
 # --------------------------------------------------------------------------------------------------
 
 
-def test_subjects_and_templates_are_well_formed():
-    assert len(SUBJECTS) >= 200
-    assert len({s.key for s in SUBJECTS}) == len(SUBJECTS)
-    assert len({s.zh for s in SUBJECTS}) == len(SUBJECTS) and len({s.fr for s in SUBJECTS}) == len(SUBJECTS)
-    assert len({t.id for t in TEMPLATES}) == len(TEMPLATES)
-    for domain in DOMAINS:
-        assert 8 <= len(templates_of(domain)) <= 12
-    for t in TEMPLATES:  # every template renders and mentions its subject
-        text = t.render(SUBJECTS[0])
-        assert "{" not in text and text.strip()
+def test_subjects_and_templates_are_well_formed(ms):
+    subjects, templates = ms.load_tables()
+    assert len(subjects) == 240
+    for lang in ("en", "fr", "zh"):
+        assert len({getattr(s, lang) for s in subjects}) == len(subjects)
+    assert len({t.id for t in templates}) == len(templates) == 48
+    assert Counter(t.domain for t in templates) == {d: 12 for d in DOMAINS}
+    for t in templates:  # every template renders every subject, and names it
+        for s in subjects:
+            text = ms.render(t, s)
+            assert "{" not in text and text.strip()
+            assert any(name in text for name in (s.en, s.en.upper(), s.en.split(" ", 1)[-1], s.fr, s.zh))
+    assert ms.render(templates[0], subjects[0]) == "Write a short review of a pair of wireless earbuds."
 
 
-def test_prompts_sizes_disjoint_and_balanced():
-    prompts = build_prompts(seed=0, num_train=2000, num_test=300)
+def test_prompts_sizes_disjoint_and_balanced(ms):
+    prompts = ms.build_prompts(seed=0, num_train=2000, num_test=300)
     train, test = prompts["train"], prompts["test"]
-    assert len(train) >= 2000 and len(test) >= 300
-    train_pairs = {(p.template_id, p.subject) for p in train}
-    test_pairs = {(p.template_id, p.subject) for p in test}
-    assert len(train_pairs) == len(train) and len(test_pairs) == len(test)  # no duplicate prompt
-    assert not train_pairs & test_pairs
-    assert not {p.subject for p in train} & {p.subject for p in test}
+    assert len(train) == 2000 and len(test) == 300
+    assert len({key(p) for p in train}) == len(train) and len({key(p) for p in test}) == len(test)
+    assert not {p.subject for p in train} & {p.subject for p in test}  # hence no shared (template, subject)
     for split in (train, test):
-        counts = Counter(p.domain for p in split)
-        assert set(counts) == set(DOMAINS)
-        assert max(counts.values()) - min(counts.values()) <= 1
-        for p in split:
-            assert p.template_id.startswith(p.domain)
-    # all templates are used in both splits
-    assert {p.template_id for p in train} == {t.id for t in TEMPLATES} == {p.template_id for p in test}
+        assert Counter(p.domain for p in split) == {d: len(split) // 4 for d in DOMAINS}
+        assert all(p.template_id.startswith(p.domain) for p in split)
+    assert {p.template_id for p in train} == {p.template_id for p in test} and len({p.template_id for p in test}) == 48
+    assert Counter(p.domain for p in ms.build_prompts(0, 10, 6)["train"]) == {"en_plain": 3, "en_garbled": 3, "zh": 2,
+                                                                             "fr": 2}
 
 
-def test_prompts_deterministic_and_seed_dependent():
-    a = build_prompts(seed=0, num_train=400, num_test=80)
-    b = build_prompts(seed=0, num_train=400, num_test=80)
-    c = build_prompts(seed=1, num_train=400, num_test=80)
-    assert a == b
-    assert a != c
-    train0, test0 = split_subjects(0)
-    assert not {s.key for s in train0} & {s.key for s in test0}
-    assert len(train0) + len(test0) == len(SUBJECTS)
+def test_prompts_deterministic_seed_dependent_and_growing(ms):
+    a = ms.build_prompts(seed=0, num_train=400, num_test=80)
+    assert a == ms.build_prompts(seed=0, num_train=400, num_test=80)
+    assert a != ms.build_prompts(seed=1, num_train=400, num_test=80)
+    # a larger --num-train keeps the smaller run's prompts (so cached samples are reused)
+    big = ms.build_prompts(seed=0, num_train=800, num_test=80)
+    assert {key(p) for p in a["train"]} <= {key(p) for p in big["train"]} and a["test"] == big["test"]
 
 
-def test_prompt_selection_grows_by_prefix():
-    """A larger --num-train keeps the smaller run's prompts (so cached samples are reused)."""
-    small = build_prompts(seed=0, num_train=400, num_test=80)["train"]
-    big = build_prompts(seed=0, num_train=800, num_test=80)["train"]
-    key = lambda p: (p.template_id, p.subject)  # noqa: E731
-    assert {key(p) for p in small} <= {key(p) for p in big}
+def test_too_many_prompts_is_an_error(ms):
+    with pytest.raises(ValueError, match="pairs"):
+        ms.build_prompts(seed=0, num_train=10, num_test=100_000)
 
 
-def test_too_many_prompts_is_an_error():
-    with pytest.raises(ValueError):
-        build_prompts(seed=0, num_train=10, num_test=100_000)
+@shipped_data
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_build_prompts_reproduces_shipped_data(ms, split):
+    """The shipped samples are exactly the prompts of seed 0 / 2000 / 300, and the shipped pairs are those
+    prompts minus the skipped ones, in the same order."""
+    prompts = ms.build_prompts(seed=0, num_train=2000, num_test=300)[split]
+    samples = read_rows(DATA / "samples" / f"{split}.jsonl")[1:]
+    fields = ("prompt", "domain", "subject", "template_id")
+    assert sorted(tuple(r[f] for f in fields) for r in samples) == sorted(tuple(p) for p in prompts)
+    rows = [tuple(r[f] for f in fields) for r in read_rows(DATA / f"{split}.jsonl")]
+    it = iter(tuple(p) for p in prompts)
+    assert all(row in it for row in rows)  # an ordered subsequence
+    assert len(rows) == {"train": 1749, "test": 259}[split]
 
 
 # --------------------------------------------------------------------------------------------------
-# generation helpers (no real model)
+# pairs, files, cache
 # --------------------------------------------------------------------------------------------------
 
 
-def test_select_pair_and_skips():
-    from lbdpo.data.make_sentiment import select_pair
-
-    assert select_pair(["a", "b", "c"], [0.1, 0.9, -0.5]) == (1, 2)
-    assert select_pair(["a", "b"], [0.0, 0.0]) == "tie"
-    assert select_pair(["", "b", " "], [0.9, 0.1, -0.9]) == "too_few_nonempty"
-    assert select_pair(["", "b", "c"], [0.9, 0.1, -0.9]) == (1, 2)  # empty samples never win
+def test_select_pair_and_skips(ms):
+    assert ms.select_pair(["a", "b", "c"], [0.1, 0.9, -0.5]) == (1, 2)
+    assert ms.select_pair(["a", "b"], [0.0, 0.0]) == "tie"
+    assert ms.select_pair(["", "b", " "], [0.9, 0.1, -0.9]) == "too_few_nonempty"
+    assert ms.select_pair(["", "b", "c"], [0.9, 0.1, -0.9]) == (1, 2)  # empty samples never win
 
 
-def test_json_line_escapes_unicode_line_breaks(tmp_path):
-    from lbdpo.data.make_sentiment import json_line, read_jsonl_lines, write_jsonl
-
+def test_json_line_escapes_unicode_line_breaks(ms, tmp_path):
     rows = [{"chosen": "a\u2028b\x85c\u2029d 中文 é", "n": 1}, {"chosen": "x\ny"}]
-    assert all(len(json_line(r).splitlines()) == 1 for r in rows)
-    assert "中文" in json_line(rows[0])  # non-ASCII stays readable
-    write_jsonl(tmp_path / "x.jsonl", rows)
-    assert [json.loads(line) for line in read_jsonl_lines(tmp_path / "x.jsonl")] == rows
+    assert all(len(ms.json_line(r).splitlines()) == 1 for r in rows)
+    assert "中文" in ms.json_line(rows[0])  # non-ASCII stays readable
+    ms.write_jsonl(tmp_path / "x.jsonl", rows)
+    assert [json.loads(line) for line in ms.read_jsonl_lines(tmp_path / "x.jsonl")] == rows
+    assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_generation_order_and_prefix():
-    from lbdpo.data.make_sentiment import common_prefix_length, generation_order
-
-    assert common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+def test_generation_order(ms):
     lengths = [5, 1, 4, 2, 3, 9]
-    order = generation_order(lengths, [0, 1, 2, 3, 4, 5], batch_size=1, window_batches=3)
-    assert order == [1, 2, 0, 3, 4, 5]
+    assert ms.generation_order(lengths, [0, 1, 2, 3, 4, 5], batch_size=1, window_batches=3) == [1, 2, 0, 3, 4, 5]
 
 
-def test_sample_from_logits_matches_softmax():
-    from lbdpo.data.make_sentiment import sample_from_logits
-
-    torch.manual_seed(0)
-    logits = torch.tensor([[0.0, 1.0, 2.0, -30.0]]).repeat(20000, 1)
-    draws = sample_from_logits(logits, temperature=1.0)
-    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
-    assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.015)
-    assert sample_from_logits(torch.tensor([[0.0, 50.0, 0.0]]), temperature=0.5).item() == 1
-
-
-def _tiny_model():
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    config = Qwen2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+def test_load_cache_drops_cut_line_and_rejects_other_settings(ms, tmp_path):
+    path, header = tmp_path / "c.jsonl", {"seed": 0}
+    rec = {"template_id": "t", "subject": "s", "samples": []}
+    path.write_text(ms.json_line(header) + ms.json_line(rec) + '{"template_id": "u", "sub', encoding="utf-8")
+    assert ms.load_cache(path, header) == {("t", "s"): rec}
+    assert ms.load_cache(tmp_path / "missing.jsonl", header) == {}
+    with pytest.raises(SystemExit, match="other settings"):
+        ms.load_cache(path, {"seed": 1})
 
 
-def test_prefix_sharing_sampler_is_exact():
-    """First-step logits of the prefix-shared, middle-padded batch equal a plain forward of each prompt,
-    and the preallocated KV cache gives the same samples as the growing one."""
-    from lbdpo.data.make_sentiment import PrefixSharingSampler
+def _no_model(monkeypatch, load):
+    """Replace lbdpo.models (imported inside the script's main) by a stub with ``load``."""
+    stub = types.ModuleType("lbdpo.models")
+    stub.load_model_and_tokenizer = load
+    monkeypatch.setitem(sys.modules, "lbdpo.models", stub)
 
-    model = _tiny_model()
-    prefix = [3, 4, 5, 6]
-    suffixes = [[7, 8, 9], [10], [11, 12, 13, 14, 15]]
-    captured = []
-    real_forward = model.forward
 
-    def spy(*a, **kw):
-        out = real_forward(*a, **kw)
-        captured.append(out.logits[:, -1].clone())
-        return out
+@shipped_data
+def test_cached_rerun_is_byte_identical_without_a_model(ms, tmp_path, monkeypatch):
+    out = tmp_path / "sentiment"
+    shutil.copytree(DATA, out)
+    _no_model(monkeypatch, lambda cfg: pytest.fail("a fully cached rerun must not load a model"))
+    ms.main([*SHIPPED, "--out", str(out)])
+    for rel in ["train.jsonl", "test.jsonl", "README.md", "samples/train.jsonl", "samples/test.jsonl"]:
+        assert (out / rel).read_bytes() == (DATA / rel).read_bytes(), rel
 
-    model.forward = spy
-    sampler = PrefixSharingSampler(model, prefix, stop_ids=[2], pad_id=0)
-    captured.clear()
-    sampler.sample(suffixes, k=1, max_new_tokens=1, temperature=1.0)
-    model.forward = real_forward
-    with torch.inference_mode():
-        for row, suffix in enumerate(suffixes):
-            ref = model(input_ids=torch.tensor([prefix + suffix])).logits[0, -1]
-            torch.testing.assert_close(captured[0][row], ref, atol=1e-4, rtol=1e-4)
 
-    outs = []
-    for pre in (False, True):
-        sampler = PrefixSharingSampler(model, prefix, stop_ids=[2], pad_id=0, preallocate=pre)
-        torch.manual_seed(1)
-        outs.append(sampler.sample(suffixes, k=3, max_new_tokens=12, temperature=1.0))
-    assert outs[0] == outs[1]
-    for per_prompt in outs[0]:
-        assert len(per_prompt) == 3
-        for tokens, finished in per_prompt:
-            assert 2 not in tokens and len(tokens) <= 12
-            assert finished or len(tokens) == 12
+@shipped_data
+def test_rerun_samples_only_the_missing_prompts(ms, tmp_path, monkeypatch):
+    """Samples cut from the cache (e.g. by a kill) are drawn again, and only they; the others are reused."""
+    out = tmp_path / "sentiment"
+    shutil.copytree(DATA, out)
+    (out / "train.jsonl").unlink()
+    lines = (out / "samples" / "test.jsonl").read_text(encoding="utf-8").split("\n")
+    missing = [json.loads(line)["prompt"] for line in lines[-6:-1]]
+    (out / "samples" / "test.jsonl").write_text("\n".join(lines[:-6]) + "\n" + lines[-6][:30], encoding="utf-8")
+    asked = []
+
+    def fake_sample(model, tokenizer, prompts, k, max_new_tokens, temperature):
+        asked.extend(prompts)
+        return [[("I love it, wonderful!", True), ("awful, terrible", False)] + [("ok", True)] * (k - 2)] * len(prompts)
+
+    _no_model(monkeypatch, lambda cfg: ("model", "tokenizer"))
+    monkeypatch.setattr(ms, "sample", fake_sample)
+    monkeypatch.setattr(ms, "chat_ids", lambda tokenizer, prompt: list(range(len(prompt))))
+    ms.main([*SHIPPED, "--out", str(out), "--batch-size", "2"])
+    assert sorted(asked) == sorted(missing)
+    assert (out / "train.jsonl").read_bytes() == (DATA / "train.jsonl").read_bytes()
+    samples = read_rows(out / "samples" / "test.jsonl")
+    assert len(samples) == 301 and samples[:-5] == read_rows(DATA / "samples" / "test.jsonl")[:-5]
+    redrawn = {r["prompt"]: r for r in samples[-5:]}
+    assert set(redrawn) == set(missing)
+    assert all(r["rewards"][0] > 0 > r["rewards"][1] and r["finished"][:2] == [True, False] for r in redrawn.values())
+    pairs = {r["prompt"]: r for r in read_rows(out / "test.jsonl")}
+    assert all(pairs[p]["chosen"] == "I love it, wonderful!" and not pairs[p]["rejected_finished"] for p in missing)
 
 
 # --------------------------------------------------------------------------------------------------
-# the built dataset (only when present)
+# sampling (tiny random model, real tokenizer)
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (DATA / "train.jsonl").is_file(), reason="data/sentiment not built")
+def test_sample_left_pads_like_plain_generate(ms, tiny_model_and_tokenizer):
+    """A near-greedy batched draw (prompts of different lengths, left-padded, prompt pass cached outside
+    generate) equals the same draw of each prompt alone and plain greedy ``generate``; no stop token in a sample."""
+    model, tokenizer = tiny_model_and_tokenizer
+    prompts = ["Write a short review of a cinema.", "ok so like, a webcam?? thoughts?? pls", "用一句话评价一家书店。"]
+    assert len({len(ms.chat_ids(tokenizer, p)) for p in prompts}) == 3
+    batched = ms.sample(model, tokenizer, prompts, k=2, max_new_tokens=6, temperature=1e-4)
+    assert [len(per_prompt) for per_prompt in batched] == [2, 2, 2]
+    for p, per_prompt in zip(prompts, batched):
+        alone = ms.sample(model, tokenizer, [p], k=1, max_new_tokens=6, temperature=1e-4)
+        assert per_prompt[0] == per_prompt[1] == alone[0][0]
+        assert all(isinstance(text, str) and "<|im_end|>" not in text for text, _ in per_prompt)
+        ids = torch.tensor([ms.chat_ids(tokenizer, p)])
+        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                                pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1] :]
+        assert per_prompt[0][0] == tokenizer.decode(greedy, skip_special_tokens=True).rstrip("\ufffd").strip()
+
+
+def test_decode_cuts_at_the_stop_token(ms, tiny_model_and_tokenizer):
+    tokenizer = tiny_model_and_tokenizer[1]
+    hi, eos, pad = tokenizer(" hi there", add_special_tokens=False).input_ids, tokenizer.eos_token_id, 0
+    assert ms.decode(tokenizer, [*hi, eos, pad, *hi], {eos}) == ("hi there", True)
+    assert ms.decode(tokenizer, [eos, *hi], {eos}) == ("", True)
+    assert ms.decode(tokenizer, hi, {eos}) == ("hi there", False)
+    cut = tokenizer("好", add_special_tokens=False).input_ids  # a multi-byte character cut after its first token
+    assert len(cut) > 1 and ms.decode(tokenizer, [*hi, cut[0]], {eos}) == ("hi there", False)
+
+
+# --------------------------------------------------------------------------------------------------
+# the shipped data set
+# --------------------------------------------------------------------------------------------------
+
+
+@shipped_data
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_built_dataset_rows(split):
     path = DATA / f"{split}.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} missing")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    rows = read_rows(path)
     # JSONL readers that split on every Unicode line break (str.splitlines) see the same rows
     assert len([line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]) == len(rows)
     assert rows
     for r in rows:
         assert set(r) == ROW_KEYS
-        assert r["chosen_reward"] > r["rejected_reward"]
         assert r["chosen"] != r["rejected"]
         assert r["chosen"].strip() and r["rejected"].strip()
         assert -1.0 <= r["rejected_reward"] < r["chosen_reward"] <= 1.0
@@ -236,14 +281,7 @@ def test_built_dataset_rows(split):
     assert recomputed == pytest.approx(stored, abs=1e-6)
 
 
-@pytest.mark.skipif(not (DATA / "test.jsonl").is_file(), reason="data/sentiment not built")
+@shipped_data
 def test_built_dataset_splits_disjoint():
-    subjects = {
-        split: {
-            json.loads(line)["subject"]
-            for line in (DATA / f"{split}.jsonl").read_text(encoding="utf-8").split("\n")
-            if line.strip()
-        }
-        for split in ("train", "test")
-    }
+    subjects = {split: {r["subject"] for r in read_rows(DATA / f"{split}.jsonl")} for split in ("train", "test")}
     assert not subjects["train"] & subjects["test"]
