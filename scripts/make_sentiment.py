@@ -36,10 +36,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-try:
-    from lbdpo.eval.rewards import sentiment_reward
-except ImportError:  # before the move to lbdpo.eval
-    from lbdpo.rewards import sentiment_reward
+from lbdpo.eval.rewards import sentiment_reward
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "data" / "sentiment" / "prompts"
 MODEL_CFG = {"source": "smollm2_gguf", "dtype": "float32"}

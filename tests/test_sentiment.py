@@ -17,10 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    from lbdpo.eval.rewards import sentiment_reward
-except ImportError:  # before the move to lbdpo.eval
-    from lbdpo.rewards import sentiment_reward
+from lbdpo.eval.rewards import sentiment_reward
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "sentiment"
