@@ -74,7 +74,8 @@ def test_dpo_forward_and_gradients_match_the_full_logits_path(tiny_model, tiny_m
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((out.per_pair(), grads))
     (full, full_grads), (chunked, chunked_grads) = results
-    for key in ("losses", "beta", "log_ppl", "f", "policy_chosen_logps", "policy_rejected_logps"):
+    for key in ("losses", "beta", "log_ppl", "f", "policy_chosen_logps", "policy_rejected_logps",
+                "reference_chosen_logps", "reference_rejected_logps"):
         torch.testing.assert_close(chunked[key], full[key], atol=1e-5, rtol=1e-5, msg=key)
     assert full_grads.keys() == chunked_grads.keys() and len(full_grads) > 10
     for name in full_grads:
@@ -119,7 +120,8 @@ def test_shared_prompt_forward_matches_the_standard_forward(tiny_model, tiny_mod
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((out.per_pair(), grads))
     (full, full_grads), (shared, shared_grads) = results
-    for key in ("losses", "beta", "log_ppl", "f", "policy_chosen_logps", "policy_rejected_logps"):
+    for key in ("losses", "beta", "log_ppl", "f", "policy_chosen_logps", "policy_rejected_logps",
+                "reference_chosen_logps", "reference_rejected_logps"):
         torch.testing.assert_close(shared[key], full[key], atol=1e-5, rtol=1e-5, msg=key)
     assert full_grads.keys() == shared_grads.keys()
     for name in full_grads:
@@ -141,3 +143,30 @@ def test_shared_prompt_falls_back_under_activation_checkpointing(tiny_model, tin
     out = model(batch)
     assert not model.share_prompt and "activation checkpointing" in caplog.text
     torch.testing.assert_close(out.policy_chosen_logps, plain.policy_chosen_logps, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompt_with_lora_and_the_adapter_disabled_reference(tiny_model, tiny_model_and_tokenizer):
+    """LoRA policy (peft-wrapped), reference = the same model with its adapter off: shared = standard."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import random_pairs
+    from lbdpo.beta_head import BetaHead, BetaHeadConfig
+    from lbdpo.data import PreferenceCollator
+    from lbdpo.dpo_model import DynamicBetaDPOModel
+
+    tok = tiny_model_and_tokenizer[1]
+    batch = PreferenceCollator(tok.pad_token_id)(random_pairs(3, len(tok), seed=6))
+    torch.manual_seed(0)
+    peft_model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                        task_type="CAUSAL_LM", init_lora_weights=False))
+    outs = []
+    for share in (False, True):
+        model = DynamicBetaDPOModel(copy.deepcopy(peft_model), BetaHead(BetaHeadConfig(mode="fixed")),
+                                    ref_from_disabled_adapter=True, share_prompt=share)
+        assert model.share_prompt == share
+        outs.append(model(batch).per_pair())
+    for key in ("losses", "policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "log_ppl"):
+        torch.testing.assert_close(outs[1][key], outs[0][key], atol=1e-5, rtol=1e-5, msg=key)
+    assert not torch.allclose(outs[0]["policy_chosen_logps"], outs[0]["reference_chosen_logps"])

@@ -187,12 +187,11 @@ class DynamicBetaDPOModel(nn.Module):
         """Summed reference log-probs of the chosen and rejected responses, each (B,)."""
         if "reference_chosen_logps" in batch and "reference_rejected_logps" in batch:
             return batch["reference_chosen_logps"].float(), batch["reference_rejected_logps"].float()
-        rows = (batch["input_ids"], batch["attention_mask"], batch["labels"])
         if self.ref_model is not None:
-            logps = sequence_logps(self.ref_model, *rows)
+            logps = self.response_logps_of(self.ref_model, batch)
         elif self.ref_from_disabled_adapter:
             with self.policy_model.disable_adapter():
-                logps = sequence_logps(self.policy_model, *rows)
+                logps = self.response_logps_of(self.policy_model, batch)
         else:
             raise ValueError(
                 "no reference: pass ref_model, precomputed reference_*_logps in the batch, "
@@ -201,31 +200,43 @@ class DynamicBetaDPOModel(nn.Module):
         n = logps.shape[0] // 2
         return logps[:n], logps[n:]
 
-    def policy_token_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                           prompt_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The policy's token log-probs (2B, T − 1) and h (B, H) at the chosen rows' last prompt token.
+    def response_logps_of(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """log π(y | x) (2B,) of every row under ``model`` (the reference), the way the policy is scored."""
+        rows = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+        if not self.logps_chunk_size:
+            return sequence_logps(model, *rows)
+        token_lp, _ = self.token_logps_of(model, *rows, batch["prompt_lengths"].to(rows[0].device), score_prompt=False)
+        return response_logps(token_lp, batch["labels"])
 
-        With ``logps_chunk_size`` only the scored positions get a log-prob (responses of all rows, the prompt
-        tokens of the chosen rows that log PPL(x) averages; 0 elsewhere), from chunks of lm_head(h); with
-        ``share_prompt`` each prompt is also computed once for its two responses.
+    def token_logps_of(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       labels: torch.Tensor, prompt_lengths: torch.Tensor, score_prompt: bool = True):
+        """Token log-probs (2B, T − 1) of ``model`` and h (B, H) at the chosen rows' last prompt token.
+
+        With ``logps_chunk_size`` only the scored positions get a log-prob (responses of all rows and, with
+        ``score_prompt``, the prompt tokens of the chosen rows that log PPL(x) averages; 0 elsewhere), from chunks
+        of lm_head(h); with ``share_prompt`` each prompt is also computed once for its two responses. h is None
+        without ``score_prompt``.
         """
         n = prompt_lengths.shape[0]
-        if self.share_prompt and activation_checkpointing(self.policy_model):
+        if self.share_prompt and activation_checkpointing(model):
             log.warning("share_prompt: activation checkpointing is on, which disables the KV cache that sharing "
                         "needs; using one forward per row")
             self.share_prompt = False
         if self.share_prompt:
-            return shared_prompt_token_logps(self.policy_model, input_ids, attention_mask, prompt_lengths,
-                                             self.logps_chunk_size)
+            return shared_prompt_token_logps(model, input_ids, attention_mask, prompt_lengths, self.logps_chunk_size,
+                                             score_prompt=score_prompt)
         if not self.logps_chunk_size:
-            out = forward_model(self.policy_model, input_ids, attention_mask, output_hidden_states=True)
-            token_lp, hidden = token_logps(out.logits, input_ids), out.hidden_states[-1]
+            out = forward_model(model, input_ids, attention_mask, output_hidden_states=score_prompt)
+            token_lp, hidden = token_logps(out.logits, input_ids), out.hidden_states[-1] if score_prompt else None
         else:
-            hidden, lm_head = decoder_hidden_and_head(self.policy_model, input_ids, attention_mask,
+            hidden, lm_head = decoder_hidden_and_head(model, input_ids, attention_mask,
                                                       position_ids_from_mask(attention_mask))
             scored = labels[:, 1:] != IGNORE_INDEX
-            scored[:n] |= prompt_ppl_mask(attention_mask[:n], prompt_lengths)[:, 1:]
+            if score_prompt:
+                scored[:n] |= prompt_ppl_mask(attention_mask[:n], prompt_lengths)[:, 1:]
             token_lp = chunked_token_logps(hidden, input_ids, lm_head, scored, self.logps_chunk_size)
+        if not score_prompt:
+            return token_lp, None
         return token_lp, hidden_at_prompt_end(hidden[:n], attention_mask[:n], prompt_lengths)
 
     # ------------------------------------------------------------------------------------------
@@ -241,7 +252,7 @@ class DynamicBetaDPOModel(nn.Module):
             raise ValueError(f"input_ids has {input_ids.shape[0]} rows; expected 2 × {n_pairs} pairs")
 
         # 1. One policy forward over chosen and rejected rows.
-        token_lp, h = self.policy_token_logps(input_ids, attention_mask, labels, prompt_lengths)
+        token_lp, h = self.token_logps_of(self.policy_model, input_ids, attention_mask, labels, prompt_lengths)
         logps = response_logps(token_lp, labels)  # (2B,)
         policy_chosen_logps, policy_rejected_logps = logps[:n_pairs], logps[n_pairs:]
 

@@ -26,7 +26,8 @@ from .logprobs import position_ids_from_mask
 
 
 def shared_prompt_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                              prompt_lengths: torch.Tensor, chunk_size: int, pad_token_id: int = 0):
+                              prompt_lengths: torch.Tensor, chunk_size: int, pad_token_id: int = 0,
+                              score_prompt: bool = True):
     """Token log-probs (2B, T − 1) float32 (0 off the scored positions) and h (B, H), prompts computed once.
 
     Args:
@@ -35,6 +36,7 @@ def shared_prompt_token_logps(model, input_ids: torch.Tensor, attention_mask: to
         input_ids, attention_mask: (2B, T), the batch contract of :mod:`lbdpo.dpo_model` (any padding side).
         prompt_lengths: (B,) prompt tokens of each pair.
         chunk_size: positions per lm_head chunk.
+        score_prompt: also the chosen rows' prompt tokens (log PPL(x)); False for a reference.
     """
     from transformers import DynamicCache
 
@@ -58,7 +60,7 @@ def shared_prompt_token_logps(model, input_ids: torch.Tensor, attention_mask: to
     response_hidden = decoder(input_ids=response_ids, attention_mask=torch.cat([prompt_mask.repeat(2, 1), response_mask], 1),
                               position_ids=response_positions, past_key_values=cache, use_cache=True).last_hidden_state
 
-    hidden, entries = _scored_positions(attention_mask, lengths, prompt_hidden, response_hidden)
+    hidden, entries = _scored_positions(attention_mask, lengths, prompt_hidden, response_hidden, score_prompt)
     head = model.get_output_embeddings()
     logps = ChunkedTokenLogps.apply(hidden, head.weight, head.bias, input_ids[entries[0], entries[1] + 1], chunk_size)
     token_lp = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.float32, device=device)
@@ -66,9 +68,10 @@ def shared_prompt_token_logps(model, input_ids: torch.Tensor, attention_mask: to
 
 
 def _scored_positions(attention_mask: torch.Tensor, lengths: list[int], prompt_hidden: torch.Tensor,
-                      response_hidden: torch.Tensor):
+                      response_hidden: torch.Tensor, score_prompt: bool = True):
     """The predicting hidden states (M, H) of the scored tokens and their (row, column − 1) entries in the
-    (2B, T − 1) layout: every response token of every row, and prompt tokens 2..m of the chosen rows."""
+    (2B, T − 1) layout: every response token of every row, and (``score_prompt``) prompt tokens 2..m of the
+    chosen rows."""
     n, tp = len(lengths), prompt_hidden.shape[1]
     from_prompt: tuple[list[int], list[int]] = ([], [])  # (pair, column in the prompt pass)
     from_response: tuple[list[int], list[int]] = ([], [])  # (row, column in the response pass)
@@ -77,7 +80,7 @@ def _scored_positions(attention_mask: torch.Tensor, lengths: list[int], prompt_h
     for r in range(2 * n):
         cols = attention_mask[r].nonzero().squeeze(-1).tolist()  # columns of the row's real tokens
         pl = lengths[r % n]
-        for q in range(1 if r < n else pl, len(cols)):  # the token at real position q, predicted by q − 1
+        for q in range(1 if r < n and score_prompt else pl, len(cols)):  # the token at real position q, predicted by q − 1
             if q <= pl:  # its predictor (real position q − 1) is a prompt token: read from the prompt pass
                 from_prompt[0].append(r % n)
                 from_prompt[1].append(tp - pl + q - 1)
