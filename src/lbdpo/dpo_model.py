@@ -121,13 +121,8 @@ class DPOOutput:
 
 def activation_checkpointing(model: nn.Module) -> bool:
     """Whether a (peft-wrapped) HF model recomputes activations in backward (then it runs without a KV cache)."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        try:
-            if bool(getattr(model, name, False)):
-                return True
-        except Exception:  # a deprecated property may raise in a later transformers
-            continue
-    return False
+    name = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))  # transformers ≥ 5 renamed it; the old name warns
 
 
 class DynamicBetaDPOModel(nn.Module):
