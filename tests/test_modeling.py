@@ -155,3 +155,11 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["out"].beta.shape == (4,) and torch.isfinite(namespace["out"].loss)
     assert (tmp_path / "my-model" / "beta_head.safetensors").is_file()
+
+
+def test_dtype_passes_through_and_is_saved_as_a_name(tmp_path):
+    lm = AutoModelForCausalLMWithBetaHead.from_pretrained(TINY_CFG, beta_head={"epsilon": 0.1}, dtype=torch.bfloat16)
+    assert lm.policy.dtype == torch.bfloat16 and lm.base_model["dtype"] == "bfloat16"
+    lm.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "lbdpo_config.json").read_text())["base_model"]["dtype"] == "bfloat16"
+    assert AutoModelForCausalLMWithBetaHead.from_pretrained(tmp_path / "m", dtype=torch.bfloat16).policy.dtype == torch.bfloat16

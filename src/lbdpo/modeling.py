@@ -104,6 +104,8 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
         else:
             model_cfg = {"source": "hub", "name_or_path": str(path_or_id), "dtype": "float32"}
         model_cfg.update({k: v for k, v in hf_kwargs.items() if k in ("dtype", "trust_remote_code", "revision")})
+        if isinstance(model_cfg.get("dtype"), torch.dtype):  # saved in lbdpo_config.json: keep it a config name
+            model_cfg["dtype"] = str(model_cfg["dtype"]).removeprefix("torch.")
         policy, tokenizer = load_model_and_tokenizer(model_cfg)
         head_cfg = beta_head if isinstance(beta_head, BetaHeadConfig) else BetaHeadConfig.from_mapping(beta_head or {})
         head_cfg = dataclasses.replace(head_cfg, hidden_size=hidden_size_of(policy))
