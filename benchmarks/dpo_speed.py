@@ -1,0 +1,146 @@
+"""Training-step speed and peak memory: lbdpo's arms against TRL's ``DPOTrainer`` on the same HH pairs.
+
+    pip install -r benchmarks/requirements.txt             # TRL: for this benchmark only, never a core dependency
+    python benchmarks/dpo_speed.py                          # every arm, 10 steps each (steps 3.. timed)
+    python benchmarks/dpo_speed.py --arms trl,fixed,fixed_shared --steps 6
+
+Each arm runs in its own process (so its peak RSS is its own): ``pairs`` pairs per optimizer step from
+``../shared/data/preference/hh_helpful-base_train_sample.jsonl``, SmolLM2-135M-Instruct in float32, its chat
+template, ``max_length`` tokens per row (lbdpo: prompt ≤ ``max_prompt_length``, left-truncated; TRL:
+``truncation_mode=keep_end``), reference as a frozen copy unless the arm says ``precompute``, AdamW, no eval.
+Prints a markdown table: median s/step over the timed steps, pairs/s, real tokens/s (lbdpo arms), peak RSS, and
+each arm's speed and memory relative to TRL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "preference" / "hh_helpful-base_train_sample.jsonl"
+LBDPO_ARMS = {  # arm → Hydra overrides on top of the common ones
+    "fixed": ["beta_head=fixed"],
+    "fixed_chunked": ["beta_head=fixed", "trainer.logps_chunk_size=512"],
+    "fixed_shared": ["beta_head=fixed", "trainer.share_prompt=true"],
+    "linear_shared": ["beta_head=linear", "beta_head.w_init=0.03", "trainer.share_prompt=true"],
+    "mlp_shared": ["beta_head=mlp", "beta_head.w_init=0.03", "trainer.share_prompt=true"],
+}
+ARMS = ["trl", *LBDPO_ARMS]
+
+
+def run_lbdpo(arm: str, args) -> dict:
+    """One lbdpo run through the real training loop; step times from its metrics.jsonl."""
+    from hydra import compose, initialize_config_dir
+
+    from lbdpo.train.trainer import train
+
+    with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "model=smollm2_135m", "logger=none", "data=jsonl", f"data.path={DATA}", "data.eval_size=null",
+            "data.eval_fraction=null", f"data.max_length={args.max_length}",
+            f"data.max_prompt_length={args.max_prompt_length}", f"data.max_train_pairs={args.pairs * (args.steps + 1)}",
+            f"trainer.batch_size={args.pairs}", f"trainer.max_steps={args.steps}", "trainer.eval_every=0",
+            "trainer.warmup_steps=0", "trainer.policy_lr=5e-7", "trainer.save_every=0", *LBDPO_ARMS[arm]])
+        train(cfg, tmp)
+        lines = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "pairs_per_s" in line][args.skip:]
+    return {"s_per_step": statistics.median(args.pairs / s["pairs_per_s"] for s in steps),
+            "tokens_per_s": statistics.median(s["tokens_per_s"] for s in steps)}
+
+
+def run_trl(args) -> dict:
+    """TRL's DPOTrainer on the same pairs (conversational rows: the chat template is applied by TRL)."""
+    import datasets
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from lbdpo.data import load_preference_pairs
+    from lbdpo.data.tokenize import prompt_messages_of
+    from lbdpo.models import freeze, load_model, load_model_and_tokenizer
+
+    model_cfg = {"source": "smollm2_gguf", "dtype": "float32"}
+    policy, tokenizer = load_model_and_tokenizer(model_cfg)
+    reference = freeze(load_model(model_cfg, vocab_size=len(tokenizer)))
+    rows = load_preference_pairs(str(DATA)).select(range(args.pairs * (args.steps + 1)))
+    convo = [{"prompt": prompt_messages_of(r), "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
+              "rejected": [{"role": "assistant", "content": r["rejected"].strip()}]} for r in rows]
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            times.append(time.perf_counter() - self.t0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = DPOConfig(output_dir=tmp, per_device_train_batch_size=args.pairs, max_steps=args.steps,
+                           learning_rate=5e-7, warmup_steps=0, beta=0.1, max_length=args.max_length,
+                           truncation_mode="keep_end", logging_steps=1, save_strategy="no", report_to=[],
+                           use_cpu=True, seed=0, dataloader_num_workers=0)
+        trainer = DPOTrainer(model=policy, ref_model=reference, args=config, processing_class=tokenizer,
+                             train_dataset=datasets.Dataset.from_list(convo), callbacks=[StepTimer()])
+        trainer.train()
+    return {"s_per_step": statistics.median(times[args.skip:]), "tokens_per_s": None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {ARMS}")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the median")
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--max-prompt-length", type=int, default=192)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: one arm in this process
+    args = parser.parse_args()
+    if args.run:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        result = run_trl(args) if args.run == "trl" else run_lbdpo(args.run, args)
+        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    if not DATA.is_file():
+        sys.exit(f"{DATA} not found: this benchmark reads the shared HH sample")
+    results = {}
+    for arm in args.arms.split(","):
+        if arm not in ARMS:
+            sys.exit(f"unknown arm {arm!r}; known: {ARMS}")
+        cmd = [sys.executable, __file__, "--run", arm] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                                                           if k not in ("run", "arms")]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"arm {arm} failed:\n{out.stderr[-3000:]}")
+        results[arm] = json.loads(line[7:])
+        print(f"{arm}: {results[arm]}", file=sys.stderr, flush=True)
+    print_table(results, args)
+
+
+def print_table(results: dict, args) -> None:
+    base = results.get("trl")
+    print(f"{args.pairs} pairs/step, max_length {args.max_length}, {args.threads} threads, median of steps "
+          f"{args.skip + 1}–{args.steps}\n")
+    print("| arm | s/step | pairs/s | tokens/s | peak RSS | speed vs TRL | memory vs TRL |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for arm, r in results.items():
+        tok = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "–"
+        speed = f"{base['s_per_step'] / r['s_per_step']:.2f}×" if base else "–"
+        mem = f"{r['peak_rss_gb'] / base['peak_rss_gb']:.2f}×" if base else "–"
+        print(f"| {arm} | {r['s_per_step']:.2f} | {args.pairs / r['s_per_step']:.2f} | {tok} | "
+              f"{r['peak_rss_gb']:.1f} GB | {speed} | {mem} |")
+
+
+if __name__ == "__main__":
+    main()
