@@ -46,40 +46,45 @@ def test_on_a_real_model_matches_its_own_logits(tiny_model):
     assert (got[~scored] == 0).all()
 
 
-@pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_dpo_forward_and_gradients_match_the_full_logits_path(tiny_model, tiny_model_and_tokenizer, padding_side):
-    """The whole Learnable-β DPO forward with logps_chunk_size: same per-pair losses, log-probs, log PPL, h, β
-    and the same gradients of every policy and head parameter as the full-logits path."""
+def assert_same_as_standard_forward(tiny_model, tok, padding_side, pairs, **options):
+    """A DPO forward + backward with ``options`` gives the standard forward's per-pair values (policy, reference,
+    β, log PPL, f) and the same gradient of every policy and head parameter, to 1e-5."""
     import copy
 
-    from conftest import random_pairs
     from lbdpo.beta_head import BetaHead, BetaHeadConfig
     from lbdpo.data import PreferenceCollator
     from lbdpo.dpo_model import DynamicBetaDPOModel
 
-    tok = tiny_model_and_tokenizer[1]
     reference = copy.deepcopy(tiny_model)
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    batch = PreferenceCollator(tok.pad_token_id, padding_side)(random_pairs(4, len(tok), seed=2, prompt_range=(2, 10)))
+    batch = PreferenceCollator(tok.pad_token_id, padding_side)(pairs)
     results = []
-    for chunk in (None, 7):
-        policy = copy.deepcopy(tiny_model)
+    for kwargs in ({}, options):
         torch.manual_seed(0)
         head = BetaHead(BetaHeadConfig(hidden_size=64, epsilon=0.5, w_init=0.05, init_std=0.3))
-        model = DynamicBetaDPOModel(policy, head, reference, logps_chunk_size=chunk)
+        model = DynamicBetaDPOModel(copy.deepcopy(tiny_model), head, reference, **kwargs)
         out = model(batch)
         out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((out.per_pair(), grads))
-    (full, full_grads), (chunked, chunked_grads) = results
+        results.append((out.per_pair(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full, full_grads), (fast, fast_grads) = results
     for key in ("losses", "beta", "log_ppl", "f", "policy_chosen_logps", "policy_rejected_logps",
                 "reference_chosen_logps", "reference_rejected_logps"):
-        torch.testing.assert_close(chunked[key], full[key], atol=1e-5, rtol=1e-5, msg=key)
-    assert full_grads.keys() == chunked_grads.keys() and len(full_grads) > 10
+        torch.testing.assert_close(fast[key], full[key], atol=1e-5, rtol=1e-5, msg=key)
+    assert full_grads.keys() == fast_grads.keys() and len(full_grads) > 10
     for name in full_grads:
-        torch.testing.assert_close(chunked_grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(fast_grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_dpo_forward_and_gradients_match_the_full_logits_path(tiny_model, tiny_model_and_tokenizer, padding_side):
+    """The whole Learnable-β DPO forward with logps_chunk_size: same values and gradients as full logits."""
+    from conftest import random_pairs
+
+    tok = tiny_model_and_tokenizer[1]
+    pairs = random_pairs(4, len(tok), seed=2, prompt_range=(2, 10))
+    assert_same_as_standard_forward(tiny_model, tok, padding_side, pairs, logps_chunk_size=7)
 
 
 def test_unsupported_architectures_fall_back(tiny_model, caplog):
@@ -95,37 +100,11 @@ def test_unsupported_architectures_fall_back(tiny_model, caplog):
 def test_shared_prompt_forward_matches_the_standard_forward(tiny_model, tiny_model_and_tokenizer, padding_side):
     """Each prompt computed once (its keys/values reused for both responses): same per-pair values and the same
     gradients as one forward over every prompt + response row; unequal prompt and response lengths."""
-    import copy
-
     from conftest import random_pairs
-    from lbdpo.beta_head import BetaHead, BetaHeadConfig
-    from lbdpo.data import PreferenceCollator
-    from lbdpo.dpo_model import DynamicBetaDPOModel
 
     tok = tiny_model_and_tokenizer[1]
-    reference = copy.deepcopy(tiny_model)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
     pairs = random_pairs(5, len(tok), seed=4, prompt_range=(2, 11), response_range=(1, 8))
-    batch = PreferenceCollator(tok.pad_token_id, padding_side)(pairs)
-    results = []
-    for share in (False, True):
-        policy = copy.deepcopy(tiny_model)
-        torch.manual_seed(0)
-        head = BetaHead(BetaHeadConfig(hidden_size=64, epsilon=0.5, w_init=0.05, init_std=0.3))
-        model = DynamicBetaDPOModel(policy, head, reference, share_prompt=share, logps_chunk_size=5 if share else None)
-        out = model(batch)
-        out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((out.per_pair(), grads))
-    (full, full_grads), (shared, shared_grads) = results
-    for key in ("losses", "beta", "log_ppl", "f", "policy_chosen_logps", "policy_rejected_logps",
-                "reference_chosen_logps", "reference_rejected_logps"):
-        torch.testing.assert_close(shared[key], full[key], atol=1e-5, rtol=1e-5, msg=key)
-    assert full_grads.keys() == shared_grads.keys()
-    for name in full_grads:
-        torch.testing.assert_close(shared_grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_as_standard_forward(tiny_model, tok, padding_side, pairs, share_prompt=True, logps_chunk_size=5)
 
 
 def test_shared_prompt_falls_back_under_activation_checkpointing(tiny_model, tiny_model_and_tokenizer, caplog):
