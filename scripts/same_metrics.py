@@ -12,21 +12,19 @@ key differs by more than ``--tol`` or the files have different steps.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
+
+from lbdpo.eval.plots import read_metrics_jsonl
 
 TIMING_KEYS = ("pairs_per_s", "tokens_per_s")
 
 
 def read_lines(path: Path) -> dict[tuple[int, str], dict]:
-    """{(step, "train" | "eval"): record}; a record is an eval line when it has ``eval/loss``."""
-    out = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        out[(record["step"], "eval" if "eval/loss" in record else "train")] = record
-    return out
+    """{(step, "train" | "eval"): record} from :func:`lbdpo.eval.plots.read_metrics_jsonl`."""
+    train, evals = read_metrics_jsonl(path)
+    return {**{(r["step"], "train"): r for r in train}, **{(r["step"], "eval"): r for r in evals}}
 
 
 def compare(a: dict, b: dict, tol: float, ignore: tuple[str, ...]) -> tuple[dict[str, float], set[str], list]:

@@ -163,3 +163,15 @@ def test_dtype_passes_through_and_is_saved_as_a_name(tmp_path):
     lm.save_pretrained(tmp_path / "m")
     assert json.loads((tmp_path / "m" / "lbdpo_config.json").read_text())["base_model"]["dtype"] == "bfloat16"
     assert AutoModelForCausalLMWithBetaHead.from_pretrained(tmp_path / "m", dtype=torch.bfloat16).policy.dtype == torch.bfloat16
+
+
+def test_reassigning_tokenize_takes_effect(lm):
+    long_prompt = "Describe this kettle in great detail please " * 4
+    before = lm.encode_prompts([long_prompt])[0]
+    saved = lm.tokenize
+    try:
+        lm.tokenize = TokenizeConfig(max_length=40, max_prompt_length=6)
+        after = lm.encode_prompts([long_prompt])[0]
+    finally:
+        lm.tokenize = saved
+    assert len(before) == 12 and after == before[-6:]

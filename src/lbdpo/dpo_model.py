@@ -28,9 +28,9 @@ from .chunked_logps import chunked_token_logps, chunking_unsupported, decoder_hi
 from .data.collator import IGNORE_INDEX
 from .logprobs import (
     forward_model,
-    position_ids_from_mask,
     last_prompt_token_index,
     masked_mean_nll,
+    position_ids_from_mask,
     prompt_ppl_mask,
     response_logps,
     sequence_logps,
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # only for annotations: beta_head re-exports this module's class, so no runtime import back
     from .beta_head import BetaHead
+
 
 @dataclass
 class PromptStats:

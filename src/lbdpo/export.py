@@ -48,7 +48,9 @@ def eval_numbers(checkpoint: Path) -> dict[str, float]:
                     out[label] = float(value)
             return out
     if (run_dir / "metrics.jsonl").is_file():
-        evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval/loss" in line]
+        from .eval.plots import read_metrics_jsonl
+
+        _, evals = read_metrics_jsonl(run_dir / "metrics.jsonl")
         if evals:
             return {label: float(evals[-1][key]) for label, key in METRICS_KEYS.items() if key in evals[-1]}
     return {}

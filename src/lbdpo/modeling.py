@@ -167,7 +167,7 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
         of :func:`lbdpo.data.load_preference_pairs`; left-truncated to ``max_prompt_length``."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass tokenizer= or load it with from_pretrained")
-        if self._encoder is None:
+        if self._encoder is None or self._encoder.config is not self.tokenize:  # tokenize may be reassigned
             self._encoder = PairEncoder(self.tokenizer, self.tokenize)
         rows = [{"prompt": p} if isinstance(p, str) else dict(p) if isinstance(p, Mapping) else
                 {"prompt": p[-1]["content"], "prompt_messages": json.dumps(list(p))} for p in prompts]

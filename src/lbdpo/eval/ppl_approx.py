@@ -24,12 +24,12 @@ KEYS = ("log_ppl", "log_ppl_approx", "beta", "beta_exact")
 
 
 @torch.no_grad()
-def approximation_values(lm: AutoModelForCausalLMWithBetaHead, rows, batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """(N,) tensors ``log_ppl``, ``log_ppl_approx``, ``beta``, ``beta_exact`` of the rows' distinct prompts."""
-    ids = list({tuple(p): None for p in lm.encode_prompts(rows)})
+def approximation_values(lm: AutoModelForCausalLMWithBetaHead, prompt_ids: list[list[int]],
+                         batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """(N,) tensors ``log_ppl``, ``log_ppl_approx``, ``beta``, ``beta_exact`` of tokenized prompts."""
     out: dict[str, list[torch.Tensor]] = {k: [] for k in KEYS}
-    for start in range(0, len(ids), batch_size):
-        input_ids, mask = pad_rows(ids[start:start + batch_size], lm.tokenizer.pad_token_id)
+    for start in range(0, len(prompt_ids), batch_size):
+        input_ids, mask = pad_rows(prompt_ids[start:start + batch_size], lm.tokenizer.pad_token_id)
         result = lm(input_ids, mask)
         for k in KEYS:
             out[k].append(getattr(result, k).float())
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
         parser.error(f"{args.checkpoint}: its β head was trained without use_ppl_approx")
     rows = list(load_preference_pairs(args.data, limit=args.limit))
     by_prompt = {tuple(ids): row.get("domain") or "all" for ids, row in zip(lm.encode_prompts(rows), rows)}
-    values = approximation_values(lm, rows)
+    values = approximation_values(lm, list(by_prompt))  # each distinct prompt once, tokenized once
     groups = {"all": values, **(split_by_domain(values, list(by_prompt.values())) if len(set(by_prompt.values())) > 1
                                 else {})}
     print(f"{len(by_prompt)} distinct prompts of {args.data}")
