@@ -2,7 +2,7 @@
 
     pip install -r benchmarks/requirements.txt             # TRL: for this benchmark only, never a core dependency
     python benchmarks/dpo_speed.py                          # every arm, 10 steps each (steps 3.. timed)
-    python benchmarks/dpo_speed.py --arms trl,fixed,fixed_shared --steps 6
+    python benchmarks/dpo_speed.py --arms trl,rows,fixed --steps 6
 
 Each arm runs in its own process (so its peak RSS is its own): ``pairs`` pairs per optimizer step from
 ``../shared/data/preference/hh_helpful-base_train_sample.jsonl``, SmolLM2-135M-Instruct in float32, its chat
@@ -26,14 +26,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "preference" / "hh_helpful-base_train_sample.jsonl"
-LBDPO_ARMS = {  # arm → Hydra overrides on top of the common ones
+ROWS = ["trainer.pack_pairs=false", "trainer.logps_chunk_size=null"]  # one padded row per response, full logits
+LBDPO_ARMS = {  # arm → Hydra overrides on top of the common ones (the defaults pack pairs, chunked log-probs)
+    "rows": ["beta_head=fixed", *ROWS],  # the forward before packing: the baseline of the speed-ups
+    "rows_chunked": ["beta_head=fixed", "trainer.pack_pairs=false", "trainer.logps_chunk_size=1024"],
     "fixed": ["beta_head=fixed"],
-    "fixed_chunked": ["beta_head=fixed", "trainer.logps_chunk_size=512"],
-    "fixed_shared": ["beta_head=fixed", "trainer.share_prompt=true"],
-    "linear_shared": ["beta_head=linear", "beta_head.w_init=0.03", "trainer.share_prompt=true"],
-    "mlp_shared": ["beta_head=mlp", "beta_head.w_init=0.03", "trainer.share_prompt=true"],
+    "linear": ["beta_head=linear", "beta_head.w_init=0.03"],
+    "mlp": ["beta_head=mlp", "beta_head.w_init=0.03"],
+    "fixed_precompute": ["beta_head=fixed", "trainer.reference=precompute"],
+    "rows_precompute": ["beta_head=fixed", "trainer.reference=precompute", *ROWS],
+    "lora": ["beta_head=fixed", "trainer.lora.enabled=true", "trainer.reference=adapter_disabled",
+             "trainer.policy_lr=1e-4"],
 }
-ARMS = ["trl", *LBDPO_ARMS]
+TRL_ARMS = {"trl": {}, "trl_precompute": {"precompute_ref_log_probs": True}}
+ARMS = [*TRL_ARMS, *LBDPO_ARMS]
 
 
 def run_lbdpo(arm: str, args) -> dict:
@@ -56,7 +62,7 @@ def run_lbdpo(arm: str, args) -> dict:
             "tokens_per_s": statistics.median(s["tokens_per_s"] for s in steps)}
 
 
-def run_trl(args) -> dict:
+def run_trl(arm: str, args) -> dict:
     """TRL's DPOTrainer on the same pairs (conversational rows: the chat template is applied by TRL)."""
     import datasets
     from transformers import TrainerCallback
@@ -68,7 +74,8 @@ def run_trl(args) -> dict:
 
     model_cfg = {"source": "smollm2_gguf", "dtype": "float32"}
     policy, tokenizer = load_model_and_tokenizer(model_cfg)
-    reference = freeze(load_model(model_cfg, vocab_size=len(tokenizer)))
+    options = TRL_ARMS[arm]
+    reference = None if options.get("precompute_ref_log_probs") else freeze(load_model(model_cfg, vocab_size=len(tokenizer)))
     rows = load_preference_pairs(str(DATA)).select(range(args.pairs * (args.steps + 1)))
     convo = [{"prompt": prompt_messages_of(r), "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
               "rejected": [{"role": "assistant", "content": r["rejected"].strip()}]} for r in rows]
@@ -85,7 +92,7 @@ def run_trl(args) -> dict:
         config = DPOConfig(output_dir=tmp, per_device_train_batch_size=args.pairs, max_steps=args.steps,
                            learning_rate=5e-7, warmup_steps=0, beta=0.1, max_length=args.max_length,
                            truncation_mode="keep_end", logging_steps=1, save_strategy="no", report_to=[],
-                           use_cpu=True, seed=0, dataloader_num_workers=0)
+                           use_cpu=True, seed=0, dataloader_num_workers=0, **options)
         trainer = DPOTrainer(model=policy, ref_model=reference, args=config, processing_class=tokenizer,
                              train_dataset=datasets.Dataset.from_list(convo), callbacks=[StepTimer()])
         trainer.train()
@@ -107,7 +114,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        result = run_trl(args) if args.run == "trl" else run_lbdpo(args.run, args)
+        result = run_trl(args.run, args) if args.run in TRL_ARMS else run_lbdpo(args.run, args)
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
         print("RESULT " + json.dumps(result), flush=True)
         return
@@ -129,15 +136,18 @@ def main() -> None:
 
 
 def print_table(results: dict, args) -> None:
-    base = results.get("trl")
+    base = results.get("trl")  # every arm against TRL with a reference copy; precompute arms also against TRL's
+    base_pre = results.get("trl_precompute")
     print(f"{args.pairs} pairs/step, max_length {args.max_length}, {args.threads} threads, median of steps "
           f"{args.skip + 1}–{args.steps}\n")
+    print("(speed and memory of a precompute arm are relative to trl_precompute when it ran, else to trl)\n")
     print("| arm | s/step | pairs/s | tokens/s | peak RSS | speed vs TRL | memory vs TRL |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for arm, r in results.items():
         tok = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "–"
-        speed = f"{base['s_per_step'] / r['s_per_step']:.2f}×" if base else "–"
-        mem = f"{r['peak_rss_gb'] / base['peak_rss_gb']:.2f}×" if base else "–"
+        ref = base_pre if "precompute" in arm and base_pre else base
+        speed = f"{ref['s_per_step'] / r['s_per_step']:.2f}×" if ref else "–"
+        mem = f"{r['peak_rss_gb'] / ref['peak_rss_gb']:.2f}×" if ref else "–"
         print(f"| {arm} | {r['s_per_step']:.2f} | {args.pairs / r['s_per_step']:.2f} | {tok} | "
               f"{r['peak_rss_gb']:.1f} GB | {speed} | {mem} |")
 

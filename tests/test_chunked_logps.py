@@ -97,17 +97,19 @@ def test_unsupported_architectures_fall_back(tiny_model, caplog):
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_shared_prompt_forward_matches_the_standard_forward(tiny_model, tiny_model_and_tokenizer, padding_side):
-    """Each prompt computed once (its keys/values reused for both responses): same per-pair values and the same
-    gradients as one forward over every prompt + response row; unequal prompt and response lengths."""
+def test_packed_pairs_forward_matches_the_standard_forward(tiny_model, tiny_model_and_tokenizer, padding_side):
+    """Each pair one packed segment [prompt | chosen | rejected] (prompt computed once, no padding between pairs):
+    same per-pair values and the same gradients as one forward over every prompt + response row; unequal prompt
+    and response lengths."""
     from conftest import random_pairs
 
     tok = tiny_model_and_tokenizer[1]
     pairs = random_pairs(5, len(tok), seed=4, prompt_range=(2, 11), response_range=(1, 8))
-    assert_same_as_standard_forward(tiny_model, tok, padding_side, pairs, share_prompt=True, logps_chunk_size=5)
+    assert_same_as_standard_forward(tiny_model, tok, padding_side, pairs, pack_pairs=True, logps_chunk_size=5)
 
 
-def test_shared_prompt_falls_back_under_activation_checkpointing(tiny_model, tiny_model_and_tokenizer, caplog):
+def test_packed_pairs_under_activation_checkpointing(tiny_model, tiny_model_and_tokenizer):
+    """Packing needs no KV cache, so it stays on when activations are recomputed in backward."""
     from conftest import random_pairs
     from lbdpo.beta_head import BetaHead, BetaHeadConfig
     from lbdpo.data import PreferenceCollator
@@ -118,14 +120,26 @@ def test_shared_prompt_falls_back_under_activation_checkpointing(tiny_model, tin
     plain = DynamicBetaDPOModel(tiny_model, BetaHead(BetaHeadConfig(mode="fixed")), tiny_model)(batch)
     tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tiny_model.train()
-    model = DynamicBetaDPOModel(tiny_model, BetaHead(BetaHeadConfig(mode="fixed")), tiny_model, share_prompt=True)
+    model = DynamicBetaDPOModel(tiny_model, BetaHead(BetaHeadConfig(mode="fixed")), tiny_model, pack_pairs=True)
     out = model(batch)
-    assert not model.share_prompt and "activation checkpointing" in caplog.text
+    out.loss.backward()
+    assert model.pack_pairs
     torch.testing.assert_close(out.policy_chosen_logps, plain.policy_chosen_logps, atol=1e-5, rtol=1e-5)
+    assert next(tiny_model.parameters()).grad is not None
 
 
-def test_shared_prompt_with_lora_and_the_adapter_disabled_reference(tiny_model, tiny_model_and_tokenizer):
-    """LoRA policy (peft-wrapped), reference = the same model with its adapter off: shared = standard."""
+def test_packing_falls_back_for_decoders_without_custom_masks(tiny_model, caplog):
+    from lbdpo.beta_head import BetaHead, BetaHeadConfig
+    from lbdpo.dpo_model import DynamicBetaDPOModel
+
+    tiny_model.config._attn_implementation = "flash_attention_2"
+    model = DynamicBetaDPOModel(tiny_model, BetaHead(BetaHeadConfig(mode="fixed")), pack_pairs=True)
+    assert not model.pack_pairs and model.logps_chunk_size == 1024
+    assert "flash_attention_2" in caplog.text and "one row per response" in caplog.text
+
+
+def test_packed_pairs_with_lora_and_the_adapter_disabled_reference(tiny_model, tiny_model_and_tokenizer):
+    """LoRA policy (peft-wrapped), reference = the same model with its adapter off: packed = standard."""
     import copy
 
     from peft import LoraConfig, get_peft_model
@@ -143,8 +157,8 @@ def test_shared_prompt_with_lora_and_the_adapter_disabled_reference(tiny_model, 
     outs = []
     for share in (False, True):
         model = DynamicBetaDPOModel(copy.deepcopy(peft_model), BetaHead(BetaHeadConfig(mode="fixed")),
-                                    ref_from_disabled_adapter=True, share_prompt=share)
-        assert model.share_prompt == share
+                                    ref_from_disabled_adapter=True, pack_pairs=share)
+        assert model.pack_pairs == share
         outs.append(model(batch).per_pair())
     for key in ("losses", "policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "log_ppl"):
         torch.testing.assert_close(outs[1][key], outs[0][key], atol=1e-5, rtol=1e-5, msg=key)

@@ -180,21 +180,21 @@ def test_nan_guard_skips_and_stops(pairs_file, tmp_path, monkeypatch):
 
 
 def nan_policy_forward(monkeypatch, bad_calls):
-    """Make the policy's forward (the one with hidden states) return NaN logits and h on the given calls."""
-    import lbdpo.dpo_model as dpo_model
+    """Make the policy's forward (the one that scores prompts: token log-probs and h) return NaN on the given
+    calls, whichever forward path (packed pairs, rows, full logits) computes them."""
+    from lbdpo.dpo_model import DynamicBetaDPOModel
 
-    real, calls = dpo_model.forward_model, {"n": 0}
+    real, calls = DynamicBetaDPOModel.token_logps_of, {"n": 0}
 
-    def forward(model, input_ids, attention_mask, output_hidden_states=False):
-        out = real(model, input_ids, attention_mask, output_hidden_states=output_hidden_states)
-        if output_hidden_states:
+    def token_logps_of(self, model, *args, score_prompt=True):
+        token_lp, h = real(self, model, *args, score_prompt=score_prompt)
+        if score_prompt:
             calls["n"] += 1
             if calls["n"] in bad_calls:
-                out.logits = out.logits * float("nan")
-                out.hidden_states = tuple(h * float("nan") for h in out.hidden_states)
-        return out
+                token_lp, h = token_lp * float("nan"), h * float("nan")
+        return token_lp, h
 
-    monkeypatch.setattr(dpo_model, "forward_model", forward)
+    monkeypatch.setattr(DynamicBetaDPOModel, "token_logps_of", token_logps_of)
 
 
 @pytest.mark.parametrize("head", ["linear", "fixed"])
@@ -350,15 +350,21 @@ def test_ppl_approx_head_trains_and_logs(pairs_file, tmp_path, capsys):
     assert "48 distinct prompts" in table and "| all | 48 |" in table and "| fr | 16 |" in table
 
 
-def test_chunked_and_shared_prompt_runs_match_the_full_logits_run(pairs_file, tmp_path):
+@pytest.mark.parametrize("reference", ["copy", "precompute"])
+def test_chunked_and_packed_runs_match_the_full_logits_run(pairs_file, tmp_path, reference, monkeypatch):
+    """Whole runs: the packed default and chunked log-probs give the one-row-per-response full-logits run's
+    losses, margins, β and log PPL, with the reference as a copy or precomputed (through the same path)."""
     runs = {}
-    arms = {"full": ["trainer.logps_chunk_size=null"], "chunked": ["trainer.logps_chunk_size=16"],
-            "shared": ["trainer.share_prompt=true"]}
+    arms = {"full": ["trainer.pack_pairs=false", "trainer.logps_chunk_size=null"],
+            "chunked": ["trainer.pack_pairs=false", "trainer.logps_chunk_size=16"],
+            "packed": ["trainer.pack_pairs=true", "trainer.logps_chunk_size=16"]}
     for arm, overrides in arms.items():
-        cfg = make_cfg(pairs_file, *overrides, "trainer.max_steps=3", "trainer.eval_every=3")
+        monkeypatch.setenv("LBDPO_CACHE", str(tmp_path / arm / "cache"))  # each arm computes its own reference
+        cfg = make_cfg(pairs_file, *overrides, "trainer.max_steps=3", "trainer.eval_every=3",
+                       f"trainer.reference={reference}")
         train(cfg, tmp_path / arm)
         runs[arm] = read_metrics(tmp_path / arm)
-    for arm in ("chunked", "shared"):
+    for arm in ("chunked", "packed"):
         for key in ("loss", "rewards/margins", "beta/mean", "log_ppl/mean"):
             assert [s[key] for s in runs[arm][0]] == pytest.approx([s[key] for s in runs["full"][0]], abs=1e-5), key
         assert runs[arm][1][-1]["eval/loss"] == pytest.approx(runs["full"][1][-1]["eval/loss"], abs=1e-5)

@@ -38,7 +38,7 @@ from .logprobs import (
 )
 from .losses import dpo_loss
 from .metrics import preference_metrics
-from .shared_prompt import shared_prompt_token_logps
+from .packed_pairs import packed_pair_token_logps, packing_unsupported
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +120,6 @@ class DPOOutput:
         return {k: getattr(self, k).detach() for k in PER_PAIR_KEYS if getattr(self, k) is not None}
 
 
-def activation_checkpointing(model: nn.Module) -> bool:
-    """Whether a (peft-wrapped) HF model recomputes activations in backward (then it runs without a KV cache)."""
-    name = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
-    return bool(getattr(model, name, False))  # transformers ≥ 5 renamed it; the old name warns
-
-
 class DynamicBetaDPOModel(nn.Module):
     """Policy + :class:`BetaHead` (+ optional frozen reference) for Learnable-β DPO.
 
@@ -141,8 +135,10 @@ class DynamicBetaDPOModel(nn.Module):
             only the scored positions from the last hidden state, that many positions at a time, with no
             vocabulary-sized tensor (:mod:`lbdpo.chunked_logps`; same values and gradients to float rounding).
             Architectures whose logits are not plain lm_head(h) fall back to full logits with one log line.
-        share_prompt: compute each pair's prompt once for both responses (:mod:`lbdpo.shared_prompt`; implies
-            chunked log-probs, ``logps_chunk_size`` or 1024 positions); same fallback.
+        pack_pairs: run each pair as one segment [prompt | chosen | rejected] (each prompt computed once),
+            segments packed without padding (:mod:`lbdpo.packed_pairs`; implies chunked log-probs,
+            ``logps_chunk_size`` or 1024 positions). Decoders that cannot take a custom 4D mask fall back to one
+            row per response with one log line.
     """
 
     def __init__(
@@ -153,7 +149,7 @@ class DynamicBetaDPOModel(nn.Module):
         label_smoothing: float = 0.0,
         ref_from_disabled_adapter: bool = False,
         logps_chunk_size: int | None = None,
-        share_prompt: bool = False,
+        pack_pairs: bool = False,
     ):
         super().__init__()
         if beta_head is None:  # an AutoModelForCausalLMWithBetaHead: its policy and head
@@ -167,20 +163,27 @@ class DynamicBetaDPOModel(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.ref_from_disabled_adapter = ref_from_disabled_adapter
         self.logps_chunk_size = int(logps_chunk_size) if logps_chunk_size else None
-        self.share_prompt = bool(share_prompt)
-        if self.share_prompt and not self.logps_chunk_size:
+        self.pack_pairs = bool(pack_pairs)
+        if self.pack_pairs and not self.logps_chunk_size:
             self.logps_chunk_size = 1024
         if self.logps_chunk_size and (why := chunking_unsupported(policy_model)):
-            log.warning("logps_chunk_size / share_prompt: %s; using the full-logits forward", why)
-            self.logps_chunk_size, self.share_prompt = None, False
+            log.warning("logps_chunk_size / pack_pairs: %s; using the full-logits forward, one row per response", why)
+            self.logps_chunk_size, self.pack_pairs = None, False
+        if self.pack_pairs and (why := packing_unsupported(policy_model)):
+            log.warning("pack_pairs: %s; using one row per response (chunked log-probs)", why)
+            self.pack_pairs = False
 
     @property
     def ref_model(self) -> nn.Module | None:
         return self._ref[0] if self._ref else None
 
+    def drop_reference(self) -> None:
+        """Forget the reference copy (after its log-probs were precomputed into the data), freeing its memory."""
+        self._ref.clear()
+
     @torch.no_grad()
     def reference_logps(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed reference log-probs of the chosen and rejected responses, each (B,)."""
+        """Summed reference log-probs of the chosen and rejected responses, each (B,) (the reference in eval mode)."""
         if "reference_chosen_logps" in batch and "reference_rejected_logps" in batch:
             return batch["reference_chosen_logps"].float(), batch["reference_rejected_logps"].float()
         if self.ref_model is not None:
@@ -210,17 +213,13 @@ class DynamicBetaDPOModel(nn.Module):
 
         With ``logps_chunk_size`` only the scored positions get a log-prob (responses of all rows and, with
         ``score_prompt``, the prompt tokens of the chosen rows that log PPL(x) averages; 0 elsewhere), from chunks
-        of lm_head(h); with ``share_prompt`` each prompt is also computed once for its two responses. h is None
-        without ``score_prompt``.
+        of lm_head(h); with ``pack_pairs`` each pair is one packed segment (each prompt computed once, no padding
+        between pairs). h is None without ``score_prompt``.
         """
         n = prompt_lengths.shape[0]
-        if self.share_prompt and activation_checkpointing(model):
-            log.warning("share_prompt: activation checkpointing is on, which disables the KV cache that sharing "
-                        "needs; using one forward per row")
-            self.share_prompt = False
-        if self.share_prompt:
-            return shared_prompt_token_logps(model, input_ids, attention_mask, prompt_lengths, self.logps_chunk_size,
-                                             score_prompt=score_prompt)
+        if self.pack_pairs:
+            return packed_pair_token_logps(model, input_ids, attention_mask, prompt_lengths, self.logps_chunk_size,
+                                           score_prompt=score_prompt)
         if not self.logps_chunk_size:
             out = forward_model(model, input_ids, attention_mask, output_hidden_states=score_prompt)
             token_lp, hidden = token_logps(out.logits, input_ids), out.hidden_states[-1] if score_prompt else None

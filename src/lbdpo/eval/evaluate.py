@@ -61,6 +61,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def forward_options(run_cfg: DictConfig) -> dict[str, Any]:
+    """The training run's forward (packed pairs, chunked log-probs: same values as the plain one, tested)."""
+    t = run_cfg.get("trainer") or {}
+    return {"pack_pairs": bool(t.get("pack_pairs", True)), "logps_chunk_size": t.get("logps_chunk_size")}
+
+
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     """Run every evaluation section for ``cfg.checkpoint``; returns the eval.json content."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -110,7 +116,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     # ---- preference metrics ------------------------------------------------------------------
     per_pair = None
     if reference is not None:
-        model = DynamicBetaDPOModel(policy, head, ref_model=reference).eval()
+        model = DynamicBetaDPOModel(policy, head, ref_model=reference, **forward_options(run_cfg)).eval()
         pref = preference_eval(model, eval_ds, PreferenceCollator(tokenizer.pad_token_id), int(cfg.batch_size),
                                float(cfg.common_beta), device)
         per_pair = pref.pop("per_pair")

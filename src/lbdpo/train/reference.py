@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from datasets import Dataset
@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.collator import PreferenceCollator
-from ..logprobs import sequence_logps
 from ..models import cache_dir
 
 log = logging.getLogger(__name__)
@@ -35,22 +34,25 @@ def reference_cache_key(model_cfg: Mapping[str, Any], dataset: Dataset) -> str:
 
 
 @torch.no_grad()
-def compute_reference_logps(ref_model, dataset: Dataset, collator: PreferenceCollator, batch_size: int,
-                            device: torch.device, desc: str = "reference log-probs") -> torch.Tensor:
-    """Summed reference log-probs of every pair: (N, 2) float32, columns (chosen, rejected)."""
-    ref_model.eval()
+def compute_reference_logps(score: Callable[[dict], tuple[torch.Tensor, torch.Tensor]], dataset: Dataset,
+                            collator: PreferenceCollator, batch_size: int, device: torch.device,
+                            desc: str = "reference log-probs") -> torch.Tensor:
+    """Summed reference log-probs of every pair: (N, 2) float32, columns (chosen, rejected).
+
+    ``score``: a collated batch → (chosen, rejected) log-probs, each (B,): the training forward's own reference
+    (:meth:`lbdpo.dpo_model.DynamicBetaDPOModel.reference_logps`), so cached values are computed exactly as a
+    frozen copy would compute them during training.
+    """
     loader = DataLoader(dataset.with_format(columns=["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]),
                         batch_size=batch_size, shuffle=False, collate_fn=collator)
     out = []
     for batch in tqdm(loader, desc=desc, leave=False):
-        rows = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        lp = sequence_logps(ref_model, *rows).float().cpu()
-        n = lp.shape[0] // 2
-        out.append(torch.stack([lp[:n], lp[n:]], dim=1))
+        chosen, rejected = score({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        out.append(torch.stack([chosen.float().cpu(), rejected.float().cpu()], dim=1))
     return torch.cat(out) if out else torch.zeros(0, 2)
 
 
-def add_reference_columns(ref_model, dataset: Dataset, model_cfg: Mapping[str, Any], collator: PreferenceCollator,
+def add_reference_columns(score: Callable[[dict], tuple[torch.Tensor, torch.Tensor]], dataset: Dataset, model_cfg: Mapping[str, Any], collator: PreferenceCollator,
                           batch_size: int, device: torch.device, name: str) -> Dataset:
     """Dataset with ``reference_chosen_logps`` / ``reference_rejected_logps`` columns, from the disk cache
     when this model + data were seen before."""
@@ -60,7 +62,7 @@ def add_reference_columns(ref_model, dataset: Dataset, model_cfg: Mapping[str, A
         values = torch.load(path)
         log.info("reference log-probs for %s: cache hit %s", name, path)
     else:
-        values = compute_reference_logps(ref_model, dataset, collator, batch_size, device, desc=f"reference {name}")
+        values = compute_reference_logps(score, dataset, collator, batch_size, device, desc=f"reference {name}")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(values, tmp)

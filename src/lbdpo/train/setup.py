@@ -193,21 +193,22 @@ def build_model_and_data(cfg: DictConfig, accelerator: Accelerator):
     collator = PreferenceCollator(tokenizer.pad_token_id, padding_side="right",
                                   pad_to_multiple_of=t.get("pad_to_multiple_of"))
 
-    # the reference: a frozen copy, precomputed log-probs (then the model is freed), or the adapter-off policy
-    if t.reference == "precompute":
-        reference.to(accelerator.device)
-        with accelerator.main_process_first():
-            args = (to_container(cfg.model), collator, int(t.eval_batch_size), accelerator.device)
-            train_ds = add_reference_columns(reference, train_ds, *args, name="train")
-            if eval_ds is not None:
-                eval_ds = add_reference_columns(reference, eval_ds, *args, name="eval")
-        reference = None
-        gc.collect()
-    elif reference is not None:
+    # the reference: a frozen copy, precomputed log-probs (scored the way the copy would be, then freed), or
+    # the adapter-off policy
+    if reference is not None:
         reference.to(accelerator.device)
     model = DynamicBetaDPOModel(lm, ref_model=reference, label_smoothing=float(t.label_smoothing),
                                 ref_from_disabled_adapter=t.reference == "adapter_disabled",
-                                logps_chunk_size=t.get("logps_chunk_size"), share_prompt=bool(t.get("share_prompt")))
+                                logps_chunk_size=t.get("logps_chunk_size"), pack_pairs=bool(t.get("pack_pairs")))
+    if t.reference == "precompute":
+        with accelerator.main_process_first():
+            args = (to_container(cfg.model), collator, int(t.eval_batch_size), accelerator.device)
+            train_ds = add_reference_columns(model.reference_logps, train_ds, *args, name="train")
+            if eval_ds is not None:
+                eval_ds = add_reference_columns(model.reference_logps, eval_ds, *args, name="eval")
+        model.drop_reference()
+        del reference
+        gc.collect()
     train_ds = train_ds.remove_columns([c for c in train_ds.column_names if c not in DATA_COLUMNS])
     if eval_ds is not None:
         eval_ds = eval_ds.remove_columns([c for c in eval_ds.column_names if c not in DATA_COLUMNS])

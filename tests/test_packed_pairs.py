@@ -1,0 +1,115 @@
+"""Packed pairs ([prompt | chosen | rejected] segments, block mask, no padding) against brute force: every
+sequence run alone, unpadded, through the model's own forward and logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lbdpo.data import PreferenceCollator
+from lbdpo.packed_pairs import CHOSEN, PROMPT, REJECTED, pack_pairs, packed_pair_token_logps
+
+
+def brute_force(model, prompt: list[int], response: list[int]):
+    """One unpadded sequence: the log-prob of each token 1.. (its own logits), and h at the prompt's last token."""
+    ids = torch.tensor([prompt + response])
+    out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    logp = torch.log_softmax(out.logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    return logp, out.hidden_states[-1][0, len(prompt) - 1]
+
+
+def scored_entries(mask_row: torch.Tensor) -> torch.Tensor:
+    """(T − 1,) bool: entries t − 1 whose token t and predictor t − 1 are both real (any padding side)."""
+    return (mask_row[1:] * mask_row[:-1]).bool()
+
+
+def test_layout_positions_and_mask():
+    prompts = [torch.tensor([1, 2, 3]), torch.tensor([4, 5])]
+    chosen = [torch.tensor([6]), torch.tensor([7, 8, 9])]
+    rejected = [torch.tensor([10, 11]), torch.tensor([12])]
+    packed = pack_pairs(prompts, chosen, rejected, pad_token_id=0)
+    # segments of 6 tokens each: one row as long as the longest, the other pair in a second row
+    assert packed.input_ids.tolist() == [[1, 2, 3, 6, 10, 11], [4, 5, 7, 8, 9, 12]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 3, 4], [0, 1, 2, 3, 4, 2]]
+    assert packed.part[0].tolist() == [PROMPT] * 3 + [CHOSEN] + [REJECTED] * 2
+    mask = packed.attention_mask()[0, 0]
+    assert mask[4].tolist() == [True, True, True, False, True, False]  # rejected 1st: prompt + itself, not chosen
+    assert mask[3].tolist() == [True, True, True, True, False, False]  # chosen: prompt + itself
+    additive = packed.attention_mask(torch.float32)
+    assert (additive[0, 0, 4, 3] == torch.finfo(torch.float32).min) and additive[0, 0, 4, 0] == 0
+
+
+def test_short_pairs_share_a_row_and_never_see_each_other():
+    prompts = [torch.tensor([1, 2, 3, 4])] + [torch.tensor([5, 6])] * 2
+    chosen = [torch.tensor([7, 8, 9])] + [torch.tensor([10])] * 2
+    rejected = [torch.tensor([11])] + [torch.tensor([12])] * 2
+    packed = pack_pairs(prompts, chosen, rejected)  # lengths 8, 4, 4 → rows [8] and [4 + 4]
+    assert packed.input_ids.shape == (2, 8) and packed.offsets.tolist() == [[0, 0], [1, 0], [1, 4]]
+    mask = packed.attention_mask()[1, 0]
+    assert not mask[4:, :4].any() and mask[4:, 4:].any()
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("score_prompt", [True, False])
+def test_token_logps_and_h_match_one_sequence_at_a_time(tiny_model, tiny_model_and_tokenizer, padding_side,
+                                                        score_prompt):
+    from conftest import random_pairs
+
+    tok = tiny_model_and_tokenizer[1]
+    pairs = random_pairs(6, len(tok), seed=11, prompt_range=(2, 12), response_range=(1, 9))
+    batch = PreferenceCollator(tok.pad_token_id, padding_side)(pairs)
+    n, mask = len(pairs), batch["attention_mask"]
+    token_lp, h = packed_pair_token_logps(tiny_model, batch["input_ids"], mask, batch["prompt_lengths"],
+                                          chunk_size=7, score_prompt=score_prompt)
+    assert token_lp.shape == (2 * n, batch["input_ids"].shape[1] - 1)
+    for i, pair in enumerate(pairs):
+        prompt = pair["prompt_input_ids"]
+        for row, response in ((i, pair["chosen_input_ids"]), (n + i, pair["rejected_input_ids"])):
+            want, want_h = brute_force(tiny_model, prompt, response)
+            got = token_lp[row][scored_entries(mask[row])]  # the row's tokens 1.. in order
+            first = 0 if score_prompt and row < n else len(prompt) - 1  # prompt tokens scored on chosen rows only
+            torch.testing.assert_close(got[first:], want[first:], atol=1e-5, rtol=1e-5)
+            assert (got[:first] == 0).all()
+            if score_prompt and row < n:
+                torch.testing.assert_close(h[i], want_h, atol=1e-5, rtol=1e-5)
+    assert all((token_lp[r][~scored_entries(mask[r])] == 0).all() for r in range(2 * n))
+    assert (h is None) == (not score_prompt)
+
+
+def test_gradients_match_one_sequence_at_a_time(tiny_model, tiny_model_and_tokenizer):
+    """d(Σ weighted log-probs)/dθ through the packed forward = the same sum over unpadded sequences."""
+    import copy
+
+    from conftest import random_pairs
+
+    tok = tiny_model_and_tokenizer[1]
+    pairs = random_pairs(4, len(tok), seed=12, prompt_range=(2, 10), response_range=(1, 8))
+    batch = PreferenceCollator(tok.pad_token_id, "left")(pairs)
+    n, mask = len(pairs), batch["attention_mask"]
+    weights = torch.randn(batch["input_ids"].shape[0], batch["input_ids"].shape[1] - 1,
+                          generator=torch.Generator().manual_seed(0))
+    packed_model, brute_model = tiny_model, copy.deepcopy(tiny_model)
+    token_lp, h = packed_pair_token_logps(packed_model, batch["input_ids"], mask, batch["prompt_lengths"], 5)
+    ((token_lp * weights).sum() + h.square().sum()).backward()
+    total = 0
+    for i, pair in enumerate(pairs):
+        for row, response in ((i, pair["chosen_input_ids"]), (n + i, pair["rejected_input_ids"])):
+            lp, hi = brute_force(brute_model, pair["prompt_input_ids"], response)
+            first = 0 if row < n else len(pair["prompt_input_ids"]) - 1
+            total = total + (lp[first:] * weights[row][scored_entries(mask[row])][first:]).sum()
+            if row < n:
+                total = total + hi.square().sum()
+    total.backward()
+    for (name, p), q in zip(packed_model.named_parameters(), brute_model.parameters()):
+        scale = float(q.grad.abs().max())  # float32 sums in another order: 1e-5 of the largest entry
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5 * max(scale, 1.0), rtol=1e-4, msg=name)
+
+
+def test_rows_whose_prompts_differ_are_refused(tiny_model, tiny_model_and_tokenizer):
+    from conftest import random_pairs
+
+    tok = tiny_model_and_tokenizer[1]
+    batch = PreferenceCollator(tok.pad_token_id)(random_pairs(2, len(tok), seed=3))
+    batch["input_ids"][3, 0] += 1  # pair 1's rejected row starts with another token
+    with pytest.raises(ValueError, match="pair 1"):
+        packed_pair_token_logps(tiny_model, batch["input_ids"], batch["attention_mask"], batch["prompt_lengths"], 8)
