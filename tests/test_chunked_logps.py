@@ -11,7 +11,8 @@ from lbdpo.logprobs import forward_model, token_logps
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk_size", [1, 5, 1000])
-def test_values_and_gradients_match_full_logits(bias, chunk_size):
+@pytest.mark.parametrize("detached_rows", [False, True])
+def test_values_and_gradients_match_full_logits(bias, chunk_size, detached_rows):
     g = torch.Generator().manual_seed(0)
     N, T, H, V = 3, 7, 8, 50
     hidden = torch.randn(N, T, H, generator=g, dtype=torch.float64).float().requires_grad_()
@@ -19,6 +20,8 @@ def test_values_and_gradients_match_full_logits(bias, chunk_size):
     input_ids = torch.randint(0, V, (N, T), generator=g)
     scored = torch.rand(N, T - 1, generator=g) > 0.3
     weights = torch.randn(N, T - 1, generator=g)  # an arbitrary downstream loss
+    if detached_rows:  # positions whose log-prob gets no gradient (a detached log PPL): skipped in backward
+        weights[0] = 0.0
 
     full = torch.where(scored, token_logps(head(hidden), input_ids), 0.0)
     (full * weights).sum().backward()

@@ -303,31 +303,62 @@ def test_wandb_offline_run_is_written(pairs_file, tmp_path, monkeypatch):
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
 
 
-def test_interrupt_saves_checkpoint_and_resume_continues(default_run, pairs_file, tmp_path, monkeypatch):
-    """Ctrl-C during step 5 saves checkpoints/step-4; resuming reproduces the uninterrupted run."""
+@pytest.mark.parametrize("where", ["forward", "optimizer.step", "eval"])
+def test_interrupt_saves_a_whole_step_and_resume_continues(default_run, pairs_file, tmp_path, monkeypatch, where):
+    """SIGINT inside step 3's forward, inside its AdamW update (parameters half-moved), or inside its eval:
+    the step finishes, checkpoints/step-3 holds it whole, and resuming reproduces the uninterrupted run."""
+    import os
+    import signal
+
+    import lbdpo.dpo_model as dpo_model
+    import lbdpo.train.trainer as trainer
+
+    calls = {"forward": 0, "optimizer.step": 0, "eval": 0}
+
+    def ctrl_c_at(name, fn, at):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            if name == where and calls[name] == at:
+                os.kill(os.getpid(), signal.SIGINT)  # a real signal, delivered inside the call
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(dpo_model, "dpo_loss", ctrl_c_at("forward", dpo_model.dpo_loss, 3))
+    monkeypatch.setattr(torch.optim.AdamW, "step", ctrl_c_at("optimizer.step", torch.optim.AdamW.step, 3))
+    monkeypatch.setattr(trainer, "evaluate_pairs", ctrl_c_at("eval", trainer.evaluate_pairs, 1))
+    overrides = ("trainer.max_steps=6", "trainer.save_every=3", "trainer.keep_last=0", "trainer.eval_every=3")
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg(pairs_file, *overrides), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-3"]
+    monkeypatch.undo()
+    train(make_cfg(pairs_file, *overrides, "trainer.resume_from=auto"), tmp_path)
+    resumed, evals = read_metrics(tmp_path)
+    uninterrupted, uninterrupted_evals = read_metrics(default_run[0])
+    assert [s["step"] for s in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [s["loss"] for s in resumed] == pytest.approx([s["loss"] for s in uninterrupted], abs=1e-5)
+    assert [e["step"] for e in evals] == [3, 6]
+    assert evals[-1]["eval/loss"] == pytest.approx(uninterrupted_evals[-1]["eval/loss"], abs=1e-5)
+
+
+def test_a_second_ctrl_c_aborts_without_saving(pairs_file, tmp_path, monkeypatch):
+    import os
+    import signal
+
     import lbdpo.dpo_model as dpo_model
 
     real, calls = dpo_model.dpo_loss, {"n": 0}
 
-    def interrupt_at_fifth_training_forward(*args, **kwargs):
+    def twice(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 5 + 1:  # +1: the eval forward at step 3 (eval_every=3) also calls dpo_loss
-            raise KeyboardInterrupt
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dpo_model, "dpo_loss", interrupt_at_fifth_training_forward)
-    overrides = ("trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=3")
-    cfg = make_cfg(pairs_file, *overrides, "data.max_eval_pairs=4", "trainer.eval_batch_size=4")
+    monkeypatch.setattr(dpo_model, "dpo_loss", twice)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path)
-    assert (tmp_path / "checkpoints" / "step-4" / "trainer_state.pt").is_file()
-    monkeypatch.setattr(dpo_model, "dpo_loss", real)
-    train(make_cfg(pairs_file, *overrides, "data.max_eval_pairs=4", "trainer.eval_batch_size=4",
-                   "trainer.resume_from=auto"), tmp_path)
-    resumed, _ = read_metrics(tmp_path)
-    uninterrupted, _ = read_metrics(default_run[0])
-    assert [s["step"] for s in resumed] == [1, 2, 3, 4, 5, 6]
-    assert [s["loss"] for s in resumed] == pytest.approx([s["loss"] for s in uninterrupted], abs=1e-5)
+        train(make_cfg(pairs_file, "trainer.max_steps=4", "trainer.eval_every=0"), tmp_path)
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
 
 
 def test_ppl_approx_head_trains_and_logs(pairs_file, tmp_path, capsys):
@@ -368,3 +399,24 @@ def test_chunked_and_packed_runs_match_the_full_logits_run(pairs_file, tmp_path,
         for key in ("loss", "rewards/margins", "beta/mean", "log_ppl/mean"):
             assert [s[key] for s in runs[arm][0]] == pytest.approx([s[key] for s in runs["full"][0]], abs=1e-5), key
         assert runs[arm][1][-1]["eval/loss"] == pytest.approx(runs["full"][1][-1]["eval/loss"], abs=1e-5)
+
+
+def test_health_problems_name_collapse_zero_gradient_and_clamped_beta():
+    from lbdpo.train.trainer import health_problems
+
+    fine = {"loss": 0.6, "log_ppl/mean": 3.0, "grad_norm/total": 1.2, "beta/min": 0.05, "beta/max": 0.2}
+    assert health_problems(fine, 3.1, 1000, 1e-4, 1e4) == {}
+    collapsed = {**fine, "loss": math.log(2), "log_ppl/mean": 6.5, "grad_norm/total": 0.0}
+    assert set(health_problems(collapsed, 3.1, 1000, 1e-4, 1e4)) == {"collapse", "zero_grad"}
+    # a random model starts near uniform: that is not a collapse
+    assert "collapse" not in health_problems({**fine, "log_ppl/mean": 6.9}, 6.9, 1000, 1e-4, 1e4)
+    assert set(health_problems({**fine, "beta/min": 1e-4, "beta/max": 1e-4}, 3.1, 1000, 1e-4, 1e4)) == {"beta_min"}
+    assert set(health_problems({**fine, "beta/min": 1e4, "beta/max": 1e4}, 3.1, 1000, 1e-4, 1e4)) == {"beta_max"}
+
+
+def test_a_destroyed_policy_is_reported(pairs_file, tmp_path, caplog):
+    """policy_lr=1e3 wrecks the model without any NaN: the run says so in its log."""
+    cfg = make_cfg(pairs_file, "trainer.policy_lr=1e3", "trainer.max_steps=4", "trainer.eval_every=0",
+                   "data.eval_size=null", "trainer.max_grad_norm=0")
+    train(cfg, tmp_path)
+    assert "!!! this run has a problem" in caplog.text

@@ -54,8 +54,11 @@ class ChunkedTokenLogps(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
+        # Positions whose log-prob gets no gradient (e.g. the prompt tokens of a detached log PPL) contribute
+        # nothing: their logits are not recomputed.
+        live = (grad_out != 0).nonzero().squeeze(-1)
+        for start in range(0, live.shape[0], ctx.chunk_size):
+            rows = live[start:start + ctx.chunk_size]
             g_out = grad_out[rows].float()
             # ∂ log p / ∂ logits = onehot(target) − softmax(logits), scaled by the incoming gradient
             grad_logits = -torch.softmax(_logits(hidden[rows], weight, bias), dim=-1) * g_out[:, None]

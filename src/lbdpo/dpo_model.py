@@ -9,9 +9,11 @@ Batch contract (what :meth:`DynamicBetaDPOModel.forward` takes; built by :mod:`l
     reference_chosen_logps, reference_rejected_logps   (B,) float, optional: precomputed
                                    log πref(y|x); used instead of running the reference model
 
-One policy forward over the 2B rows gives everything: the summed response log-probs (labels), the
-prompt's log PPL (prompt positions of the chosen half: causal attention makes them independent of the
-response, so this is exact), and the last-layer hidden state at the prompt's last token.
+One policy forward gives everything: the summed response log-probs (labels), the prompt's log PPL (its
+positions are independent of the response under causal attention, so this is exact), and the last-layer hidden
+state at the prompt's last token. With ``pack_pairs`` (the trainer's default) that forward runs each pair as one
+packed segment, prompt once (:mod:`lbdpo.packed_pairs`); otherwise over the 2B padded rows. Both give the same
+values and gradients (tests against one sequence at a time).
 """
 
 from __future__ import annotations

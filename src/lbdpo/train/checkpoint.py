@@ -67,6 +67,9 @@ def save_checkpoint(path: Path, *, model, config, optimizer, scheduler, state: T
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a checkpoint gets a normal folder's permissions
     try:
         model.save_pretrained(tmp, merge_lora=save_merged_lora, provenance={"step": state.step})
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=True))
@@ -91,6 +94,27 @@ def save_checkpoint(path: Path, *, model, config, optimizer, scheduler, state: T
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def repair_checkpoint_dir(checkpoint_dir: Path) -> list[str]:
+    """Undo what a kill during :func:`save_checkpoint` can leave: a ``.old-X`` whose replacement never landed is
+    renamed back to ``X``; ``.tmp-*`` and other ``.old-*`` leftovers are deleted. Returns what it did."""
+    done: list[str] = []
+    if not checkpoint_dir.is_dir():
+        return done
+    for child in sorted(checkpoint_dir.iterdir()):
+        if child.name.startswith(".old-"):
+            target = child.with_name(child.name[len(".old-"):])
+            if not target.exists():
+                os.replace(child, target)
+                done.append(f"restored {target.name} (a save of it was interrupted)")
+            else:
+                shutil.rmtree(child, ignore_errors=True)
+                done.append(f"removed {child.name}")
+        elif child.name.startswith(".tmp-"):
+            shutil.rmtree(child, ignore_errors=True)
+            done.append(f"removed {child.name} (left by an interrupted save)")
+    return done
 
 
 def list_step_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:

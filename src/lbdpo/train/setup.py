@@ -160,6 +160,8 @@ class Run:
     pairs_per_step: int
     train_pairs: int
     last_eval: dict[str, float] = field(default_factory=dict)
+    health: dict[str, str] = field(default_factory=dict)  # problem kind → first warning (see trainer.health_problems)
+    first_log_ppl: float | None = None  # the first logged step's prompt log PPL (collapse is a rise from it)
 
     @property
     def t(self) -> DictConfig:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,7 @@ from ..dpo_model import PER_PAIR_KEYS
 from ..metrics import metrics_by_domain, preference_metrics
 from .checkpoint import prune_checkpoints, save_checkpoint
 from .run_logging import format_eval
+from .run_dir import owned_run_dir
 from .setup import Run, setup
 
 log = logging.getLogger(__name__)
@@ -142,9 +146,45 @@ def log_step(run: Run, result: StepResult, elapsed: float) -> dict[str, float]:
     for group in run.optimizer.param_groups:
         metrics[f"lr/{group['name']}"] = group["lr"]
     run.logger.log(run.state.step, metrics)
+    check_health(run, metrics)
     if "beta" in values:
         run.logger.histogram(run.state.step, "beta/hist", values["beta"])
     return metrics
+
+
+def health_problems(metrics: dict[str, float], first_log_ppl: float, vocab_size: int, beta_min: float,
+                    beta_max: float) -> dict[str, str]:
+    """Signs that a run went wrong while its numbers stay finite: kind → message (checked at every logged step).
+
+    A collapsed policy (e.g. ``policy_lr`` far too large) predicts near-uniformly, so its gradient vanishes and
+    the loss sits at log 2 with nothing to say so; a β head pinned at a clamp for every pair learns nothing.
+    """
+    problems, uniform = {}, math.log(vocab_size)
+    log_ppl = metrics.get("log_ppl/mean", float("nan"))
+    if first_log_ppl < 0.8 * uniform and log_ppl >= 0.9 * uniform:
+        problems["collapse"] = (f"policy collapsed: prompt log PPL rose from {first_log_ppl:.2f} to {log_ppl:.2f}, "
+                                f"near log(vocab) = {uniform:.2f} (a uniform policy); lower trainer.policy_lr")
+    if metrics.get("grad_norm/total") == 0.0 and math.isfinite(metrics.get("loss", float("nan"))):
+        problems["zero_grad"] = ("the gradient norm is exactly 0: the policy no longer learns (collapsed, or every "
+                                 "parameter frozen)")
+    if metrics.get("beta/max", float("inf")) <= beta_min * (1 + 1e-6):
+        problems["beta_min"] = f"β is at its lower clamp beta_min={beta_min:g} for every pair"
+    if metrics.get("beta/min", 0.0) >= beta_max * (1 - 1e-6):
+        problems["beta_max"] = f"β is at its upper clamp beta_max={beta_max:g} for every pair"
+    return problems
+
+
+def check_health(run: Run, metrics: dict[str, float]) -> None:
+    """Warn loudly, once per kind, about :func:`health_problems`; they also go into the run's summary."""
+    if run.first_log_ppl is None and math.isfinite(metrics.get("log_ppl/mean", float("nan"))):
+        run.first_log_ppl = metrics["log_ppl/mean"]
+    head = run.inner.beta_head.config
+    vocab = run.lm.policy.get_output_embeddings().weight.shape[0]
+    for kind, message in health_problems(metrics, run.first_log_ppl or float("inf"), vocab, head.beta_min,
+                                         head.beta_max).items():
+        if kind not in run.health:
+            run.health[kind] = f"step {run.state.step}: {message}"
+            log.warning("!!! %s", run.health[kind])
 
 
 def evaluate_and_log(run: Run, progress_write) -> None:
@@ -170,37 +210,80 @@ def save(run: Run, name: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (e.g. SLURM pre-emption) asks the loop to stop at the next step boundary:
+    the current step finishes (update, log, eval, save), ``checkpoints/step-N`` is written, then the run exits.
+    A second signal aborts at once without saving (the last checkpoint stays valid: saves are atomic). So a
+    checkpoint always holds a whole step, never a half-updated model, and resuming from it is exact.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested, self._previous = False, {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt  # second signal: abort without saving
+        self.requested = True
+        log.warning("%s: finishing this step, then saving a checkpoint and stopping (again to abort without saving)",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """Whether any process was asked to stop (all processes then stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=accelerator.device)
+        return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
-    """Train as configured; returns the final eval metrics. Writes ``run_dir/metrics.jsonl`` and checkpoints."""
-    run = setup(cfg, Path(run_dir))
+    """Train as configured; returns the final eval metrics. Writes ``run_dir/metrics.jsonl`` and checkpoints.
+    The run holds its folder for its lifetime (:func:`lbdpo.train.run_dir.owned_run_dir`); Ctrl-C / SIGTERM stop
+    it at a step boundary with a checkpoint (:class:`StopOnSignal`), then raise ``KeyboardInterrupt``."""
+    with owned_run_dir(Path(run_dir), cfg.trainer.get("resume_from")):
+        run = setup(cfg, Path(run_dir))
+        with StopOnSignal() as stop:
+            run_steps(run, stop)
+        return finish(run)
+
+
+def run_steps(run: Run, stop: StopOnSignal) -> None:
+    """The loop: step, log, eval, save, until ``total_steps`` or a stop request (checkpoint, then raise)."""
     t, state = run.t, run.state
     run.model.train()
     progress = tqdm(total=run.total_steps, initial=state.step, desc="train", dynamic_ncols=True,
                     disable=not run.accelerator.is_main_process)
-    step_start = (state.epoch, state.batch_in_epoch)
-    try:
-        while state.step < run.total_steps:
-            t0 = time.perf_counter()
-            step_start = (state.epoch, state.batch_in_epoch)  # where an interrupted step would restart
-            result = optimizer_step(run)
-            progress.update(1)
-            if state.step % int(t.log_every) == 0 or state.step == run.total_steps:
-                m = log_step(run, result, time.perf_counter() - t0)
-                progress.set_postfix(loss=f"{m['loss']:.4f}", beta=f"{m.get('beta/mean', 0):.4f}",
-                                     acc=f"{m.get('rewards/accuracies', 0):.2f}", pairs_s=f"{m['pairs_per_s']:.1f}")
-            if run.eval_loader is not None and t.eval_every and state.step % int(t.eval_every) == 0:
-                evaluate_and_log(run, progress.write)
-            if t.save_every and state.step % int(t.save_every) == 0 and state.step < run.total_steps:
+    while state.step < run.total_steps:
+        t0 = time.perf_counter()
+        result = optimizer_step(run)
+        progress.update(1)
+        if state.step % int(t.log_every) == 0 or state.step == run.total_steps:
+            m = log_step(run, result, time.perf_counter() - t0)
+            progress.set_postfix(loss=f"{m['loss']:.4f}", beta=f"{m.get('beta/mean', 0):.4f}",
+                                 acc=f"{m.get('rewards/accuracies', 0):.2f}", pairs_s=f"{m['pairs_per_s']:.1f}")
+        if run.eval_loader is not None and t.eval_every and state.step % int(t.eval_every) == 0:
+            evaluate_and_log(run, progress.write)
+        saved = bool(t.save_every) and state.step % int(t.save_every) == 0 and state.step < run.total_steps
+        if saved:
+            save(run, f"step-{state.step}")
+        if stop.agreed(run.accelerator) and state.step < run.total_steps:
+            if not saved:
                 save(run, f"step-{state.step}")
-    except KeyboardInterrupt:
-        log.warning("interrupted: saving checkpoints/step-%d before exiting", state.step)
-        state.epoch, state.batch_in_epoch = step_start  # the unfinished step is redone on resume
-        run.optimizer.zero_grad(set_to_none=True)
-        save(run, f"step-{state.step}")
-        run.logger.close()
-        raise
+            log.warning("stopped after step %d: resume with trainer.resume_from=auto", state.step)
+            progress.close()
+            run.logger.close()
+            raise KeyboardInterrupt
     progress.close()
-    return finish(run)
 
 
 def finish(run: Run) -> dict[str, float]:
@@ -209,7 +292,9 @@ def finish(run: Run) -> dict[str, float]:
     if run.eval_loader is not None and (not t.eval_every or run.state.step % int(t.eval_every) != 0):
         evaluate_and_log(run, print)
     save(run, "final")
-    run.logger.summary(run.last_eval)
+    for problem in run.health.values():
+        log.warning("!!! this run has a problem: %s", problem)
+    run.logger.summary({**run.last_eval, **{f"health/{k}": v for k, v in run.health.items()}})
     run.logger.close()
     run.accelerator.end_training()
     return run.last_eval
