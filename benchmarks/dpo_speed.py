@@ -38,6 +38,7 @@ LBDPO_ARMS = {  # arm → Hydra overrides on top of the common ones (the default
     "lora": ["beta_head=fixed", "trainer.lora.enabled=true", "trainer.reference=adapter_disabled",
              "trainer.policy_lr=1e-4"],
     "fixed_ckpt": ["beta_head=fixed", "trainer.gradient_checkpointing=true"],  # activations recomputed in backward
+    "fixed_precompute_ckpt": ["beta_head=fixed", "trainer.reference=precompute", "trainer.gradient_checkpointing=true"],
 }
 TRL_ARMS = {"trl": {}, "trl_precompute": {"precompute_ref_log_probs": True}}
 ARMS = [*TRL_ARMS, *LBDPO_ARMS]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +117,13 @@ def test_missing_reference_and_partial_checkpoint(checkpoint, tmp_path):
     (broken / "beta_head.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="beta_head.safetensors is missing"):
         evaluate_checkpoint(eval_cfg(broken, tmp_path / "b"))
+
+
+def test_a_bad_reward_model_fails_in_one_line_before_the_preference_pass(checkpoint, tmp_path, monkeypatch):
+    import lbdpo.eval.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "preference_eval", lambda *a, **k: pytest.fail("ran before the check"))
+    with pytest.raises(ValueError, match=r"reward_model=/nonexistent/rm: cannot load") as err:
+        evaluate_checkpoint(eval_cfg(checkpoint, tmp_path / "out", "reward_model=/nonexistent/rm"))
+    assert "\n" not in str(err.value)
+    assert not Path("/nonexistent").exists()

@@ -89,3 +89,12 @@ def test_first_load_converts_without_touching_the_global_rng(tmp_path, monkeypat
     path = smollm2_local_dir()
     assert (path / "config.json").is_file() and path.parent == tmp_path
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_missing_model_folder_or_offline_hub_id_fails_in_one_line(tmp_path):
+    from lbdpo.models import load_model_and_tokenizer
+
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(OSError, match=r"model\.name_or_path=.*no-such-model: cannot load") as err:
+        load_model_and_tokenizer({"source": "hub", "name_or_path": str(missing)})
+    assert "\n" not in str(err.value) and not missing.exists()

@@ -420,3 +420,24 @@ def test_a_destroyed_policy_is_reported(pairs_file, tmp_path, caplog):
                    "data.eval_size=null", "trainer.max_grad_norm=0")
     train(cfg, tmp_path)
     assert "!!! this run has a problem" in caplog.text
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.label_smoothing=0.5", "trainer.label_smoothing"),
+    ("trainer.policy_lr=-1", "trainer.policy_lr"),
+    ("trainer.max_grad_norm=-1", "trainer.max_grad_norm"),
+    ("trainer.mixed_precision=fp8", "trainer.mixed_precision"),
+    ("trainer.resume_from=/nonexistent/step-3", "trainer.resume_from"),
+    ("beta_head.w_init=1e39", "beta_head.w_init"),
+    ("beta_head.epsilon=1.5", "beta_head.epsilon"),
+])
+def test_invalid_options_fail_before_anything_loads(pairs_file, tmp_path, monkeypatch, override, key):
+    import lbdpo.train.setup as setup_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models were loaded before the config was checked")
+
+    monkeypatch.setattr(setup_module, "build_model_and_data", no_loading)
+    with pytest.raises((ValueError, FileNotFoundError), match=key.replace(".", r"\.")):
+        train(make_cfg(pairs_file, override), tmp_path / "run")
+    assert not Path("/nonexistent").exists()

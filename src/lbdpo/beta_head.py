@@ -100,8 +100,8 @@ class BetaHeadConfig:
         if isinstance(self.w_init, str):
             if self.w_init != "auto":
                 raise ValueError(f"beta_head.w_init={self.w_init!r} must be a number > 0 or 'auto'")
-        elif not (math.isfinite(float(self.w_init)) and float(self.w_init) > 0):
-            raise ValueError(f"beta_head.w_init={self.w_init!r} must be > 0 (or 'auto')")
+        elif not (0 < float(self.w_init) < torch.finfo(torch.float32).max):  # w is a float32 parameter
+            raise ValueError(f"beta_head.w_init={self.w_init!r} must be > 0 and fit in float32 (or 'auto')")
         if not float(self.target_beta) > 0:
             raise ValueError(f"beta_head.target_beta={self.target_beta!r} must be > 0")
         if self.ppl_transform not in PPL_TRANSFORMS:

@@ -14,6 +14,8 @@ Three sources (``model.source``):
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import logging
 import os
@@ -166,8 +168,22 @@ def load_tokenizer(model_cfg: Mapping[str, Any]) -> PreTrainedTokenizerBase:
             kwargs["revision"] = model_cfg["revision"]
     else:
         raise ValueError(f"model.source={source!r} must be one of 'hub', 'smollm2_gguf', 'tiny_random'")
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    with hub_errors_in_one_line(path):
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     return prepare_tokenizer(tokenizer, model_cfg.get("padding_side", "right"))
+
+
+@contextlib.contextmanager
+def hub_errors_in_one_line(name_or_path: str):
+    """A missing folder or an unreachable hub id ends in one line naming ``model.name_or_path`` and what to do,
+    instead of the hub client's multi-paragraph traceback."""
+    try:
+        yield
+    except OSError as err:
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        hint = ("it is not a local folder, and the hub is unreachable or has no such repo: pass a local folder "
+                "(model.name_or_path=/path/to/model) or run where the hub is reachable")
+        raise OSError(f"model.name_or_path={name_or_path}: cannot load ({first.strip()}); {hint}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,7 +239,8 @@ def load_model(model_cfg: Mapping[str, Any], vocab_size: int | None = None) -> P
         kwargs["trust_remote_code"] = bool(model_cfg.get("trust_remote_code", False))
         if model_cfg.get("revision"):
             kwargs["revision"] = model_cfg["revision"]
-        model = AutoModelForCausalLM.from_pretrained(model_cfg["name_or_path"], **kwargs)
+        with hub_errors_in_one_line(model_cfg["name_or_path"]):
+            model = AutoModelForCausalLM.from_pretrained(model_cfg["name_or_path"], **kwargs)
     else:
         raise ValueError(f"model.source={source!r} must be one of 'hub', 'smollm2_gguf', 'tiny_random'")
     model.eval()

@@ -8,7 +8,7 @@ import json
 import logging
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -113,6 +113,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         results.skip("preference", "the data config has no eval split (set data.eval or data.eval_size)")
         return results.data
 
+    # a bad reward name or reward-model path fails here, in one line, not after the preference pass
+    reward_fn = resolve_reward_fn(data_cfg.get("reward") if cfg.reward == "auto" else cfg.reward, cfg.reward_model,
+                                  device) if cfg.generation.enabled else None
+
     # ---- preference metrics ------------------------------------------------------------------
     per_pair = None
     if reference is not None:
@@ -128,7 +132,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     samples_path = out_dir / "samples.jsonl"
     if cfg.generation.enabled and reference is not None:
         try:
-            run_generation(cfg, results, policy, reference, tokenizer, eval_ds, data_cfg, device, samples_path)
+            run_generation(cfg, results, policy, reference, tokenizer, eval_ds, data_cfg, device, samples_path,
+                           reward_fn)
         except Exception as err:
             results.skip("generation", f"{type(err).__name__}: {err}")
             log.debug(traceback.format_exc())
@@ -148,7 +153,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     return results.data
 
 
-def run_generation(cfg, results: Results, policy, reference, tokenizer, eval_ds, data_cfg, device, samples_path):
+def run_generation(cfg, results: Results, policy, reference, tokenizer, eval_ds, data_cfg, device, samples_path,
+                   reward_fn: Callable | None):
     """Greedy and sampled continuations of policy and reference; reward, win rate and MC KL when possible."""
     g = cfg.generation
     seen, prompts, texts, domains = set(), [], [], []
@@ -180,8 +186,6 @@ def run_generation(cfg, results: Results, policy, reference, tokenizer, eval_ds,
     ref = sample_logps(reference, prompts, gen["policy_sample"], tokenizer.pad_token_id, int(g.batch_size), device)
     section["kl"] = kl_estimate(pol, ref)
     results.set("generation", section)
-    reward_name = data_cfg.get("reward") if cfg.reward == "auto" else cfg.reward
-    reward_fn = resolve_reward_fn(reward_name, cfg.reward_model, device)
     if reward_fn is None:
         results.skip("reward", "the eval data has no ground-truth reward (set reward= or reward_model=)")
         return

@@ -129,8 +129,13 @@ def resolve_reward_fn(name: str | None, reward_model: str | None, device: torch.
     if reward_model:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(reward_model)
-        rm = AutoModelForSequenceClassification.from_pretrained(reward_model).to(device).eval()
+        try:
+            tok = AutoTokenizer.from_pretrained(reward_model)
+            rm = AutoModelForSequenceClassification.from_pretrained(reward_model).to(device).eval()
+        except (OSError, ValueError) as err:  # a missing path, or a hub id without network
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"reward_model={reward_model}: cannot load a sequence-classification model there "
+                             f"({first}); pass a local folder with config.json and weights") from None
 
         @torch.no_grad()
         def score(texts: list[str]) -> list[float]:

@@ -24,6 +24,7 @@ from ..build import (
     to_container,
     tokenize_config,
 )
+from ..beta_head import BetaHeadConfig
 from ..data.collator import PreferenceCollator
 from ..dpo_model import DynamicBetaDPOModel
 from ..modeling import AutoModelForCausalLMWithBetaHead
@@ -49,9 +50,28 @@ def check_trainer_config(t: DictConfig) -> None:
         raise ValueError(f"trainer.lr_schedule={t.lr_schedule!r} must be one of {SCHEDULES}")
     if not t.max_steps and not t.num_epochs:
         raise ValueError("set trainer.max_steps or trainer.num_epochs")
-    for key in ("batch_size", "gradient_accumulation_steps", "eval_batch_size"):
+    for key in ("batch_size", "gradient_accumulation_steps", "eval_batch_size", "log_every",
+                "max_consecutive_nonfinite"):
         if int(t[key]) < 1:
             raise ValueError(f"trainer.{key}={t[key]} must be ≥ 1")
+    for key in ("eval_every", "save_every", "keep_last", "warmup_steps", "max_grad_norm", "weight_decay",
+                "beta_head_weight_decay"):
+        if not float(t[key]) >= 0:
+            raise ValueError(f"trainer.{key}={t[key]} must be ≥ 0")
+    for key in ("policy_lr", "beta_head_lr"):
+        if not 0 <= float(t[key]) < float("inf"):
+            raise ValueError(f"trainer.{key}={t[key]} must be a finite number ≥ 0")
+    if not 0 < float(t.adam_eps) < 1:
+        raise ValueError(f"trainer.adam_eps={t.adam_eps} must be in (0, 1)")
+    if not 0.0 <= float(t.label_smoothing) < 0.5:
+        raise ValueError(f"trainer.label_smoothing={t.label_smoothing} must be in [0, 0.5) (cDPO's label-noise rate)")
+    if t.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"trainer.mixed_precision={t.mixed_precision!r} must be one of no, bf16, fp16")
+    if t.get("logps_chunk_size") is not None and int(t.logps_chunk_size) < 1:
+        raise ValueError(f"trainer.logps_chunk_size={t.logps_chunk_size} must be ≥ 1 or null")
+    if t.resume_from and t.resume_from != "auto" and not (Path(t.resume_from) / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"trainer.resume_from={t.resume_from}: no trainer_state.pt there; pass a "
+                                "checkpoints/step-N folder of a run, or auto")
 
 
 def apply_lora(policy, lora_cfg: DictConfig):
@@ -221,6 +241,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     """Everything before the first step: models and data, optimizer and schedule, resume, logger, banner."""
     t = cfg.trainer
     check_trainer_config(t)
+    BetaHeadConfig.from_mapping({**to_container(cfg.beta_head), "hidden_size": 1})  # its errors before any loading
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=bool(t.get("cpu", False)))
     set_seed(int(cfg.seed))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
