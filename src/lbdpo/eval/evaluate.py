@@ -67,6 +67,19 @@ def forward_options(run_cfg: DictConfig) -> dict[str, Any]:
     return {"pack_pairs": bool(t.get("pack_pairs", True)), "logps_chunk_size": t.get("logps_chunk_size")}
 
 
+def load_reference(cfg: DictConfig, run_cfg: DictConfig, vocab_size: int, device: torch.device, results: Results):
+    """The run's frozen reference model, or None (``reference=none``, or it cannot be loaded: a skip with why)."""
+    if cfg.reference == "none":
+        results.skip("reference", "reference=none")
+        return None
+    try:
+        ref_cfg = reference_model_config(to_container(run_cfg.model))
+        return freeze(load_model(ref_cfg, vocab_size=vocab_size)).to(device)
+    except Exception as err:  # a hub model without network, a moved local path, …
+        results.skip("reference", f"could not load the reference {run_cfg.model.get('name_or_path')}: {err}")
+        return None
+
+
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     """Run every evaluation section for ``cfg.checkpoint``; returns the eval.json content."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -93,16 +106,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         "seed": run_cfg.get("seed"),
     })
 
-    # ---- reference model ---------------------------------------------------------------------
-    reference = None
-    if cfg.reference != "none":
-        try:
-            ref_cfg = reference_model_config(to_container(run_cfg.model))
-            reference = freeze(load_model(ref_cfg, vocab_size=len(tokenizer))).to(device)
-        except Exception as err:  # a hub model without network, a moved local path, …
-            results.skip("reference", f"could not load the reference {run_cfg.model.get('name_or_path')}: {err}")
-    else:
-        results.skip("reference", "reference=none")
+    reference = load_reference(cfg, run_cfg, len(tokenizer), device, results)
 
     # ---- data --------------------------------------------------------------------------------
     data_cfg = cfg.data if cfg.get("data") else run_cfg.data
