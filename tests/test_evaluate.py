@@ -127,3 +127,17 @@ def test_a_bad_reward_model_fails_in_one_line_before_the_preference_pass(checkpo
         evaluate_checkpoint(eval_cfg(checkpoint, tmp_path / "out", "reward_model=/nonexistent/rm"))
     assert "\n" not in str(err.value)
     assert not Path("/nonexistent").exists()
+
+
+def test_a_mistyped_checkpoint_path_is_not_created(tmp_path):
+    """The real CLI: one clear error, exit ≠ 0, and the path that does not exist stays absent (Hydra's log folder
+    used to be derived from it)."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-such-run" / "checkpoints" / "final"
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate.py"), f"checkpoint={missing}",
+                          f"hydra.run.dir={tmp_path / 'logs'}"], capture_output=True, text=True, cwd=REPO_ROOT,
+                         timeout=300)
+    assert out.returncode != 0 and "config.yaml is missing: checkpoint= must be a training checkpoint" in out.stderr
+    assert not (tmp_path / "no-such-run").exists()
