@@ -15,7 +15,6 @@ Three sources (``model.source``):
 from __future__ import annotations
 
 import contextlib
-
 import importlib.util
 import logging
 import os

@@ -101,7 +101,8 @@ def packing_unsupported(model) -> str | None:
     attn = getattr(config, "_attn_implementation", None)
     if attn not in MASK_ATTENTION:
         return f"its attention implementation is {attn!r} (packing needs one of {MASK_ATTENTION})"
-    if getattr(config, "use_sliding_window", False) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+    layer_types = getattr(config, "layer_types", None) or ()
+    if getattr(config, "use_sliding_window", False) or "sliding_attention" in layer_types:
         return "it uses sliding-window attention (a custom mask would drop the window)"
     if not type(model.get_decoder()).__module__.startswith("transformers."):
         return f"its decoder {type(model.get_decoder()).__name__} is remote code (custom 4D masks untested)"

@@ -52,8 +52,9 @@ def compute_reference_logps(score: Callable[[dict], tuple[torch.Tensor, torch.Te
     return torch.cat(out) if out else torch.zeros(0, 2)
 
 
-def add_reference_columns(score: Callable[[dict], tuple[torch.Tensor, torch.Tensor]], dataset: Dataset, model_cfg: Mapping[str, Any], collator: PreferenceCollator,
-                          batch_size: int, device: torch.device, name: str) -> Dataset:
+def add_reference_columns(score: Callable[[dict], tuple[torch.Tensor, torch.Tensor]], dataset: Dataset,
+                          model_cfg: Mapping[str, Any], collator: PreferenceCollator, batch_size: int,
+                          device: torch.device, name: str) -> Dataset:
     """Dataset with ``reference_chosen_logps`` / ``reference_rejected_logps`` columns, from the disk cache
     when this model + data were seen before."""
     key = reference_cache_key(model_cfg, dataset)

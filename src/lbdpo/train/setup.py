@@ -69,9 +69,6 @@ def check_trainer_config(t: DictConfig) -> None:
         raise ValueError(f"trainer.mixed_precision={t.mixed_precision!r} must be one of no, bf16, fp16")
     if t.get("logps_chunk_size") is not None and int(t.logps_chunk_size) < 1:
         raise ValueError(f"trainer.logps_chunk_size={t.logps_chunk_size} must be ≥ 1 or null")
-    if t.resume_from and t.resume_from != "auto" and not (Path(t.resume_from) / "trainer_state.pt").is_file():
-        raise FileNotFoundError(f"trainer.resume_from={t.resume_from}: no trainer_state.pt there; pass a "
-                                "checkpoints/step-N folder of a run, or auto")
 
 
 def apply_lora(policy, lora_cfg: DictConfig):
@@ -242,6 +239,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     t = cfg.trainer
     check_trainer_config(t)
     BetaHeadConfig.from_mapping({**to_container(cfg.beta_head), "hidden_size": 1})  # its errors before any loading
+    resume_path = resolve_resume_path(t.resume_from, run_dir)  # a bad path fails here, before any loading
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=bool(t.get("cpu", False)))
     set_seed(int(cfg.seed))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -266,7 +264,6 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
         eval_loader = accelerator.prepare_data_loader(make_loader(eval_ds, int(t.eval_batch_size), collator))
 
     state = TrainerState()
-    resume_path = resolve_resume_path(t.resume_from, run_dir)
     if resume_path is not None:
         state = load_trainer_state(resume_path, policy=inner.policy_model, beta_head=inner.beta_head,
                                    optimizer=optimizer, scheduler=scheduler)
