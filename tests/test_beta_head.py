@@ -287,3 +287,18 @@ def test_ppl_approx_bad_config():
         BetaHeadConfig(hidden_size=H, use_ppl_approx=True, ppl_net_type="rnn")
     with pytest.raises(ValueError, match="ppl_approx_loss_weight"):
         BetaHeadConfig(hidden_size=H, use_ppl_approx=True, ppl_approx_loss_weight=0.0)
+
+
+def test_w_is_one_element_and_loads_from_a_0d_checkpoint():
+    """w is 1-D (FSDP2 cannot shard a 0-d parameter); checkpoints written when it was 0-d still load."""
+    head = BetaHead(BetaHeadConfig(hidden_size=4, w_init=0.3))
+    assert head.w.shape == (1,)
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    state["w"] = torch.tensor(0.7)  # the old layout
+    head.load_state_dict(state)
+    assert head.w.shape == (1,) and float(head.w.detach()) == pytest.approx(0.7)
+    prior = BetaHead(BetaHeadConfig(hidden_size=4, w_init=0.3, w_prior_weight=2.0))
+    with torch.no_grad():
+        prior.w.fill_(0.6)
+    assert prior.regularization_loss().shape == () and float(prior.regularization_loss()) == pytest.approx(
+        2.0 * math.log(2.0) ** 2)

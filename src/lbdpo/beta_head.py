@@ -166,8 +166,9 @@ class BetaHead(nn.Module):
         w0 = 1.0 if auto else float(config.w_init)
         # Under batch_mean, w cancels out of β: as a Parameter it would only drift on float-noise gradients
         # that Adam scales up to full-size steps, so it is a buffer there.
+        # The parameter is 1-D with one element, not 0-d: FSDP2 cannot shard a scalar parameter.
         if config.w_trainable and config.normalize != "batch_mean":
-            self.w = nn.Parameter(torch.tensor(w0))
+            self.w = nn.Parameter(torch.tensor([w0]))
         else:
             self.register_buffer("w", torch.tensor(w0))
         # The w that w_prior_weight pulls towards; for "auto" it is set with w on the first batch.
@@ -182,6 +183,13 @@ class BetaHead(nn.Module):
             self.ppl_net = nn.Sequential(nn.LayerNorm(config.hidden_size, elementwise_affine=False), scalar_net(
                 config.ppl_net_type, config.hidden_size, config.ppl_mlp_hidden_size, 0.0, config.init_std))
             self.register_buffer("ppl_net_initialized", torch.tensor(False))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before w became 1-D hold it as a 0-d tensor (and a buffer w is 0-d): same value
+        key = prefix + "w"
+        if key in state_dict and state_dict[key].numel() == 1:
+            state_dict[key] = state_dict[key].reshape(self.w.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------------
 
@@ -307,7 +315,7 @@ class BetaHead(nn.Module):
         if self.fixed or not self.config.w_trainable or self.config.w_prior_weight == 0:
             return torch.zeros((), device=self.w.device)
         w = self.w.clamp(min=1e-12)
-        return self.config.w_prior_weight * (torch.log(w) - torch.log(self.w_init_value)) ** 2
+        return self.config.w_prior_weight * ((torch.log(w) - torch.log(self.w_init_value)) ** 2).sum()
 
     def extra_repr(self) -> str:
         c = self.config

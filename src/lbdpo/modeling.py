@@ -192,13 +192,17 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
     # ---------------------------------------------------------------------------------------- saving
 
     def save_pretrained(self, directory: str | Path, model_card: str | None = None, merge_lora: bool = False,
-                        provenance: Mapping[str, Any] | None = None) -> Path:
-        """Write the folder described in the module docstring (``merge_lora``: also a merged ``merged/`` copy)."""
+                        provenance: Mapping[str, Any] | None = None,
+                        state_dicts: tuple[dict, dict] | None = None) -> Path:
+        """Write the folder described in the module docstring (``merge_lora``: also a merged ``merged/`` copy).
+        ``state_dicts``: (policy, head) full state dicts to write instead of the modules' own (a sharded run's,
+        gathered by :func:`lbdpo.train.sharded.gather_full_state`)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.policy.save_pretrained(directory, safe_serialization=True)
+        policy_state, head_state = state_dicts or (None, self.beta_head.state_dict())
+        self.policy.save_pretrained(directory, safe_serialization=True, state_dict=policy_state)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
         if merge_lora and hasattr(self.policy, "merge_and_unload"):
@@ -208,21 +212,23 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
             merged.save_pretrained(directory / "merged", safe_serialization=True)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(directory / "merged")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.beta_head.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in head_state.items()}
         save_file(state, directory / HEAD_WEIGHTS)
         (directory / HEAD_CONFIG).write_text(json.dumps(dataclasses.asdict(self.beta_head.config), indent=2))
         meta = {"format": "lbdpo-1", "tokenize": dataclasses.asdict(self.tokenize), "base_model": self.base_model,
                 **dict(provenance or {})}
         (directory / LBDPO_CONFIG).write_text(json.dumps(meta, indent=2, default=str))
-        (directory / "README.md").write_text(model_card or self.model_card())
+        (directory / "README.md").write_text(model_card or self.model_card(w=float(state["w"])))
         return directory
 
-    def model_card(self, eval_numbers: Mapping[str, float] | None = None, extra: str = "") -> str:
+    def model_card(self, eval_numbers: Mapping[str, float] | None = None, extra: str = "",
+                   w: float | None = None) -> str:
         """A short README.md: base model, β configuration, how to load, and the eval numbers given."""
         c = self.beta_head.config
+        w = float(self.beta_head.w.detach()) if w is None else w
         beta = f"fixed β = {c.beta}" if c.mode == "fixed" else (
             f"β(x) = w · {c.ppl_transform}(x) · f(h), f = 1 + {c.epsilon}·tanh({c.context_net_type}(h)), "
-            f"w = {float(self.beta_head.w.detach()):.4g} ({'trainable' if c.w_trainable else 'fixed'}), normalize={c.normalize}")
+            f"w = {w:.4g} ({'trainable' if c.w_trainable else 'fixed'}), normalize={c.normalize}")
         lines = ["---", "library_name: transformers", "tags: [lbdpo, dpo]", "---", "",
                  "# Learnable-β DPO policy (lbdpo)", "",
                  f"- base model: `{self.base_model.get('name_or_path') or self.base_model.get('source', 'unknown')}`",

@@ -58,11 +58,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, *, model, config, optimizer, scheduler, state: TrainerState,
-                    save_merged_lora: bool = False) -> Path:
+                    save_merged_lora: bool = False, full_state: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint atomically to ``path`` (replacing an older one of the same name).
 
     Args:
         model: the run's :class:`~lbdpo.modeling.AutoModelForCausalLMWithBetaHead` (policy, head, tokenizer).
+        full_state: under FSDP, the gathered ``policy`` / ``beta_head`` / ``optimizer`` state dicts to write
+            (:func:`lbdpo.train.sharded.gather_full_state`) instead of the modules' and optimizer's own.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,12 +73,13 @@ def save_checkpoint(path: Path, *, model, config, optimizer, scheduler, state: T
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a checkpoint gets a normal folder's permissions
     try:
-        model.save_pretrained(tmp, merge_lora=save_merged_lora, provenance={"step": state.step})
+        model.save_pretrained(tmp, merge_lora=save_merged_lora, provenance={"step": state.step},
+                              state_dicts=(full_state["policy"], full_state["beta_head"]) if full_state else None)
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=True))
         torch.save(
             {
                 "state": dataclasses.asdict(state),
-                "optimizer": optimizer.state_dict(),
+                "optimizer": full_state["optimizer"] if full_state else optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),
             },
@@ -150,13 +153,18 @@ def resolve_resume_path(resume_from: str | None, run_dir: Path) -> Path | None:
     return path
 
 
-def load_trainer_state(path: Path, *, policy, beta_head, optimizer, scheduler) -> TrainerState:
-    """Restore weights, optimizer, scheduler and RNG from a checkpoint; returns its TrainerState."""
+def load_trainer_state(path: Path, *, policy, beta_head, optimizer, scheduler, sharded=None) -> TrainerState:
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint; returns its TrainerState.
+    ``sharded``: (the prepared model, its unwrapped DPO model) when FSDP shards them."""
     from safetensors.torch import load_file
 
     from ..modeling import HEAD_WEIGHTS
 
+    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    head_state = load_file(path / HEAD_WEIGHTS)
     if (path / "adapter_model.safetensors").is_file():
+        if sharded is not None:
+            raise RuntimeError(f"checkpoint {path}: resuming a LoRA run under FSDP is not supported")
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(policy, load_file(path / "adapter_model.safetensors"))
@@ -164,14 +172,21 @@ def load_trainer_state(path: Path, *, policy, beta_head, optimizer, scheduler) -
         state_dict = {}
         for shard in sorted(path.glob("model*.safetensors")):
             state_dict.update(load_file(shard))
-        missing, unexpected = policy.load_state_dict(state_dict, strict=False)
-        missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied embeddings are not saved
-        if missing or unexpected or not state_dict:
-            raise RuntimeError(f"checkpoint {path} does not match the policy: missing={missing[:5]} "
-                               f"unexpected={unexpected[:5]}")
-    beta_head.load_state_dict(load_file(path / HEAD_WEIGHTS))
-    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+        if not state_dict:
+            raise RuntimeError(f"checkpoint {path} holds no model*.safetensors")
+        if sharded is not None:
+            from .sharded import load_full_state
+
+            load_full_state(*sharded, optimizer, state_dict, head_state, blob["optimizer"], path)
+        else:
+            missing, unexpected = policy.load_state_dict(state_dict, strict=False)
+            missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied embeddings are not saved
+            if missing or unexpected:
+                raise RuntimeError(f"checkpoint {path} does not match the policy: missing={missing[:5]} "
+                                   f"unexpected={unexpected[:5]}")
+    if sharded is None:
+        beta_head.load_state_dict(head_state)
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])
     return TrainerState(**blob["state"])

@@ -141,7 +141,7 @@ def count_params(module) -> tuple[int, int]:
 
 
 def print_banner(cfg: DictConfig, model, data_report: dict[str, Any], total_steps: int,
-                 pairs_per_step: int, run_dir: Path) -> None:
+                 pairs_per_step: int, run_dir: Path, distributed: str = "1 process") -> None:
     """Start-of-run summary: config essentials, parameter counts per group, data filter counts."""
     from rich.console import Console
     from rich.table import Table
@@ -164,6 +164,7 @@ def print_banner(cfg: DictConfig, model, data_report: dict[str, Any], total_step
     for name, module in (("policy", model.policy_model), ("beta head", model.beta_head)):
         total, trainable = count_params(module)
         table.add_row(f"params: {name}", f"{trainable:,} trainable / {total:,}")
+    table.add_row("processes", distributed)
     table.add_row("schedule", f"{total_steps} steps × {pairs_per_step} pairs, policy_lr={t.policy_lr}, "
                               f"beta_head_lr={t.beta_head_lr}, reference={t.reference}")
     console.print(table)

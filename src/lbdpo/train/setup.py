@@ -29,6 +29,7 @@ from ..data.collator import PreferenceCollator
 from ..dpo_model import DynamicBetaDPOModel
 from ..modeling import AutoModelForCausalLMWithBetaHead
 from .checkpoint import TrainerState, load_trainer_state, resolve_resume_path
+from .sharded import check_launch, is_sharded
 from .reference import add_reference_columns
 from .run_logging import RunLogger, print_banner
 
@@ -234,6 +235,14 @@ def build_model_and_data(cfg: DictConfig, accelerator: Accelerator):
     return model, lm, train_ds, eval_ds, data_report, collator
 
 
+def describe_processes(accelerator: Accelerator, inner) -> str:
+    """E.g. ``2 processes, FSDP (parameters sharded: DTensor)``: what the banner says about the launch."""
+    kind = str(accelerator.distributed_type).split(".")[-1]
+    weight = next(inner.policy_model.parameters())
+    sharded = f", parameters {type(weight).__name__}" if kind == "FSDP" else ""
+    return f"{accelerator.num_processes} process(es), {kind}{sharded}, device {accelerator.device}"
+
+
 def setup(cfg: DictConfig, run_dir: Path) -> Run:
     """Everything before the first step: models and data, optimizer and schedule, resume, logger, banner."""
     t = cfg.trainer
@@ -241,6 +250,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     BetaHeadConfig.from_mapping({**to_container(cfg.beta_head), "hidden_size": 1})  # its errors before any loading
     resume_path = resolve_resume_path(t.resume_from, run_dir)  # a bad path fails here, before any loading
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=bool(t.get("cpu", False)))
+    check_launch(accelerator, cfg.beta_head)
     set_seed(int(cfg.seed))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model, lm, train_ds, eval_ds, data_report, collator = build_model_and_data(cfg, accelerator)
@@ -266,13 +276,14 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     state = TrainerState()
     if resume_path is not None:
         state = load_trainer_state(resume_path, policy=inner.policy_model, beta_head=inner.beta_head,
-                                   optimizer=optimizer, scheduler=scheduler)
+                                   optimizer=optimizer, scheduler=scheduler,
+                                   sharded=(model, inner) if is_sharded(accelerator) else None)
         log.info("resumed from %s at step %d", resume_path, state.step)
     logger = RunLogger(run_dir, cfg, cfg.logger, run_name=run_name_from_overrides(), group=str(cfg.experiment),
                        enabled=accelerator.is_main_process,
                        resumed_step=state.step if resume_path is not None else None)
     if accelerator.is_main_process:
-        print_banner(cfg, inner, data_report, total_steps, pairs_per_step, run_dir)
+        print_banner(cfg, inner, data_report, total_steps, pairs_per_step, run_dir, describe_processes(accelerator, inner))
     batches = TrainBatches(train_ds, collator, accelerator, t, int(cfg.seed), state, pairs_per_step)
     return Run(cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=model, lm=lm,
                optimizer=optimizer, scheduler=scheduler, batches=batches, eval_loader=eval_loader, logger=logger,

@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 from ..dpo_model import PER_PAIR_KEYS
 from ..metrics import metrics_by_domain, preference_metrics
 from .checkpoint import prune_checkpoints, save_checkpoint
-from .run_logging import format_eval
 from .run_dir import owned_run_dir
+from .run_logging import format_eval
 from .setup import Run, setup
+from .sharded import full, gather_full_state, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def grad_norm(params) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(full(g).float()) for g in grads]))
 
 
 @torch.no_grad()
@@ -135,7 +136,7 @@ def log_step(run: Run, result: StepResult, elapsed: float) -> dict[str, float]:
     metrics = preference_metrics(values) if "losses" in values and values["losses"].isfinite().all() \
         else {"loss": float("nan")}
     metrics.update({
-        "beta_head/w": float(run.inner.beta_head.w.detach()),
+        "beta_head/w": float(full(run.inner.beta_head.w.detach())),
         "grad_norm/total": result.grad_norm,
         "grad_norm/beta_head": result.head_grad_norm,
         "pairs_per_s": run.pairs_per_step / elapsed,
@@ -195,12 +196,15 @@ def evaluate_and_log(run: Run, progress_write) -> None:
 
 
 def save(run: Run, name: str) -> None:
-    """Write ``checkpoints/<name>`` from the main process (all processes wait), then prune old step-N."""
+    """Write ``checkpoints/<name>`` from the main process (all processes wait; under FSDP all gather the full
+    state first), then prune old step-N."""
     run.accelerator.wait_for_everyone()
+    full_state = gather_full_state(run.model, run.inner, run.optimizer) if is_sharded(run.accelerator) else None
     if run.accelerator.is_main_process:
         checkpoint_dir = run.run_dir / "checkpoints"
         save_checkpoint(checkpoint_dir / name, model=run.lm, config=run.cfg, optimizer=run.optimizer,
-                        scheduler=run.scheduler, state=run.state, save_merged_lora=bool(run.t.lora.save_merged))
+                        scheduler=run.scheduler, state=run.state, save_merged_lora=bool(run.t.lora.save_merged),
+                        full_state=full_state)
         prune_checkpoints(checkpoint_dir, int(run.t.keep_last))
     run.accelerator.wait_for_everyone()
 
