@@ -12,7 +12,16 @@ Writes metrics.jsonl, checkpoints/ and (offline) W&B files into the Hydra run di
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+
+def dirname_of(overrides: str) -> str:
+    """A multirun subfolder name from ``hydra.job.override_dirname``: one path component (an override's "/",
+    e.g. in data.path=/a/b.jsonl, becomes "_"), at most 150 characters (file systems cap names at 255)."""
+    return overrides.replace("/", "_")[:150]
+
+
+OmegaConf.register_new_resolver("lbdpo_dirname", dirname_of, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from ..train.run_logging import is_seed_override, is_sweep_override
 from .plots import plot_frontier, plot_overlaid_curves, read_metrics_jsonl
 
 # (column header, where the value comes from, key path)
@@ -67,16 +68,6 @@ def _last(lines: list[dict], key: str) -> float | None:
 
 def _read_yaml(path: Path):
     return yaml.safe_load(path.read_text()) if path.is_file() else None
-
-
-def is_seed_override(override: str) -> bool:
-    """True for ``seed=1``, ``+seed=1``, ``++seed=1`` (not for ``data.seed=…``)."""
-    return override.split("=", 1)[0].lstrip("+~") == "seed"
-
-
-def is_sweep_override(override: str) -> bool:
-    """True for ``+sweep=NAME``: the named sweep, the same for every run of a multirun."""
-    return override.split("=", 1)[0].lstrip("+~") == "sweep"
 
 
 def arm_name(overrides: list[str], run_name: str) -> str:

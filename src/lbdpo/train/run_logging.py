@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,6 +32,39 @@ def truncate_metrics_file(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+def is_seed_override(override: str) -> bool:
+    """True for ``seed=1``, ``+seed=1``, ``++seed=1`` (not for ``data.seed=…``)."""
+    return override.split("=", 1)[0].lstrip("+~") == "seed"
+
+
+def is_sweep_override(override: str) -> bool:
+    """True for ``+sweep=NAME``: the named sweep, the same for every run of a multirun."""
+    return override.split("=", 1)[0].lstrip("+~") == "sweep"
+
+
+@dataclass(frozen=True)
+class WandbIdentity:
+    """Where a run lands on the W&B dashboard: the runs of one sweep share a group named after the sweep
+    (``<experiment>/<sweep folder>``; a single run's group is ``experiment``), ``job_type`` is the arm (the
+    ``arm=`` override, else the overrides without seed and sweep) and the seed is a tag, so the dashboard groups
+    seeds by arm out of the box (Group by: job_type). The name is every override (``default`` when none)."""
+
+    name: str
+    group: str
+    job_type: str
+    tags: list[str]
+
+    @classmethod
+    def of(cls, overrides: list[str], experiment: str, sweep_dir: str | None) -> WandbIdentity:
+        seeds = [o.split("=", 1)[1] for o in overrides if is_seed_override(o)]
+        arm = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == "arm"]
+        rest = [o for o in overrides if not (is_seed_override(o) or is_sweep_override(o))]
+        group = f"{experiment}/{Path(sweep_dir).name}" if sweep_dir else experiment
+        job_type = (arm[0] if arm else ",".join(rest) or "default")[:64]  # W&B caps job_type at 64 characters
+        return cls(name=",".join(overrides) or "default", group=group[:128], job_type=job_type,
+                   tags=[f"seed={seeds[0] if seeds else 'default'}"])
+
+
 class RunLogger:
     """Writes one JSON object per logged step to ``metrics.jsonl`` and mirrors it to W&B / TensorBoard.
 
@@ -39,13 +73,12 @@ class RunLogger:
         config: the resolved Hydra config (saved as the W&B run config).
         logger_cfg: the ``logger`` group: ``backend`` (wandb | tensorboard | none), ``project``,
             ``mode`` (auto | online | offline), ``histogram_every``.
-        run_name: the W&B run name (built from the command-line overrides).
-        group: W&B group (experiment or sweep name).
+        identity: the run's W&B name, group, job_type and tags (:class:`WandbIdentity`).
         enabled: False on non-main processes.
     """
 
-    def __init__(self, run_dir: Path, config: DictConfig, logger_cfg: Mapping[str, Any], run_name: str, group: str,
-                 enabled: bool = True, resumed_step: int | None = None):
+    def __init__(self, run_dir: Path, config: DictConfig, logger_cfg: Mapping[str, Any],
+                 identity: WandbIdentity | None = None, enabled: bool = True, resumed_step: int | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb = None
@@ -59,7 +92,7 @@ class RunLogger:
         self._file = open(self.path, "a", buffering=1)  # line buffered: every line reaches disk
         backend = logger_cfg.get("backend", "none")
         if backend == "wandb":
-            self._init_wandb(run_dir, config, logger_cfg, run_name, group)
+            self._init_wandb(run_dir, config, logger_cfg, identity or WandbIdentity.of([], "lbdpo", None))
         elif backend == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -70,7 +103,7 @@ class RunLogger:
         elif backend != "none":
             raise ValueError(f"logger.backend={backend!r} must be one of wandb, tensorboard, none")
 
-    def _init_wandb(self, run_dir, config, logger_cfg, run_name, group) -> None:
+    def _init_wandb(self, run_dir, config, logger_cfg, identity: WandbIdentity) -> None:
         import wandb
 
         mode = logger_cfg.get("mode", "auto")
@@ -81,8 +114,10 @@ class RunLogger:
         self.wandb = wandb.init(
             project=logger_cfg.get("project", "lbdpo"),
             entity=logger_cfg.get("entity"),
-            group=group,
-            name=run_name,
+            group=identity.group,
+            job_type=identity.job_type,
+            tags=identity.tags,
+            name=identity.name,
             dir=str(run_dir),
             mode=mode,
             config=OmegaConf.to_container(config, resolve=True),

@@ -29,9 +29,9 @@ from ..data.collator import PreferenceCollator
 from ..dpo_model import DynamicBetaDPOModel
 from ..modeling import AutoModelForCausalLMWithBetaHead
 from .checkpoint import TrainerState, load_trainer_state, resolve_resume_path
-from .sharded import check_launch, is_sharded
 from .reference import add_reference_columns
-from .run_logging import RunLogger, print_banner
+from .run_logging import RunLogger, WandbIdentity, print_banner
+from .sharded import check_launch, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -148,15 +148,18 @@ class TrainBatches:
             return batch
 
 
-def run_name_from_overrides() -> str:
-    """The W&B run name: the command line's overrides (``default`` when none, or outside ``@hydra.main``)."""
+def hydra_overrides() -> tuple[list[str], str | None]:
+    """The command line's task overrides (``hydra.*`` and ``trainer.resume_from`` left out) and, in a multirun,
+    the sweep folder; ``([], None)`` outside ``@hydra.main``."""
     try:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
-        overrides = HydraConfig.get().overrides.task
-        return ",".join(o for o in overrides if not o.startswith(("hydra.", "trainer.resume_from"))) or "default"
+        hydra_cfg = HydraConfig.get()
     except ValueError:  # not under @hydra.main
-        return "default"
+        return [], None
+    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith(("hydra.", "trainer.resume_from"))]
+    return overrides, str(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
 @dataclass
@@ -279,7 +282,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
                                    optimizer=optimizer, scheduler=scheduler,
                                    sharded=(model, inner) if is_sharded(accelerator) else None)
         log.info("resumed from %s at step %d", resume_path, state.step)
-    logger = RunLogger(run_dir, cfg, cfg.logger, run_name=run_name_from_overrides(), group=str(cfg.experiment),
+    overrides, sweep_dir = hydra_overrides()
+    logger = RunLogger(run_dir, cfg, cfg.logger, identity=WandbIdentity.of(overrides, str(cfg.experiment), sweep_dir),
                        enabled=accelerator.is_main_process,
                        resumed_step=state.step if resume_path is not None else None)
     if accelerator.is_main_process:
