@@ -303,6 +303,19 @@ def test_wandb_offline_run_is_written(pairs_file, tmp_path, monkeypatch):
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
 
 
+def test_tensorboard_events_hold_the_logged_metrics(pairs_file, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_cfg(pairs_file, "logger=tensorboard", "logger.histogram_every=1", "trainer.max_steps=2",
+                   "trainer.eval_every=0", "data.eval_size=null")
+    train(cfg, tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    steps, _ = read_metrics(tmp_path)
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([s["loss"] for s in steps])
+    assert "beta/hist" in events.Tags()["histograms"]
+
+
 @pytest.mark.parametrize("where", ["forward", "optimizer.step", "eval"])
 def test_interrupt_saves_a_whole_step_and_resume_continues(default_run, pairs_file, tmp_path, monkeypatch, where):
     """SIGINT inside step 3's forward, inside its AdamW update (parameters half-moved), or inside its eval:
