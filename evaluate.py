@@ -14,9 +14,11 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    from lbdpo.cli import one_line_errors
     from lbdpo.eval.evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(cfg)
+    with one_line_errors():  # a bad option, file or path: one line naming it (lbdpo/cli.py)
+        evaluate_checkpoint(cfg)
 
 
 if __name__ == "__main__":

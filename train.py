@@ -26,9 +26,11 @@ OmegaConf.register_new_resolver("lbdpo_dirname", dirname_of, replace=True)
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    from lbdpo.cli import one_line_errors
     from lbdpo.train.trainer import train
 
-    metrics = train(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+    with one_line_errors():  # a bad option, file or path: one line naming it (lbdpo/cli.py)
+        metrics = train(cfg, run_dir=HydraConfig.get().runtime.output_dir)
     return metrics.get("eval/rewards/accuracies", float("nan"))
 
 

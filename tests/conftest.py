@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
 from pathlib import Path
@@ -50,3 +51,12 @@ def random_pairs(n: int, vocab: int, seed: int = 0, prompt_range=(2, 9), respons
          "rejected_input_ids": ids(*response_range)}
         for _ in range(n)
     ]
+
+
+def write_item_pairs(path, n: int = 64):
+    """A small JSONL of text preference pairs ("Item i: …?" → "It is …." / "No ….") for CLI tests; returns path."""
+    words = ["good", "bad", "fine", "poor", "great", "awful", "nice", "dull"]
+    rows = [{"prompt": f"Item {i}: {words[i % 8]} {words[(i * 3) % 8]}?", "chosen": f"It is {words[(i * 5) % 8]}.",
+             "rejected": f"No {words[(i * 7) % 8]}."} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

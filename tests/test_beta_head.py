@@ -300,5 +300,5 @@ def test_w_is_one_element_and_loads_from_a_0d_checkpoint():
     prior = BetaHead(BetaHeadConfig(hidden_size=4, w_init=0.3, w_prior_weight=2.0))
     with torch.no_grad():
         prior.w.fill_(0.6)
-    assert prior.regularization_loss().shape == () and float(prior.regularization_loss()) == pytest.approx(
+    assert prior.regularization_loss().shape == () and float(prior.regularization_loss().detach()) == pytest.approx(
         2.0 * math.log(2.0) ** 2)

@@ -10,7 +10,7 @@ from conftest import REPO_ROOT
 from lbdpo.beta_head import BetaHeadConfig
 from lbdpo.build import to_container
 from lbdpo.data.tokenize import TokenizeConfig
-from lbdpo.train.setup import check_trainer_config
+from lbdpo.train.checks import check_trainer_config
 
 CONF = REPO_ROOT / "conf"
 GROUPS = ["model", "beta_head", "data", "trainer", "logger"]
@@ -42,7 +42,7 @@ def test_every_group_option_composes(group, option):
 def test_sweep_arms_compose(arm):
     cfg = compose_with(f"+arm={arm}")
     head = BetaHeadConfig.from_mapping(to_container(cfg.beta_head), hidden_size=8)
-    assert head.mode == ("fixed" if arm.startswith("fixed") else "learnable")
+    assert head.mode == ("fixed" if arm.startswith("fixed") else "beta_dpo" if arm == "beta_dpo" else "learnable")
 
 
 def test_readme_example_and_named_sweeps_compose():

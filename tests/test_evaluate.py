@@ -115,7 +115,7 @@ def test_missing_reference_and_partial_checkpoint(checkpoint, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(checkpoint, broken)
     (broken / "beta_head.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="beta_head.safetensors is missing"):
+    with pytest.raises(FileNotFoundError, match=r"is incomplete \(missing \['beta_head.safetensors'\]\)"):
         evaluate_checkpoint(eval_cfg(broken, tmp_path / "b"))
 
 

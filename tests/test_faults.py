@@ -15,18 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_item_pairs
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 10
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("faults_data") / "pairs.jsonl"
-    words = ["good", "bad", "fine", "poor", "great", "awful", "nice", "dull"]
-    rows = [{"prompt": f"Item {i}: {words[i % 8]} {words[(i * 3) % 8]}?", "chosen": f"It is {words[(i * 5) % 8]}.",
-             "rejected": f"No {words[(i * 7) % 8]}."} for i in range(64)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_item_pairs(tmp_path_factory.mktemp("faults_data") / "pairs.jsonl")
 
 
 def command(data_file: Path, run_dir: Path, *overrides: str) -> list[str]:

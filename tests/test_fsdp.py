@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_item_pairs
+
 REPO = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = REPO / "conf" / "accelerate" / "fsdp.yaml"
 STEPS = 4
@@ -25,12 +27,7 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("fsdp_data") / "pairs.jsonl"
-    words = ["good", "bad", "fine", "poor", "great", "awful", "nice", "dull"]
-    rows = [{"prompt": f"Item {i}: {words[i % 8]} {words[(i * 3) % 8]}?", "chosen": f"It is {words[(i * 5) % 8]}.",
-             "rejected": f"No {words[(i * 7) % 8]}."} for i in range(64)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_item_pairs(tmp_path_factory.mktemp("fsdp_data") / "pairs.jsonl")
 
 
 def overrides(pairs: Path, run_dir: Path, *extra: str) -> list[str]:

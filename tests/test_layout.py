@@ -8,8 +8,8 @@ Layers, lowest first; a module may import from its own layer or a lower one, nev
     train   lbdpo.train.*                                             (the loop, checkpoints, run output)
     eval    lbdpo.eval.*                                              (evaluation, figures, comparisons)
 
-The package's ``__init__`` (the public names) and the ``export`` command (a checkpoint and its eval results → a
-model folder) stand above them all.
+The package's ``__init__`` (the public names), the ``export`` command (a checkpoint and its eval results → a
+model folder) and the ``experiment`` runner (arms × seeds → trained, evaluated, compared) stand above them all.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def module_name(path: Path) -> str:
 
 def layer_of(module: str) -> int:
     parts = module.split(".")
-    if len(parts) == 1 or parts[1] == "export":  # the package's __init__, the export command
+    if len(parts) == 1 or parts[1] in ("export", "experiment"):  # the package's __init__, the two commands
         return LAYERS["package"]
     if parts[1] in ("data", "models"):
         return LAYERS["inputs"]

@@ -16,6 +16,9 @@
   is over the micro-batch this module sees (one process, one gradient-accumulation step), so the β of a
   prompt depends on its batch-mates; with ε = 0 and ``ppl_transform=none`` every β equals target_beta.
 - ``mode=fixed``: β ≡ ``beta`` for every prompt: plain DPO through the same code path (the baseline).
+- ``mode=beta_dpo``: β-DPO (Wu et al. 2024), one detached β per batch from the batch's margins, with optional
+  margin-guided filtering (:mod:`lbdpo.beta_dpo`; ``beta`` is its β₀). This head returns β₀; the DPO model applies
+  the batch-level correction once the margins are known (:attr:`BetaHead.batch_level`).
 - ``use_ppl_approx``: a second network on h predicts log PPL(x) (ℓ̂ = NN_ppl(LayerNorm(h))), trained only by
   the auxiliary loss ``ppl_approx_loss_weight`` · mean (ℓ̂ − log PPL)² against the exact, detached value of
   the same forward; β then uses max(ℓ̂, 0) in place of log PPL. Its point is inference: β of a prompt from one
@@ -43,12 +46,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .beta_dpo import BetaDPO
 from .dpo_model import DynamicBetaDPOModel  # re-exported (the design documents' import); it never imports back
 
 PPL_TRANSFORMS = ("log_ppl", "ppl", "none", "inverse_log_ppl")
 NET_TYPES = ("linear", "mlp")
 NORMALIZATIONS = ("none", "batch_mean")
-MODES = ("learnable", "fixed")
+MODES = ("learnable", "fixed", "beta_dpo")
 
 
 @dataclass
@@ -56,7 +60,10 @@ class BetaHeadConfig:
     """Configuration of :class:`BetaHead` (field names follow the design documents where they exist)."""
 
     mode: str = "learnable"  # "learnable": β(x) from the formula; "fixed": β ≡ `beta` (plain DPO baseline)
-    beta: float = 0.1  # the constant β of mode="fixed"
+    beta: float = 0.1  # the constant β of mode="fixed"; β₀ of mode="beta_dpo"
+    beta_dpo_alpha: float = 0.6  # β-DPO's α: β_batch = β₀·[1 + α·(mean margin − M₀)]
+    beta_dpo_filter: float = 0.2  # β-DPO's filtering ratio ρ: the fraction of each batch's pairs dropped (0 = off)
+    beta_dpo_momentum: float = 0.9  # γ of β-DPO's moving averages M₀, σ of the batch margins
     hidden_size: int = 768  # width of the policy's last hidden state (taken from the model config)
     context_net_type: str = "linear"  # NN in f(h): "linear" or "mlp"
     context_mlp_hidden_size: int = 128  # hidden width of the "mlp" NN
@@ -85,9 +92,23 @@ class BetaHeadConfig:
         """Raise a ``ValueError`` naming the offending key for any invalid setting."""
         if self.mode not in MODES:
             raise ValueError(f"beta_head.mode={self.mode!r} must be one of {MODES}")
-        if self.mode == "fixed":
+        for f in fields(self):  # numbers first, so that a typo names its key rather than failing in float()
+            value = getattr(self, f.name)
+            if f.type in ("float", "int", "int | None") and value is not None:
+                try:
+                    float(value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"beta_head.{f.name}={value!r} must be a number") from None
+        if self.mode in ("fixed", "beta_dpo"):
             if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
                 raise ValueError(f"beta_head.beta={self.beta!r} must be a finite number > 0")
+            if self.mode == "beta_dpo":
+                if not 0 <= float(self.beta_dpo_filter) < 1:
+                    raise ValueError(f"beta_head.beta_dpo_filter={self.beta_dpo_filter!r} must be in [0, 1)")
+                if not 0 <= float(self.beta_dpo_momentum) < 1:
+                    raise ValueError(f"beta_head.beta_dpo_momentum={self.beta_dpo_momentum!r} must be in [0, 1)")
+                if not math.isfinite(float(self.beta_dpo_alpha)):
+                    raise ValueError(f"beta_head.beta_dpo_alpha={self.beta_dpo_alpha!r} must be a finite number")
             return
         if self.context_net_type not in NET_TYPES:
             raise ValueError(f"beta_head.context_net_type={self.context_net_type!r} must be one of {NET_TYPES}")
@@ -154,8 +175,10 @@ class BetaHead(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.fixed = config.mode == "fixed"
+        self.fixed = config.mode in ("fixed", "beta_dpo")  # no learnable β: this head returns `beta` for every pair
         self.epsilon = float(config.epsilon)
+        self.batch_level = BetaDPO(config.beta, config.beta_dpo_alpha, config.beta_dpo_filter,
+                                   config.beta_dpo_momentum) if config.mode == "beta_dpo" else None
         if self.fixed:
             # No parameters: a buffer keeps the β value in checkpoints and on the right device.
             self.register_buffer("w", torch.tensor(float(config.beta)))
@@ -320,7 +343,7 @@ class BetaHead(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         if self.fixed:
-            return f"mode=fixed, beta={c.beta}"
+            return f"mode={c.mode}, beta={c.beta}"
         return (
             f"ppl_transform={c.ppl_transform}, net={c.context_net_type}, epsilon={c.epsilon}, "
             f"w_trainable={c.w_trainable}, w_init={c.w_init}, normalize={c.normalize}"

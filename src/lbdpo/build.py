@@ -54,7 +54,7 @@ def policy_hidden_size(policy) -> int:
     return hidden_size_of(getattr(policy, "base_model", policy) if hasattr(policy, "peft_config") else policy)
 
 
-def _sources(value: Any) -> list[dict[str, Any]]:
+def data_sources(value: Any) -> list[dict[str, Any]]:
     """A data source list from config: one path string, one dict, or a list of either."""
     if value is None:
         return []
@@ -96,8 +96,11 @@ def build_datasets(data_cfg: DictConfig, tokenizer, seed: int, tokenize_train: b
     from .data.loading import load_mixture, train_eval_split
     from .data.tokenize import tokenize_pairs
 
-    train_raw, train_report = load_mixture(_sources(data_cfg.train), seed=seed)
-    eval_sources = _sources(data_cfg.get("eval"))
+    eval_sources = data_sources(data_cfg.get("eval"))
+    if eval_sources and not tokenize_train:  # evaluation with its own eval files: the train files are not read
+        train_raw, train_report = None, None
+    else:
+        train_raw, train_report = load_mixture(data_sources(data_cfg.train), seed=seed)
     eval_report = None
     if eval_sources:
         eval_raw, eval_report = load_mixture(eval_sources, seed=seed)
@@ -109,7 +112,10 @@ def build_datasets(data_cfg: DictConfig, tokenizer, seed: int, tokenize_train: b
         )
     else:
         eval_raw = None
-    if data_cfg.get("max_train_pairs"):
+    for key in ("max_train_pairs", "max_eval_pairs"):
+        if data_cfg.get(key) is not None and int(data_cfg[key]) < 0:
+            raise ValueError(f"data.{key}={data_cfg[key]} must be ≥ 0 (or null: all)")
+    if train_raw is not None and data_cfg.get("max_train_pairs"):
         train_raw = train_raw.select(range(min(len(train_raw), int(data_cfg.max_train_pairs))))
     if eval_raw is not None and data_cfg.get("max_eval_pairs"):
         eval_raw = eval_raw.select(range(min(len(eval_raw), int(data_cfg.max_eval_pairs))))
@@ -119,12 +125,14 @@ def build_datasets(data_cfg: DictConfig, tokenizer, seed: int, tokenize_train: b
     if tokenize_train:
         train_ds, train_skips = tokenize_pairs(train_raw, tokenizer, tok_cfg, desc="tokenize train")
         if len(train_ds) == 0:
-            raise ValueError("no training pairs left after filtering and tokenization (see the skip counts above)")
+            raise ValueError(f"no training pairs left after tokenization: {len(train_raw)} pairs skipped "
+                             f"({', '.join(f'{k}={v}' for k, v in train_skips.items())}); raise data.max_length / "
+                             "data.max_prompt_length")
     eval_ds, eval_skips = (None, Counter())
     if eval_raw is not None:
         eval_ds, eval_skips = tokenize_pairs(eval_raw, tokenizer, tok_cfg, desc="tokenize eval")
     report = {
-        "train_loader": train_report.as_dict(),
+        "train_loader": train_report.as_dict() if train_report else None,
         "train_tokenizer_skips": dict(train_skips),
         "eval_loader": eval_report.as_dict() if eval_report else None,
         "eval_tokenizer_skips": dict(eval_skips),

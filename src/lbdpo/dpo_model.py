@@ -89,6 +89,7 @@ PER_PAIR_KEYS = (
     "losses", "beta", "log_ppl", "f", "policy_chosen_logps", "policy_rejected_logps",
     "reference_chosen_logps", "reference_rejected_logps", "chosen_rewards", "rejected_rewards",
     "log_ppl_approx", "beta_exact",  # only with beta_head.use_ppl_approx
+    "kept",  # only with beta_head=beta_dpo: 1 for the pairs its filtering kept in the loss
 )
 
 
@@ -110,6 +111,7 @@ class DPOOutput:
     w: torch.Tensor  # the head's current w (detached scalar)
     log_ppl_approx: torch.Tensor | None = None  # see PromptStats
     beta_exact: torch.Tensor | None = None
+    kept: torch.Tensor | None = None  # β-DPO: 1 for the pairs the loss averages (its filtering), else 0
 
     @functools.cached_property
     def metrics(self) -> dict[str, float]:
@@ -260,16 +262,17 @@ class DynamicBetaDPOModel(nn.Module):
         beta, log_ppl = stats.beta, stats.log_ppl
 
         # 4. Reference log-probs and the DPO loss (eq. 7 of the DPO paper, with β per prompt).
-        ref_chosen, ref_rejected = self.reference_logps(batch)
+        ref_chosen, ref_rejected = (r.to(logps.device) for r in self.reference_logps(batch))
+        kept = None
+        if self.beta_head.batch_level is not None:  # β-DPO: one β from the batch's margins, some pairs filtered
+            margins = (policy_chosen_logps - ref_chosen) - (policy_rejected_logps - ref_rejected)
+            beta, kept = self.beta_head.batch_level(margins, update=self.training)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            ref_chosen.to(logps.device),
-            ref_rejected.to(logps.device),
-            beta,
+            policy_chosen_logps, policy_rejected_logps, ref_chosen, ref_rejected, beta,
             label_smoothing=self.label_smoothing,
         )
-        loss = (losses.mean() + self.beta_head.regularization_loss()
+        dpo_term = losses.mean() if kept is None else (losses * kept).sum() / kept.sum().clamp(min=1.0)
+        loss = (dpo_term + self.beta_head.regularization_loss()
                 + self.beta_head.auxiliary_loss(log_ppl, stats.log_ppl_approx))
 
         return DPOOutput(
@@ -287,4 +290,5 @@ class DynamicBetaDPOModel(nn.Module):
             w=self.beta_head.w.detach(),
             log_ppl_approx=None if stats.log_ppl_approx is None else stats.log_ppl_approx.detach(),
             beta_exact=stats.beta_exact,
+            kept=kept,
         )

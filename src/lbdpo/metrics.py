@@ -54,6 +54,8 @@ def preference_metrics(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
         out["beta_head/f_mean"], out["beta_head/f_std"] = f["f/mean"], f["f/std"]
     if "log_ppl_approx" in values:
         out.update(ppl_approx_metrics(values))
+    if "kept" in values:  # β-DPO's filtering
+        out["beta_dpo/kept_fraction"] = values["kept"].float().mean().item()
     return out
 
 

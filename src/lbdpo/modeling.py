@@ -226,7 +226,8 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
         """A short README.md: base model, β configuration, how to load, and the eval numbers given."""
         c = self.beta_head.config
         w = float(self.beta_head.w.detach()) if w is None else w
-        beta = f"fixed β = {c.beta}" if c.mode == "fixed" else (
+        beta = f"fixed β = {c.beta}" if c.mode == "fixed" else (f"β-DPO, β₀ = {c.beta}, α = {c.beta_dpo_alpha}, "
+                                                                 f"filter ρ = {c.beta_dpo_filter}") if c.mode == "beta_dpo" else (
             f"β(x) = w · {c.ppl_transform}(x) · f(h), f = 1 + {c.epsilon}·tanh({c.context_net_type}(h)), "
             f"w = {w:.4g} ({'trainable' if c.w_trainable else 'fixed'}), normalize={c.normalize}")
         lines = ["---", "library_name: transformers", "tags: [lbdpo, dpo]", "---", "",

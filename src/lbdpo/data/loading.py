@@ -150,6 +150,14 @@ def _convert_rows(rows: list[Any], origin: str, columns: Mapping[str, str], repo
     """Renames, checks and converts the rows of one file (or hub split), counting skips in ``report``."""
     renamed = [_rename_columns(r, columns) if isinstance(r, dict) else r for r in rows]
     names = {k for r in renamed if isinstance(r, dict) for k in r}
+    original = {k for r in rows if isinstance(r, dict) for k in r}
+    absent = {ours: theirs for ours, theirs in columns.items() if theirs not in original}
+    if rows and absent:
+        raise ValueError(f"{origin}: data.columns maps {absent} but the file has no column(s) "
+                         f"{sorted(absent.values())}; found {sorted(original)}")
+    if renamed and not any(isinstance(r, dict) for r in renamed):
+        raise ValueError(f"{origin}: rows are not JSON objects (found {type(renamed[0]).__name__}); expected one "
+                         "object per line/element with prompt/chosen/rejected")
     if renamed:
         _check_required_columns(names, origin, columns)
     has_prompt = "prompt" in names
@@ -301,6 +309,10 @@ def load_mixture(sources: list[Mapping[str, Any]], seed: int = 0) -> tuple[datas
         ds, part = load_preference_pairs_with_report(
             source, spec.get("split"), columns=spec.get("columns"), domain=spec.get("domain"), report=FilterReport()
         )
+        if len(ds) == 0:
+            reasons = "; ".join(f"{k}={v}" for k, v in part.skipped.items() if v) or "the source has no rows"
+            raise ValueError(f"{source}: no usable preference pairs ({part.rows_in} rows read; skipped: {reasons}); "
+                             "`python -m lbdpo.data.check FILE` lists the bad rows")
         if "domain" not in ds.column_names:  # keep a file's own per-row domains unless the spec names one
             ds = ds.add_column("domain", [Path(str(source)).stem] * len(ds))
         n = spec.get("num_samples")
@@ -325,10 +337,15 @@ def train_eval_split(
     """Deterministic (train, eval) split: give exactly one of ``eval_fraction`` (0-1) or ``eval_size`` (rows)."""
     if (eval_fraction is None) == (eval_size is None):
         raise ValueError("give exactly one of eval_fraction or eval_size")
-    size = eval_size if eval_size is not None else round(eval_fraction * len(ds))
+    if eval_fraction is not None and not 0 < float(eval_fraction) < 1:
+        raise ValueError(f"data.eval_fraction={eval_fraction} must be in (0, 1) (or null, with data.eval_size)")
+    if eval_size is not None and int(eval_size) < 0:
+        raise ValueError(f"data.eval_size={eval_size} must be ≥ 0 (or null, with data.eval_fraction)")
+    size = int(eval_size) if eval_size is not None else round(eval_fraction * len(ds))
     if size == 0:
         return ds, ds.select([])
     if size >= len(ds):
-        raise ValueError(f"eval split of {size} rows leaves no training rows (dataset has {len(ds)})")
+        raise ValueError(f"data.eval_size/eval_fraction: an eval split of {size} rows leaves no training rows (the "
+                         f"data has {len(ds)} usable pairs)")
     parts = ds.train_test_split(test_size=size, seed=seed, shuffle=True)
     return parts["train"], parts["test"]

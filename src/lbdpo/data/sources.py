@@ -64,12 +64,20 @@ def read_local(path: Path, text_columns: Iterable[str]) -> list[Any]:
     """Rows of one local file; ``.csv``/``.parquet`` are read by ``datasets``. The CSV ``text_columns`` stay
     strings (no number parsing, no NaN for empty cells)."""
     suffix = path.suffix.lower()
-    if suffix in (".json", ".jsonl"):
-        return _read_json(path)
-    if suffix == ".parquet":
-        return datasets.Dataset.from_parquet(str(path)).to_list()
-    as_text = dict.fromkeys(text_columns, str)  # pandas ignores the names this file does not have
-    return datasets.Dataset.from_csv(str(path), keep_default_na=False, converters=as_text).to_list()
+    try:
+        if suffix in (".json", ".jsonl"):
+            return _read_json(path)
+        if suffix == ".parquet":
+            return datasets.Dataset.from_parquet(str(path)).to_list()
+        as_text = dict.fromkeys(text_columns, str)  # pandas ignores the names this file does not have
+        return datasets.Dataset.from_csv(str(path), keep_default_na=False, converters=as_text).to_list()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); re-save it as UTF-8") from None
+    except (OSError, ValueError) as err:
+        if isinstance(err, ValueError) and str(err).startswith(str(path)):  # already names the file
+            raise
+        raise ValueError(f"{path}: cannot be read as a {suffix} file ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 def load_hub(source: str, split: str | None) -> datasets.Dataset:

@@ -71,8 +71,10 @@ def _read_yaml(path: Path):
 
 
 def arm_name(overrides: list[str], run_name: str) -> str:
-    """The run's overrides without its seed and sweep name, joined with spaces (``run_name`` when nothing is left)."""
-    kept = [o for o in overrides if not (is_seed_override(o) or is_sweep_override(o))]
+    """The run's overrides without its seed, sweep name and ``trainer.resume_from``, joined with spaces
+    (``run_name`` when nothing is left)."""
+    kept = [o for o in overrides if not (is_seed_override(o) or is_sweep_override(o)
+                                         or o.lstrip("+~").startswith("trainer.resume_from="))]
     return " ".join(kept) or run_name
 
 

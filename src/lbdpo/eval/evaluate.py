@@ -80,13 +80,46 @@ def load_reference(cfg: DictConfig, run_cfg: DictConfig, vocab_size: int, device
         return None
 
 
-def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
-    """Run every evaluation section for ``cfg.checkpoint``; returns the eval.json content."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ckpt = Path(cfg.checkpoint)
+def check_options(cfg: DictConfig) -> None:
+    """The evaluation's own options, before anything loads (one line naming the key)."""
+    from ..train.checks import number
+
+    for key in ("batch_size", "generation.num_prompts", "generation.max_new_tokens", "generation.batch_size"):
+        if number(key, OmegaConf.select(cfg, key), int) < 1:
+            raise ValueError(f"{key}={OmegaConf.select(cfg, key)} must be ≥ 1 (generation.enabled=false skips "
+                             "generation)")
+    if cfg.max_pairs is not None and number("max_pairs", cfg.max_pairs, int) < 1:
+        raise ValueError(f"max_pairs={cfg.max_pairs} must be ≥ 1 (or null: data.max_eval_pairs)")
+    if cfg.reference not in ("auto", "none"):
+        raise ValueError(f"reference={cfg.reference!r} must be auto (the checkpoint's reference model) or none")
+    if not (cfg.device in ("auto", "cpu") or str(cfg.device).startswith("cuda")):
+        raise ValueError(f"device={cfg.device!r} must be auto, cpu or cuda[:N]")
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device} but no CUDA device is available (device=auto or cpu)")
+    number("common_beta", cfg.common_beta)
+    if cfg.output_dir and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise ValueError(f"output_dir={cfg.output_dir} is a file, not a folder")
+
+
+def check_checkpoint_folder(ckpt: Path) -> None:
+    """A training checkpoint folder with every file evaluation reads, or one line saying what is missing."""
     if not (ckpt / "config.yaml").is_file():
         raise FileNotFoundError(f"{ckpt / 'config.yaml'} is missing: checkpoint= must be a training checkpoint "
                                 "(outputs/<run>/checkpoints/final or step-N)")
+    missing = [n for n in ("config.json", "beta_head.safetensors", "tokenizer_config.json") if not (ckpt / n).is_file()]
+    if not list(ckpt.glob("model*.safetensors")) and not (ckpt / "adapter_model.safetensors").is_file():
+        missing.append("model*.safetensors")
+    if missing:
+        raise FileNotFoundError(f"checkpoint={ckpt} is incomplete (missing {missing}): use another step-N or "
+                                "checkpoints/final")
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
+    """Run every evaluation section for ``cfg.checkpoint``; returns the eval.json content."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_options(cfg)
+    ckpt = Path(cfg.checkpoint)
+    check_checkpoint_folder(ckpt)
     run_cfg = OmegaConf.load(ckpt / "config.yaml")
     lm = AutoModelForCausalLMWithBetaHead.from_pretrained(ckpt)
     policy, tokenizer, head = lm.policy, lm.tokenizer, lm.beta_head
@@ -115,7 +148,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     results.set("data", {"eval_pairs": 0 if eval_ds is None else len(eval_ds), "filters": report})
     if eval_ds is None or len(eval_ds) == 0:
         results.skip("preference", "the data config has no eval split (set data.eval or data.eval_size)")
-        return results.data
+        raise ValueError(f"nothing to evaluate: the data config of {ckpt} has no held-out pairs; give "
+                         "data.eval=FILE or data.eval_size=N (or data=<group> with an eval split)")
 
     # a bad reward name or reward-model path fails here, in one line, not after the preference pass
     reward_fn = resolve_reward_fn(data_cfg.get("reward") if cfg.reward == "auto" else cfg.reward, cfg.reward_model,

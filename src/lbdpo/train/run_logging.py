@@ -187,6 +187,9 @@ def print_banner(cfg: DictConfig, model, data_report: dict[str, Any], total_step
     table.add_row("model", f"{m.name_or_path} ({m.source}, {m.dtype})")
     if h.mode == "fixed":
         table.add_row("β", f"fixed β = {h.beta}")
+    elif h.mode == "beta_dpo":
+        table.add_row("β", f"β-DPO: β₀={h.beta}, α={h.beta_dpo_alpha}, filter ρ={h.beta_dpo_filter}, "
+                           f"γ={h.beta_dpo_momentum}")
     else:
         table.add_row("β", f"w·{h.ppl_transform}·f, NN={h.context_net_type}, ε={h.epsilon}, w_init={h.w_init}, "
                            f"w_trainable={h.w_trainable}, normalize={h.normalize}")

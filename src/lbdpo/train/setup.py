@@ -29,48 +29,15 @@ from ..data.collator import PreferenceCollator
 from ..dpo_model import DynamicBetaDPOModel
 from ..modeling import AutoModelForCausalLMWithBetaHead
 from .checkpoint import TrainerState, load_trainer_state, resolve_resume_path
+from .checks import check_config, check_resume_matches
 from .reference import add_reference_columns
 from .run_logging import RunLogger, WandbIdentity, print_banner
 from .sharded import check_launch, is_sharded
 
 log = logging.getLogger(__name__)
 
-REFERENCE_MODES = ("copy", "precompute", "adapter_disabled")
-SCHEDULES = ("linear", "cosine", "constant")
 DATA_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "reference_chosen_logps",
                 "reference_rejected_logps", "domain")
-
-
-def check_trainer_config(t: DictConfig) -> None:
-    """Incompatible or invalid trainer options fail before anything is loaded, naming the key."""
-    if t.reference not in REFERENCE_MODES:
-        raise ValueError(f"trainer.reference={t.reference!r} must be one of {REFERENCE_MODES}")
-    if t.reference == "adapter_disabled" and not t.lora.enabled:
-        raise ValueError("trainer.reference=adapter_disabled needs trainer.lora.enabled=true")
-    if t.lr_schedule not in SCHEDULES:
-        raise ValueError(f"trainer.lr_schedule={t.lr_schedule!r} must be one of {SCHEDULES}")
-    if not t.max_steps and not t.num_epochs:
-        raise ValueError("set trainer.max_steps or trainer.num_epochs")
-    for key in ("batch_size", "gradient_accumulation_steps", "eval_batch_size", "log_every",
-                "max_consecutive_nonfinite"):
-        if int(t[key]) < 1:
-            raise ValueError(f"trainer.{key}={t[key]} must be ≥ 1")
-    for key in ("eval_every", "save_every", "keep_last", "warmup_steps", "max_grad_norm", "weight_decay",
-                "beta_head_weight_decay"):
-        if not float(t[key]) >= 0:
-            raise ValueError(f"trainer.{key}={t[key]} must be ≥ 0")
-    for key in ("policy_lr", "beta_head_lr"):
-        if not 0 <= float(t[key]) < float("inf"):
-            raise ValueError(f"trainer.{key}={t[key]} must be a finite number ≥ 0")
-    if not 0 < float(t.adam_eps) < 1:
-        raise ValueError(f"trainer.adam_eps={t.adam_eps} must be in (0, 1)")
-    if not 0.0 <= float(t.label_smoothing) < 0.5:
-        raise ValueError(f"trainer.label_smoothing={t.label_smoothing} must be in [0, 0.5) (cDPO's label-noise rate)")
-    if t.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"trainer.mixed_precision={t.mixed_precision!r} must be one of no, bf16, fp16")
-    if t.get("logps_chunk_size") is not None and int(t.logps_chunk_size) < 1:
-        raise ValueError(f"trainer.logps_chunk_size={t.logps_chunk_size} must be ≥ 1 or null")
-
 
 def apply_lora(policy, lora_cfg: DictConfig):
     """Wrap the policy with a peft LoRA adapter (only the adapter trains)."""
@@ -249,9 +216,10 @@ def describe_processes(accelerator: Accelerator, inner) -> str:
 def setup(cfg: DictConfig, run_dir: Path) -> Run:
     """Everything before the first step: models and data, optimizer and schedule, resume, logger, banner."""
     t = cfg.trainer
-    check_trainer_config(t)
-    BetaHeadConfig.from_mapping({**to_container(cfg.beta_head), "hidden_size": 1})  # its errors before any loading
+    check_config(cfg, hydra_overrides()[0])  # every option's errors before any loading
     resume_path = resolve_resume_path(t.resume_from, run_dir)  # a bad path fails here, before any loading
+    if resume_path is not None:
+        check_resume_matches(resume_path, cfg)
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=bool(t.get("cpu", False)))
     check_launch(accelerator, cfg.beta_head)
     set_seed(int(cfg.seed))
@@ -287,7 +255,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
                        enabled=accelerator.is_main_process,
                        resumed_step=state.step if resume_path is not None else None)
     if accelerator.is_main_process:
-        print_banner(cfg, inner, data_report, total_steps, pairs_per_step, run_dir, describe_processes(accelerator, inner))
+        print_banner(cfg, inner, data_report, total_steps, pairs_per_step, run_dir,
+                     describe_processes(accelerator, inner))
     batches = TrainBatches(train_ds, collator, accelerator, t, int(cfg.seed), state, pairs_per_step)
     return Run(cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=model, lm=lm,
                optimizer=optimizer, scheduler=scheduler, batches=batches, eval_loader=eval_loader, logger=logger,

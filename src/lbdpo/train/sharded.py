@@ -33,7 +33,8 @@ def check_launch(accelerator: Accelerator, beta_head_cfg) -> None:
                            f"({accelerator.distributed_type}, device {accelerator.device}): on CPU set trainer.cpu=true "
                            "and launch DDP with `torchrun --nproc_per_node N train.py ...`")
     for kind, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
-        if os.environ.get(env, "false").lower() == "true" and str(accelerator.distributed_type) != f"DistributedType.{kind}":
+        asked = os.environ.get(env, "false").lower() == "true"
+        if asked and str(accelerator.distributed_type) != f"DistributedType.{kind}":
             raise RuntimeError(f"the launch asks for {kind} ({env}=true) but Accelerate resolved it to "
                                f"{accelerator.distributed_type} on {accelerator.device}: Accelerate runs {kind} only on "
                                "GPUs/accelerators (and trainer.cpu=true forces CPU); on CPU use torchrun (DDP)")

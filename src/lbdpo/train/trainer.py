@@ -137,6 +137,7 @@ def log_step(run: Run, result: StepResult, elapsed: float) -> dict[str, float]:
         else {"loss": float("nan")}
     metrics.update({
         "beta_head/w": float(full(run.inner.beta_head.w.detach())),
+        **batch_level_metrics(run.inner.beta_head),
         "grad_norm/total": result.grad_norm,
         "grad_norm/beta_head": result.head_grad_norm,
         "pairs_per_s": run.pairs_per_step / elapsed,
@@ -151,6 +152,14 @@ def log_step(run: Run, result: StepResult, elapsed: float) -> dict[str, float]:
     if "beta" in values:
         run.logger.histogram(run.state.step, "beta/hist", values["beta"])
     return metrics
+
+
+def batch_level_metrics(beta_head) -> dict[str, float]:
+    """β-DPO's running statistics (``beta_dpo/M0``, ``beta_dpo/sigma``); nothing for the other modes."""
+    if beta_head.batch_level is None:
+        return {}
+    return {"beta_dpo/M0": float(beta_head.batch_level.margin_mean), "beta_dpo/sigma":
+            float(beta_head.batch_level.margin_std)}
 
 
 def health_problems(metrics: dict[str, float], first_log_ppl: float, vocab_size: int, beta_min: float,

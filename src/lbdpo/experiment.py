@@ -1,0 +1,209 @@
+"""A named, resumable experiment: arms × seeds on one task, trained, evaluated and compared, across sessions.
+
+    python -m lbdpo.experiment run experiments/sentiment.yaml [--stop-after-minutes 150] [--only ARM ...]
+    python -m lbdpo.experiment status experiments/sentiment.yaml      # what is done, partial, pending; time estimate
+    python -m lbdpo.experiment compare experiments/sentiment.yaml     # rebuild compare.md and the figures
+
+The experiment file (YAML) names the runs; each run is ``train.py <common> <arm overrides> seed=S`` in its own
+folder ``<out>/<name>/<arm>__seed-<S>/``, then ``evaluate.py`` on its final checkpoint::
+
+    name: sentiment_v1                       # folder under out (default outputs/experiments)
+    common: [data=sentiment, trainer.save_every=20, logger=none]   # every run's overrides
+    arms: {fixed_b01: [+arm=fixed_b01], beta_dpo: [+arm=beta_dpo]} # arm name → its overrides
+    seeds: [0, 1, 2]
+    evaluate: [max_pairs=1000]               # evaluate.py's overrides
+
+``run`` goes through the runs in order (seed-major, so every arm gets seed 0 before any gets seed 1) and for each:
+skips it when ``eval.json`` is there; evaluates it when only the evaluation is missing; otherwise trains it with
+``trainer.resume_from=auto`` (a run interrupted in an earlier session continues from its last ``step-N``, so at
+most one ``trainer.save_every`` interval is lost), then evaluates it. Training is a child process; Ctrl-C or SIGTERM
+(or ``--stop-after-minutes``) is passed on as SIGINT, which makes it finish its step and save. Each run's wall
+times go to ``runner.json`` in its folder; ``status`` turns them into the time the pending runs need. After every
+run the comparison (:mod:`lbdpo.eval.compare`) is rebuilt into ``<out>/<name>/compare/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+KEYS = {"name", "common", "arms", "seeds", "evaluate", "out"}
+
+
+@dataclass
+class Experiment:
+    name: str
+    common: list[str]
+    arms: dict[str, list[str]]
+    seeds: list[int]
+    evaluate: list[str]
+    folder: Path
+
+    @classmethod
+    def load(cls, path: Path) -> Experiment:
+        spec = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = set(spec) - KEYS
+        if unknown or not spec.get("name") or not spec.get("arms"):
+            raise ValueError(f"{path}: needs name and arms (optional common, seeds, evaluate, out); "
+                             f"unknown keys {sorted(unknown)}")
+        arms = {str(k): [str(o) for o in (v or [])] for k, v in spec["arms"].items()}
+        out = Path(spec.get("out") or REPO / "outputs" / "experiments")
+        return cls(name=str(spec["name"]), common=[str(o) for o in spec.get("common") or []], arms=arms,
+                   seeds=[int(s) for s in spec.get("seeds") or [0]], evaluate=[str(o) for o in spec.get("evaluate") or []],
+                   folder=out / str(spec["name"]))
+
+    def runs(self, only: list[str] | None = None) -> list[tuple[str, int, Path]]:
+        """(arm, seed, run folder), seed-major."""
+        return [(arm, seed, self.folder / f"{arm}__seed-{seed}") for seed in self.seeds for arm in self.arms
+                if not only or arm in only]
+
+
+def state_of(run_dir: Path) -> str:
+    """``done`` (evaluated), ``trained`` (final checkpoint, no eval.json), ``partial`` (a step-N checkpoint), or
+    ``pending``."""
+    if (run_dir / "eval.json").is_file():
+        return "done"
+    if (run_dir / "checkpoints" / "final" / "trainer_state.pt").is_file():
+        return "trained"
+    if any((run_dir / "checkpoints").glob("step-*/trainer_state.pt")):
+        return "partial"
+    return "pending"
+
+
+class Stop:
+    """Ctrl-C / SIGTERM / the deadline: pass SIGINT to the running child once, and start nothing new."""
+
+    def __init__(self, deadline: float | None):
+        self.deadline, self.requested, self.child = deadline, False, None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if not self.requested:
+            print(f"[experiment] {signal.Signals(signum).name}: the current run saves a checkpoint and stops",
+                  flush=True)
+        self.request()
+
+    def request(self) -> None:
+        if not self.requested and self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGINT)
+        self.requested = True
+
+    def run(self, cmd: list[str], log_path: Path) -> int:
+        with open(log_path, "a") as log:
+            # its own session: a terminal's Ctrl-C reaches only this runner, which passes on exactly one SIGINT
+            # (a second one would make the run abort without saving)
+            self.child = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            while self.child.poll() is None:
+                if self.deadline is not None and time.time() > self.deadline:
+                    self.request()
+                time.sleep(1.0)
+        return self.child.returncode
+
+
+def record(run_dir: Path, key: str, seconds: float) -> None:
+    path = run_dir / "runner.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[key] = data.get(key, 0.0) + seconds  # summed over the sessions a run spans
+    path.write_text(json.dumps(data, indent=2))
+
+
+def run_experiment(exp: Experiment, only: list[str] | None, stop_after_minutes: float | None) -> int:
+    """Train and evaluate every run that is not done; returns the number of runs left unfinished."""
+    stop = Stop(time.time() + 60 * stop_after_minutes if stop_after_minutes else None)
+    exp.folder.mkdir(parents=True, exist_ok=True)
+    for arm, seed, run_dir in exp.runs(only):
+        if stop.requested:
+            break
+        state = state_of(run_dir)
+        if state == "done":
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"[experiment] {run_dir.name}: {state}", flush=True)
+        if state in ("pending", "partial"):
+            start = time.time()
+            rc = stop.run([sys.executable, str(REPO / "train.py"), *exp.common, *exp.arms[arm], f"seed={seed}",
+                           "trainer.resume_from=auto", f"hydra.run.dir={run_dir}"], run_dir / "runner.log")
+            record(run_dir, "train_s", time.time() - start)
+            if rc != 0 or stop.requested:
+                print(f"[experiment] {run_dir.name}: training stopped (exit {rc}); see {run_dir / 'runner.log'}",
+                      flush=True)
+                if stop.requested:
+                    break
+                continue
+        start = time.time()
+        rc = stop.run([sys.executable, str(REPO / "evaluate.py"), f"checkpoint={run_dir / 'checkpoints' / 'final'}",
+                       *exp.evaluate], run_dir / "runner.log")
+        record(run_dir, "eval_s", time.time() - start)
+        if rc != 0:
+            print(f"[experiment] {run_dir.name}: evaluation failed (exit {rc}); see runner.log", flush=True)
+        compare(exp)
+    left = [r for r in exp.runs(only) if state_of(r[2]) != "done"]
+    print(f"[experiment] {exp.name}: {len(exp.runs(only)) - len(left)} of {len(exp.runs(only))} runs done", flush=True)
+    return len(left)
+
+
+def compare(exp: Experiment) -> None:
+    from .eval.compare import write_comparison
+
+    if any(state_of(d) != "pending" for _, _, d in exp.runs()):
+        table, _ = write_comparison(exp.folder, exp.folder / "compare")
+        print(table, flush=True)
+
+
+def status(exp: Experiment) -> str:
+    """A table of every run's state and measured minutes, and the estimate for what is left."""
+    lines, measured = ["| run | state | train min | eval min |", "|---|---|---:|---:|"], []
+    for _, _, run_dir in exp.runs():
+        times = json.loads((run_dir / "runner.json").read_text()) if (run_dir / "runner.json").is_file() else {}
+        state = state_of(run_dir)
+        if state == "done":
+            measured.append(times.get("train_s", 0.0) + times.get("eval_s", 0.0))
+        lines.append(f"| {run_dir.name} | {state} | {times.get('train_s', 0) / 60:.1f} | {times.get('eval_s', 0) / 60:.1f} |")
+    left = sum(state_of(d) != "done" for _, _, d in exp.runs())
+    if measured:
+        per_run = sorted(measured)[len(measured) // 2] / 60
+        lines.append(f"\n{len(measured)} done, {left} left; median {per_run:.1f} min per finished run → about "
+                     f"{left * per_run:.0f} min to go")
+    else:
+        lines.append(f"\nnothing finished yet; {left} runs left")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lbdpo.experiment", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "status", "compare"])
+    parser.add_argument("experiment", type=Path, help="the experiment's YAML file (see above)")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these arms")
+    parser.add_argument("--stop-after-minutes", type=float, default=None,
+                        help="after this long, let the current run save and stop, and start nothing new")
+    args = parser.parse_args(argv)
+    if not args.experiment.is_file():
+        parser.error(f"{args.experiment}: no such experiment file")
+    try:
+        exp = Experiment.load(args.experiment)
+    except (ValueError, yaml.YAMLError) as err:
+        parser.error(str(err))
+    unknown = set(args.only or []) - set(exp.arms)
+    if unknown:
+        parser.error(f"--only {sorted(unknown)}: not arms of {exp.name} ({sorted(exp.arms)})")
+    if args.command == "run":
+        sys.exit(1 if run_experiment(exp, args.only, args.stop_after_minutes) else 0)
+    if args.command == "status":
+        print(status(exp))
+    else:
+        compare(exp)
+
+
+if __name__ == "__main__":
+    main()

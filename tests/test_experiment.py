@@ -1,0 +1,82 @@
+"""The experiment runner (``python -m lbdpo.experiment``) on tiny_random: a run interrupted mid-training (SIGINT to
+the runner, as at a session's end) continues from its checkpoint on the next ``run``, every step logged once;
+finished runs are skipped; each run is evaluated; the comparison is rebuilt; ``status`` reports."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from lbdpo.experiment import Experiment, state_of
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_experiment(tmp: Path) -> Path:
+    pairs = tmp / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"Yes {i}.", "rejected": "No."}) + "\n"
+                             for i in range(48)))
+    spec = {
+        "name": "tiny", "out": str(tmp / "out"), "seeds": [0],
+        "common": ["model=tiny_random", "trainer=tiny", "logger=none", "data=jsonl", f"data.path={pairs}",
+                   "data.max_length=48", "data.max_prompt_length=32", "data.eval_size=8", "data.eval_fraction=null",
+                   "trainer.max_steps=12", "trainer.save_every=2", "trainer.eval_every=0"],
+        "arms": {"fixed": ["beta_head=fixed"], "beta_dpo": ["beta_head=beta_dpo"]},
+        "evaluate": ["generation.enabled=false", "plots=false"],
+    }
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def runner(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lbdpo.experiment", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def steps_of(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line]
+
+
+def test_interrupted_experiment_resumes_skips_and_compares(tmp_path):
+    path = write_experiment(tmp_path)
+    exp = Experiment.load(path)
+    first = exp.runs()[0][2]
+    assert [r[2].name for r in exp.runs()] == ["fixed__seed-0", "beta_dpo__seed-0"]
+    assert [r[2].name for r in Experiment(**{**exp.__dict__, "seeds": [0, 1]}).runs()] == [
+        "fixed__seed-0", "beta_dpo__seed-0", "fixed__seed-1", "beta_dpo__seed-1"]  # seed-major
+
+    proc = runner("run", str(path))
+    deadline = time.time() + 300
+    while state_of(first) != "partial" and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # as a session ending: the run saves a step checkpoint and stops
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out  # runs left
+    assert state_of(first) == "partial" and all(state_of(r[2]) == "pending" for r in exp.runs()[1:])
+    interrupted_at = max(steps_of(first))
+    assert 1 <= interrupted_at < 12
+
+    done = runner("run", str(path))
+    out, _ = done.communicate(timeout=900)
+    assert done.returncode == 0, out
+    assert all(state_of(r[2]) == "done" for r in exp.runs())
+    assert steps_of(first) == list(range(1, 13))  # resumed, every step once
+    assert "2 of 2 runs done" in out
+    table = (exp.folder / "compare" / "compare.md").read_text()
+    assert table.count("| 1 |") == 2  # two arms (seeds are grouped as in tests/test_sweep.py)
+
+    again = runner("run", str(path))
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode == 0 and "training" not in out and "2 of 2 runs done" in out  # nothing re-run
+
+    status = runner("status", str(path))
+    out, _ = status.communicate(timeout=60)
+    assert "2 done, 0 left" in out and out.count("| done |") == 2
