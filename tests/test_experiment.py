@@ -1,6 +1,7 @@
 """The experiment runner (``python -m lbdpo.experiment``) on tiny_random: a run interrupted mid-training (SIGINT to
 the runner, as at a session's end) continues from its checkpoint on the next ``run``, every step logged once;
-finished runs are skipped; each run is evaluated; the comparison is rebuilt; ``status`` reports."""
+each run is evaluated and its results archived; runs with archived results are skipped even when their run
+folders are gone; the comparison is rebuilt from the archive; ``status`` reports."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def write_experiment(tmp: Path) -> Path:
     pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"Yes {i}.", "rejected": "No."}) + "\n"
                              for i in range(48)))
     spec = {
-        "name": "tiny", "out": str(tmp / "out"), "seeds": [0],
+        "name": "tiny", "out": str(tmp / "out"), "results": str(tmp / "results"), "seeds": [0],
         "common": ["model=tiny_random", "trainer=tiny", "logger=none", "data=jsonl", f"data.path={pairs}",
                    "data.max_length=48", "data.max_prompt_length=32", "data.eval_size=8", "data.eval_fraction=null",
                    "trainer.max_steps=12", "trainer.save_every=2", "trainer.eval_every=0"],
@@ -70,9 +71,14 @@ def test_interrupted_experiment_resumes_skips_and_compares(tmp_path):
     assert all(state_of(r[2]) == "done" for r in exp.runs())
     assert steps_of(first) == list(range(1, 13))  # resumed, every step once
     assert "2 of 2 runs done" in out
-    table = (exp.folder / "compare" / "compare.md").read_text()
+    for name in ("metrics.jsonl", "eval.json", "runner.json", ".hydra/overrides.yaml"):  # the committed part
+        assert all((exp.results / r[2].name / name).is_file() for r in exp.runs())
+    table = (exp.results / "compare" / "compare.md").read_text()
     assert table.count("| 1 |") == 2  # two arms (seeds are grouped as in tests/test_sweep.py)
 
+    import shutil
+
+    shutil.rmtree(exp.folder)  # a fresh machine: only the archived results are left
     again = runner("run", str(path))
     out, _ = again.communicate(timeout=120)
     assert again.returncode == 0 and "training" not in out and "2 of 2 runs done" in out  # nothing re-run

@@ -13,13 +13,18 @@ folder ``<out>/<name>/<arm>__seed-<S>/``, then ``evaluate.py`` on its final chec
     seeds: [0, 1, 2]
     evaluate: [max_pairs=1000]               # evaluate.py's overrides
 
+Run folders hold checkpoints (hundreds of MB each) and stay out of git; what a result needs — ``metrics.jsonl``,
+``eval.json``, ``eval_report.md``, ``samples.jsonl``, ``runner.json`` and ``.hydra/`` — is copied into
+``results/<name>/<arm>__seed-<S>/`` (small, meant to be committed) when the run is evaluated. A run whose results
+are there counts as done even on a machine without its run folder, and the comparison is built from them.
+
 ``run`` goes through the runs in order (seed-major, so every arm gets seed 0 before any gets seed 1) and for each:
 skips it when ``eval.json`` is there; evaluates it when only the evaluation is missing; otherwise trains it with
 ``trainer.resume_from=auto`` (a run interrupted in an earlier session continues from its last ``step-N``, so at
 most one ``trainer.save_every`` interval is lost), then evaluates it. Training is a child process; Ctrl-C or SIGTERM
 (or ``--stop-after-minutes``) is passed on as SIGINT, which makes it finish its step and save. Each run's wall
 times go to ``runner.json`` in its folder; ``status`` turns them into the time the pending runs need. After every
-run the comparison (:mod:`lbdpo.eval.compare`) is rebuilt into ``<out>/<name>/compare/``.
+run the comparison (:mod:`lbdpo.eval.compare`) is rebuilt into ``results/<name>/compare/``.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-KEYS = {"name", "common", "arms", "seeds", "evaluate", "out"}
+KEYS = {"name", "common", "arms", "seeds", "evaluate", "out", "results"}
+ARCHIVED = ("metrics.jsonl", "eval.json", "eval_report.md", "samples.jsonl", "runner.json", ".hydra/overrides.yaml",
+            ".hydra/config.yaml")
 
 
 @dataclass
@@ -46,7 +53,8 @@ class Experiment:
     arms: dict[str, list[str]]
     seeds: list[int]
     evaluate: list[str]
-    folder: Path
+    folder: Path  # run folders (checkpoints; not in git)
+    results: Path  # archived results (small; committed)
 
     @classmethod
     def load(cls, path: Path) -> Experiment:
@@ -57,9 +65,10 @@ class Experiment:
                              f"unknown keys {sorted(unknown)}")
         arms = {str(k): [str(o) for o in (v or [])] for k, v in spec["arms"].items()}
         out = Path(spec.get("out") or REPO / "outputs" / "experiments")
+        results = Path(spec.get("results") or REPO / "results")
         return cls(name=str(spec["name"]), common=[str(o) for o in spec.get("common") or []], arms=arms,
                    seeds=[int(s) for s in spec.get("seeds") or [0]], evaluate=[str(o) for o in spec.get("evaluate") or []],
-                   folder=out / str(spec["name"]))
+                   folder=out / str(spec["name"]), results=results / str(spec["name"]))
 
     def runs(self, only: list[str] | None = None) -> list[tuple[str, int, Path]]:
         """(arm, seed, run folder), seed-major."""
@@ -67,10 +76,10 @@ class Experiment:
                 if not only or arm in only]
 
 
-def state_of(run_dir: Path) -> str:
-    """``done`` (evaluated), ``trained`` (final checkpoint, no eval.json), ``partial`` (a step-N checkpoint), or
-    ``pending``."""
-    if (run_dir / "eval.json").is_file():
+def state_of(run_dir: Path, archive: Path | None = None) -> str:
+    """``done`` (evaluated: its results archived, or eval.json in the run folder), ``trained`` (final checkpoint,
+    no eval.json), ``partial`` (a step-N checkpoint), or ``pending``."""
+    if (archive is not None and (archive / "eval.json").is_file()) or (run_dir / "eval.json").is_file():
         return "done"
     if (run_dir / "checkpoints" / "final" / "trainer_state.pt").is_file():
         return "trained"
@@ -110,6 +119,16 @@ class Stop:
         return self.child.returncode
 
 
+def archive_run(run_dir: Path, target: Path) -> None:
+    """Copy the files a result needs (``ARCHIVED``) from a run folder into its results folder."""
+    import shutil
+
+    for name in ARCHIVED:
+        if (run_dir / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(run_dir / name, target / name)
+
+
 def record(run_dir: Path, key: str, seconds: float) -> None:
     path = run_dir / "runner.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
@@ -124,7 +143,7 @@ def run_experiment(exp: Experiment, only: list[str] | None, stop_after_minutes: 
     for arm, seed, run_dir in exp.runs(only):
         if stop.requested:
             break
-        state = state_of(run_dir)
+        state = state_of(run_dir, exp.results / run_dir.name)
         if state == "done":
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -146,17 +165,24 @@ def run_experiment(exp: Experiment, only: list[str] | None, stop_after_minutes: 
         record(run_dir, "eval_s", time.time() - start)
         if rc != 0:
             print(f"[experiment] {run_dir.name}: evaluation failed (exit {rc}); see runner.log", flush=True)
+            continue
+        archive_run(run_dir, exp.results / run_dir.name)
         compare(exp)
-    left = [r for r in exp.runs(only) if state_of(r[2]) != "done"]
+    left = [r for r in exp.runs(only) if state_of(r[2], exp.results / r[2].name) != "done"]
     print(f"[experiment] {exp.name}: {len(exp.runs(only)) - len(left)} of {len(exp.runs(only))} runs done", flush=True)
     return len(left)
 
 
 def compare(exp: Experiment) -> None:
+    """Archive every evaluated run not archived yet, then rebuild ``results/<name>/compare/`` from the archive."""
     from .eval.compare import write_comparison
 
-    if any(state_of(d) != "pending" for _, _, d in exp.runs()):
-        table, _ = write_comparison(exp.folder, exp.folder / "compare")
+    for _, _, run_dir in exp.runs():
+        if (run_dir / "eval.json").is_file() and not (exp.results / run_dir.name / "eval.json").is_file():
+            archive_run(run_dir, exp.results / run_dir.name)
+
+    if exp.results.is_dir() and any(p.is_dir() for p in exp.results.iterdir()):
+        table, _ = write_comparison(exp.results, exp.results / "compare")
         print(table, flush=True)
 
 
@@ -164,12 +190,14 @@ def status(exp: Experiment) -> str:
     """A table of every run's state and measured minutes, and the estimate for what is left."""
     lines, measured = ["| run | state | train min | eval min |", "|---|---|---:|---:|"], []
     for _, _, run_dir in exp.runs():
-        times = json.loads((run_dir / "runner.json").read_text()) if (run_dir / "runner.json").is_file() else {}
-        state = state_of(run_dir)
+        timing = next((p for p in (exp.results / run_dir.name / "runner.json", run_dir / "runner.json") if p.is_file()),
+                      None)
+        times = json.loads(timing.read_text()) if timing else {}
+        state = state_of(run_dir, exp.results / run_dir.name)
         if state == "done":
             measured.append(times.get("train_s", 0.0) + times.get("eval_s", 0.0))
         lines.append(f"| {run_dir.name} | {state} | {times.get('train_s', 0) / 60:.1f} | {times.get('eval_s', 0) / 60:.1f} |")
-    left = sum(state_of(d) != "done" for _, _, d in exp.runs())
+    left = sum(state_of(d, exp.results / d.name) != "done" for _, _, d in exp.runs())
     if measured:
         per_run = sorted(measured)[len(measured) // 2] / 60
         lines.append(f"\n{len(measured)} done, {left} left; median {per_run:.1f} min per finished run → about "
