@@ -115,6 +115,23 @@ def fake_run(root, name, arm, seed, mode, acc, w, kl=None, reward=None, eval_jso
         (target / "eval.json").write_text(json.dumps(result))
 
 
+def test_arms_are_named_by_what_differs(tmp_path):
+    from lbdpo.eval.compare import collect_runs, group_arms
+
+    for i, (arm, seed) in enumerate([("a", 0), ("b", 0), ("a", 1), ("b", 1)]):
+        fake_run(tmp_path, f"run{i}", arm, seed, "learnable", 0.7, 0.02)
+        path = tmp_path / f"run{i}" / ".hydra" / "overrides.yaml"
+        path.write_text("- data=sentiment\n- trainer.num_epochs=1\n" + path.read_text())
+    arms = group_arms(collect_runs(tmp_path))
+    assert sorted(a["arm"] for a in arms) == ["+arm=a", "+arm=b"] and all(a["n_seeds"] == 2 for a in arms)
+    seeds_only = tmp_path / "seeds"
+    seeds_only.mkdir()
+    for seed in (0, 1):
+        fake_run(seeds_only, f"run{seed}", "a", seed, "learnable", 0.7, 0.02)
+    (arm,) = group_arms(collect_runs(seeds_only))  # runs that differ only by seed are one arm
+    assert arm["n_seeds"] == 2
+
+
 def test_arm_name_drops_seed():
     overrides = ["+arm=fixed_b01", "seed=1", "beta_head.epsilon=0.1"]
     assert arm_name(overrides, "x") == "+arm=fixed_b01 beta_head.epsilon=0.1"

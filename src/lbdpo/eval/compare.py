@@ -117,6 +117,7 @@ def read_run(run_dir: Path) -> dict | None:
         "run": run_dir.name,
         "label": " ".join(overrides) or run_dir.name,
         "arm": arm_name(overrides, run_dir.name),
+        "overrides": overrides,
         "metrics_path": metrics_path,
         "eval_json": eval_json_path,
         "kind": "fixed" if fixed else "learnable",
@@ -133,10 +134,16 @@ def _natural_key(name: str):
 
 
 def collect_runs(multirun_dir: Path) -> list[dict]:
-    """Every run (subdirectory with ``metrics.jsonl``) of a multirun dir, in natural order of the dir names."""
+    """Every run (subdirectory with ``metrics.jsonl``) of a multirun dir, in natural order of the dir names. Arms and
+    labels name only what differs between the runs: overrides that every run shares are left out."""
     dirs = sorted((d for d in Path(multirun_dir).iterdir() if d.is_dir()), key=lambda d: _natural_key(d.name))
-    runs = [read_run(d) for d in dirs]
-    return [r for r in runs if r is not None]
+    runs = [r for r in (read_run(d) for d in dirs) if r is not None]
+    if len(runs) > 1:
+        shared = set.intersection(*(set(r["overrides"]) for r in runs))
+        for r in runs:
+            own = [o for o in r["overrides"] if o not in shared]
+            r["arm"], r["label"] = arm_name(own, "(the shared options)"), " ".join(own) or r["run"]
+    return runs
 
 
 def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
