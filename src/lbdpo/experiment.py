@@ -76,10 +76,16 @@ class Experiment:
                 if not only or arm in only]
 
 
+def evaluated(run_dir: Path) -> bool:
+    """The runner's own record that evaluation finished (an interrupted one leaves a partial eval.json behind)."""
+    path = run_dir / "runner.json"
+    return path.is_file() and bool(json.loads(path.read_text()).get("evaluated"))
+
+
 def state_of(run_dir: Path, archive: Path | None = None) -> str:
-    """``done`` (evaluated: its results archived, or eval.json in the run folder), ``trained`` (final checkpoint,
-    no eval.json), ``partial`` (a step-N checkpoint), or ``pending``."""
-    if (archive is not None and (archive / "eval.json").is_file()) or (run_dir / "eval.json").is_file():
+    """``done`` (evaluated: its results archived, or evaluated in the run folder), ``trained`` (final checkpoint,
+    not evaluated), ``partial`` (a step-N checkpoint), or ``pending``."""
+    if (archive is not None and (archive / "eval.json").is_file()) or evaluated(run_dir):
         return "done"
     if (run_dir / "checkpoints" / "final" / "trainer_state.pt").is_file():
         return "trained"
@@ -166,6 +172,8 @@ def run_experiment(exp: Experiment, only: list[str] | None, stop_after_minutes: 
         if rc != 0:
             print(f"[experiment] {run_dir.name}: evaluation failed (exit {rc}); see runner.log", flush=True)
             continue
+        runner_json = run_dir / "runner.json"
+        runner_json.write_text(json.dumps({**json.loads(runner_json.read_text()), "evaluated": True}, indent=2))
         archive_run(run_dir, exp.results / run_dir.name)
         compare(exp)
     left = [r for r in exp.runs(only) if state_of(r[2], exp.results / r[2].name) != "done"]
@@ -178,7 +186,7 @@ def compare(exp: Experiment) -> None:
     from .eval.compare import write_comparison
 
     for _, _, run_dir in exp.runs():
-        if (run_dir / "eval.json").is_file() and not (exp.results / run_dir.name / "eval.json").is_file():
+        if evaluated(run_dir) and not (exp.results / run_dir.name / "eval.json").is_file():
             archive_run(run_dir, exp.results / run_dir.name)
 
     if exp.results.is_dir() and any(p.is_dir() for p in exp.results.iterdir()):
