@@ -112,9 +112,6 @@ def build_datasets(data_cfg: DictConfig, tokenizer, seed: int, tokenize_train: b
         )
     else:
         eval_raw = None
-    for key in ("max_train_pairs", "max_eval_pairs"):
-        if data_cfg.get(key) is not None and int(data_cfg[key]) < 0:
-            raise ValueError(f"data.{key}={data_cfg[key]} must be ≥ 0 (or null: all)")
     if train_raw is not None and data_cfg.get("max_train_pairs"):
         train_raw = train_raw.select(range(min(len(train_raw), int(data_cfg.max_train_pairs))))
     if eval_raw is not None and data_cfg.get("max_eval_pairs"):

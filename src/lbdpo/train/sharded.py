@@ -9,6 +9,7 @@ state dict) instead of by index, so a run resumes under the same kind of launch 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,6 @@ def check_launch(accelerator: Accelerator, beta_head_cfg) -> None:
     """One clear error, before any loading, where the launch is not what was asked for: Accelerate 1.15 runs FSDP
     and DeepSpeed only on accelerators, and on CPU it silently falls back to DDP (``trainer.cpu=true``) or to
     independent single processes that would each train alone into the same folder."""
-    import os
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and accelerator.num_processes == 1:
         raise RuntimeError(f"{world} processes were launched but Accelerate runs each alone "
@@ -34,7 +33,7 @@ def check_launch(accelerator: Accelerator, beta_head_cfg) -> None:
                            "and launch DDP with `torchrun --nproc_per_node N train.py ...`")
     for kind, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
         asked = os.environ.get(env, "false").lower() == "true"
-        if asked and str(accelerator.distributed_type) != f"DistributedType.{kind}":
+        if asked and accelerator.distributed_type != DistributedType[kind]:
             raise RuntimeError(f"the launch asks for {kind} ({env}=true) but Accelerate resolved it to "
                                f"{accelerator.distributed_type} on {accelerator.device}: Accelerate runs {kind} only on "
                                "GPUs/accelerators (and trainer.cpu=true forces CPU); on CPU use torchrun (DDP)")
