@@ -71,8 +71,16 @@ def test_interrupted_experiment_resumes_skips_and_compares(tmp_path):
     assert all(state_of(r[2]) == "done" for r in exp.runs())
     assert steps_of(first) == list(range(1, 13))  # resumed, every step once
     assert "2 of 2 runs done" in out
-    for name in ("metrics.jsonl", "eval.json", "runner.json", ".hydra/overrides.yaml"):  # the committed part
+    for name in ("metrics.jsonl", "pairs.jsonl", "eval.json", "runner.json", ".hydra/overrides.yaml"):  # committed
         assert all((exp.results / r[2].name / name).is_file() for r in exp.runs())
+    # keep: final (the default): step checkpoints and the optimizer state are gone, the final model and step stay
+    import torch
+
+    for _, _, run_dir in exp.runs():
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["final"]
+        blob = torch.load(run_dir / "checkpoints" / "final" / "trainer_state.pt", weights_only=False)
+        assert "optimizer" not in blob and blob["state"]["step"] == 12
+        assert (run_dir / "checkpoints" / "final" / "model.safetensors").is_file()
     table = (exp.results / "compare" / "compare.md").read_text()
     assert table.count("| 1 |") == 2  # two arms (seeds are grouped as in tests/test_sweep.py)
 
@@ -86,3 +94,22 @@ def test_interrupted_experiment_resumes_skips_and_compares(tmp_path):
     status = runner("status", str(path))
     out, _ = status.communicate(timeout=60)
     assert "2 done, 0 left" in out and out.count("| done |") == 2
+
+
+def test_a_slimmed_checkpoint_cannot_be_resumed_and_says_why(tmp_path):
+    import pytest
+    import torch
+
+    from lbdpo.experiment import slim_run_folder
+    from lbdpo.train.checkpoint import load_trainer_state
+
+    final, step = tmp_path / "checkpoints" / "final", tmp_path / "checkpoints" / "step-4"
+    for folder in (final, step):
+        folder.mkdir(parents=True)
+        torch.save({"state": {"step": 4}, "optimizer": {"state": {}}, "scheduler": {}, "rng": {}},
+                   folder / "trainer_state.pt")
+    slim_run_folder(tmp_path)
+    assert not step.exists() and set(torch.load(final / "trainer_state.pt", weights_only=False)) == {
+        "state", "scheduler", "rng"}
+    with pytest.raises(ValueError, match="optimizer state was removed"):
+        load_trainer_state(final, policy=None, beta_head=None, optimizer=None, scheduler=None)

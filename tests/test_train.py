@@ -90,6 +90,35 @@ def test_metrics_and_checkpoint(default_run):
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
+def read_pairs(run_dir: Path) -> dict[int, list[dict]]:
+    """pairs.jsonl as step → its rows."""
+    out: dict[int, list[dict]] = {}
+    for line in (run_dir / "pairs.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out.setdefault(row["step"], []).append(row)
+    return out
+
+
+def test_pairs_file_holds_each_training_pair_and_agrees_with_the_step_metrics(default_run, pairs_file):
+    """pairs.jsonl: one row per pair per logged step, its domain from the data, and per step the mean of its β,
+    loss, log PPL, f and β·Δ equal to metrics.jsonl's beta/mean, loss, log_ppl/mean, f_mean, rewards/margins."""
+    run_dir, _ = default_run
+    steps, _ = read_metrics(run_dir)
+    rows = read_pairs(run_dir)
+    assert sorted(rows) == [s["step"] for s in steps]
+    train_domains = {json.loads(l)["domain"] for l in pairs_file.read_text().splitlines()}
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    for s in steps:
+        step_rows = rows[s["step"]]
+        assert len(step_rows) == 4 and {r["domain"] for r in step_rows} <= train_domains
+        for column, key in (("beta", "beta/mean"), ("loss", "loss"), ("log_ppl", "log_ppl/mean"),
+                            ("f", "beta_head/f_mean")):
+            assert mean([r[column] for r in step_rows]) == pytest.approx(s[key], rel=1e-4, abs=1e-6), column
+        assert mean([r["beta"] * r["margin"] for r in step_rows]) == pytest.approx(s["rewards/margins"],
+                                                                                   rel=1e-3, abs=1e-6)
+    assert {r["domain"] for rs in rows.values() for r in rs} == train_domains  # both domains seen in 6 steps
+
+
 def test_resume_reproduces_uninterrupted_run(default_run, pairs_file, tmp_path):
     run_dir, _ = default_run
     uninterrupted, _ = read_metrics(run_dir)
@@ -99,6 +128,8 @@ def test_resume_reproduces_uninterrupted_run(default_run, pairs_file, tmp_path):
     # the killed run had written lines past step 3: resume must drop them
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     (resumed_dir / "metrics.jsonl").write_text("\n".join(lines[:6]) + '\n{"step": 4, "loss": 99}\n{"ste')
+    pair_lines = (run_dir / "pairs.jsonl").read_text().splitlines()
+    (resumed_dir / "pairs.jsonl").write_text("\n".join(pair_lines[:14]) + '\n{"step": 4, "beta": 9')
     cfg = make_cfg(pairs_file, "trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=3",
                    "trainer.resume_from=auto")
     train(cfg, resumed_dir)
@@ -107,6 +138,13 @@ def test_resume_reproduces_uninterrupted_run(default_run, pairs_file, tmp_path):
     for a, b in zip(uninterrupted[3:], resumed[3:]):
         for key in ("loss", "beta/mean", "beta_head/w", "rewards/margins", "logps/chosen"):
             assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+    # pairs.jsonl: the interrupted run's tail is dropped, and the resumed steps' rows match the uninterrupted run
+    before, after = read_pairs(run_dir), read_pairs(resumed_dir)
+    assert sorted(after) == [1, 2, 3, 4, 5, 6] and all(len(after[k]) == 4 for k in after)
+    for step in (4, 5, 6):
+        for a, b in zip(before[step], after[step]):
+            assert a["domain"] == b["domain"] and b["beta"] == pytest.approx(a["beta"], abs=1e-5)
+            assert b["margin"] == pytest.approx(a["margin"], abs=1e-4)
 
 
 def test_same_seed_same_curve(default_run, pairs_file, tmp_path):
@@ -282,6 +320,12 @@ def test_two_process_ddp_matches_one_process(pairs_file, tmp_path):
         for key in ("loss", "rewards/margins", "beta/mean", "beta/std"):
             assert b[key] == pytest.approx(a[key], abs=1e-4), (a["step"], key)
     assert e2[-1]["eval/loss"] == pytest.approx(e1[-1]["eval/loss"], abs=1e-4)
+    # pairs.jsonl gathers both processes' pairs: each step holds the same 4 pairs as the one-process run
+    p1, p2 = read_pairs(tmp_path / "one"), read_pairs(tmp_path / "two")
+    assert sorted(p1) == sorted(p2) == [1, 2, 3]
+    key = lambda r: (r["domain"], round(r["margin"], 3))  # noqa: E731
+    for step in p1:
+        assert sorted(map(key, p2[step])) == sorted(map(key, p1[step])), step
 
 
 def test_gradient_checkpointing_gives_same_losses(default_run, pairs_file, tmp_path):

@@ -12,8 +12,12 @@ folder ``<out>/<name>/<arm>__seed-<S>/``, then ``evaluate.py`` on its final chec
     arms: {fixed_b01: [+arm=fixed_b01], beta_dpo: [+arm=beta_dpo]} # arm name → its overrides
     seeds: [0, 1, 2]
     evaluate: [max_pairs=1000]               # evaluate.py's overrides
+    keep: final                              # after evaluation keep the final model only (default) | all
 
-Run folders hold checkpoints (hundreds of MB each) and stay out of git; what a result needs — ``metrics.jsonl``,
+Run folders hold checkpoints (hundreds of MB each) and stay out of git. Once a run is evaluated, ``keep: final``
+deletes its ``step-N`` checkpoints and the optimizer state of ``checkpoints/final`` (for SmolLM2-135M 2.1 of 3.1 GB):
+the final model, β head and step stay, enough to evaluate or export it again, not to train it further.
+What a result needs — ``metrics.jsonl``, ``pairs.jsonl``,
 ``eval.json``, ``eval_report.md``, ``samples.jsonl``, ``runner.json`` and ``.hydra/`` — is copied into
 ``results/<name>/<arm>__seed-<S>/`` (small, meant to be committed) when the run is evaluated. A run whose results
 are there counts as done even on a machine without its run folder, and the comparison is built from them.
@@ -41,8 +45,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-KEYS = {"name", "common", "arms", "seeds", "evaluate", "out", "results"}
-ARCHIVED = ("metrics.jsonl", "eval.json", "eval_report.md", "samples.jsonl", "runner.json", ".hydra/overrides.yaml",
+KEYS = {"name", "common", "arms", "seeds", "evaluate", "out", "results", "keep"}
+ARCHIVED = ("metrics.jsonl", "pairs.jsonl", "eval.json", "eval_report.md", "samples.jsonl", "runner.json", ".hydra/overrides.yaml",
             ".hydra/config.yaml")
 
 
@@ -55,6 +59,7 @@ class Experiment:
     evaluate: list[str]
     folder: Path  # run folders (checkpoints; not in git)
     results: Path  # archived results (small; committed)
+    keep: str = "final"  # what of an evaluated run folder stays: final (model, head, step) | all
 
     @classmethod
     def load(cls, path: Path) -> Experiment:
@@ -63,12 +68,15 @@ class Experiment:
         if unknown or not spec.get("name") or not spec.get("arms"):
             raise ValueError(f"{path}: needs name and arms (optional common, seeds, evaluate, out); "
                              f"unknown keys {sorted(unknown)}")
+        if spec.get("keep", "final") not in ("final", "all"):
+            raise ValueError(f"{path}: keep={spec['keep']!r} must be final or all")
         arms = {str(k): [str(o) for o in (v or [])] for k, v in spec["arms"].items()}
         out = Path(spec.get("out") or REPO / "outputs" / "experiments")
         results = Path(spec.get("results") or REPO / "results")
         return cls(name=str(spec["name"]), common=[str(o) for o in spec.get("common") or []], arms=arms,
                    seeds=[int(s) for s in spec.get("seeds") or [0]], evaluate=[str(o) for o in spec.get("evaluate") or []],
-                   folder=out / str(spec["name"]), results=results / str(spec["name"]))
+                   folder=out / str(spec["name"]), results=results / str(spec["name"]),
+                   keep=str(spec.get("keep", "final")))
 
     def runs(self, only: list[str] | None = None) -> list[tuple[str, int, Path]]:
         """(arm, seed, run folder), seed-major."""
@@ -135,6 +143,26 @@ def archive_run(run_dir: Path, target: Path) -> None:
             shutil.copy2(run_dir / name, target / name)
 
 
+def slim_run_folder(run_dir: Path) -> None:
+    """``keep: final``: delete an evaluated run's ``step-N`` checkpoints and the optimizer state of its final
+    checkpoint (rewritten atomically without it; the model, β head, step and schedule stay)."""
+    import os
+    import shutil
+
+    import torch
+
+    checkpoints = run_dir / "checkpoints"
+    for step_dir in checkpoints.glob("step-*"):
+        shutil.rmtree(step_dir)
+    state_path = checkpoints / "final" / "trainer_state.pt"
+    if state_path.is_file():
+        blob = torch.load(state_path, map_location="cpu", weights_only=False)
+        if "optimizer" in blob:
+            del blob["optimizer"]
+            torch.save(blob, state_path.with_name("trainer_state.pt.tmp"))
+            os.replace(state_path.with_name("trainer_state.pt.tmp"), state_path)
+
+
 def record(run_dir: Path, key: str, seconds: float) -> None:
     path = run_dir / "runner.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
@@ -151,6 +179,8 @@ def run_experiment(exp: Experiment, only: list[str] | None, stop_after_minutes: 
             break
         state = state_of(run_dir, exp.results / run_dir.name)
         if state == "done":
+            if exp.keep == "final" and evaluated(run_dir):  # evaluated before slimming existed, or interrupted
+                slim_run_folder(run_dir)
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"[experiment] {run_dir.name}: {state}", flush=True)
@@ -175,6 +205,8 @@ def run_experiment(exp: Experiment, only: list[str] | None, stop_after_minutes: 
         runner_json = run_dir / "runner.json"
         runner_json.write_text(json.dumps({**json.loads(runner_json.read_text()), "evaluated": True}, indent=2))
         archive_run(run_dir, exp.results / run_dir.name)
+        if exp.keep == "final":
+            slim_run_folder(run_dir)
         compare(exp)
     left = [r for r in exp.runs(only) if state_of(r[2], exp.results / r[2].name) != "done"]
     print(f"[experiment] {exp.name}: {len(exp.runs(only)) - len(left)} of {len(exp.runs(only))} runs done", flush=True)

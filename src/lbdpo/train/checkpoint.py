@@ -161,6 +161,10 @@ def load_trainer_state(path: Path, *, policy, beta_head, optimizer, scheduler, s
     from ..modeling import HEAD_WEIGHTS
 
     blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    if "optimizer" not in blob:
+        raise ValueError(f"checkpoint {path}: its optimizer state was removed (the experiment runner keeps only the "
+                         "final model of an evaluated run unless its file says keep: all); it can be evaluated or "
+                         "exported, not resumed")
     head_state = load_file(path / HEAD_WEIGHTS)
     if (path / "adapter_model.safetensors").is_file():
         if sharded is not None:

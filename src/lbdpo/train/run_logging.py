@@ -1,6 +1,6 @@
 """What a run shows and writes: the start banner, the eval line, and where metrics go: ``metrics.jsonl`` in the
-run dir (always), W&B (default, offline without credentials), TensorBoard (optional). Only the main process
-writes."""
+run dir (always), ``pairs.jsonl`` (one line per training pair, ``trainer.log_pairs``), W&B (default, offline
+without credentials), TensorBoard (optional). Only the main process writes."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def truncate_metrics_file(path: Path, last_step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line cut by the kill
-    tmp = path.with_suffix(".jsonl.tmp")
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept))
     os.replace(tmp, path)
 
@@ -66,7 +66,8 @@ class WandbIdentity:
 
 
 class RunLogger:
-    """Writes one JSON object per logged step to ``metrics.jsonl`` and mirrors it to W&B / TensorBoard.
+    """Writes one JSON object per logged step to ``metrics.jsonl`` and mirrors it to W&B / TensorBoard;
+    with ``log_pairs``, one object per training pair of each logged step to ``pairs.jsonl`` (:meth:`pairs`).
 
     Args:
         run_dir: the run directory.
@@ -75,12 +76,17 @@ class RunLogger:
             ``mode`` (auto | online | offline), ``histogram_every``.
         identity: the run's W&B name, group, job_type and tags (:class:`WandbIdentity`).
         enabled: False on non-main processes.
+        resumed_step: on resume, lines after this step are dropped from both files (the interrupted run's tail).
+        log_pairs: also write ``pairs.jsonl``.
     """
 
     def __init__(self, run_dir: Path, config: DictConfig, logger_cfg: Mapping[str, Any],
-                 identity: WandbIdentity | None = None, enabled: bool = True, resumed_step: int | None = None):
+                 identity: WandbIdentity | None = None, enabled: bool = True, resumed_step: int | None = None,
+                 log_pairs: bool = False):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.pairs_path = Path(run_dir) / "pairs.jsonl"
+        self._pairs_file = None
         self.wandb = None
         self.tensorboard = None
         self.histogram_every = int(logger_cfg.get("histogram_every", 0) or 0)
@@ -89,7 +95,10 @@ class RunLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resumed_step is not None:
             truncate_metrics_file(self.path, resumed_step)
+            truncate_metrics_file(self.pairs_path, resumed_step)
         self._file = open(self.path, "a", buffering=1)  # line buffered: every line reaches disk
+        if log_pairs:
+            self._pairs_file = open(self.pairs_path, "a")
         backend = logger_cfg.get("backend", "none")
         if backend == "wandb":
             self._init_wandb(run_dir, config, logger_cfg, identity or WandbIdentity.of([], "lbdpo", None))
@@ -138,6 +147,13 @@ class RunLogger:
             for k, v in metrics.items():
                 self.tensorboard.add_scalar(k, v, step)
 
+    def pairs(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """One line per pair of this step (``{"step", "domain", "beta", "log_ppl", ...}``), flushed per step."""
+        if not self.enabled or self._pairs_file is None:
+            return
+        self._pairs_file.write("".join(json.dumps({"step": step, **row}) + "\n" for row in rows))
+        self._pairs_file.flush()
+
     def histogram(self, step: int, name: str, values) -> None:
         """β (or other) histogram every ``histogram_every`` steps (W&B / TensorBoard only)."""
         if not self.enabled or not self.histogram_every or step % self.histogram_every:
@@ -158,6 +174,8 @@ class RunLogger:
         if not self.enabled:
             return
         self._file.close()
+        if self._pairs_file is not None:
+            self._pairs_file.close()
         if self.wandb is not None:
             self.wandb.finish()
         if self.tensorboard is not None:

@@ -253,7 +253,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     overrides, sweep_dir = hydra_overrides()
     logger = RunLogger(run_dir, cfg, cfg.logger, identity=WandbIdentity.of(overrides, str(cfg.experiment), sweep_dir),
                        enabled=accelerator.is_main_process,
-                       resumed_step=state.step if resume_path is not None else None)
+                       resumed_step=state.step if resume_path is not None else None,
+                       log_pairs=bool(cfg.trainer.get("log_pairs", False)))
     if accelerator.is_main_process:
         print_banner(cfg, inner, data_report, total_steps, pairs_per_step, run_dir,
                      describe_processes(accelerator, inner))

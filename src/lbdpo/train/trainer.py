@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
@@ -72,6 +73,7 @@ def evaluate_pairs(model, loader, accelerator: Accelerator) -> dict[str, float]:
 @dataclass
 class StepResult:
     per_pair: dict[str, list[torch.Tensor]]  # this process's per-pair values, one tensor per micro-batch
+    domains: list[str | None]  # this process's pairs' domain labels, in the same order
     tokens: int  # real tokens this process saw
     grad_norm: float  # global norm of all gradients before clipping
     head_grad_norm: float  # the BetaHead's part of it
@@ -86,6 +88,7 @@ def optimizer_step(run: Run) -> StepResult:
     t, accelerator, state = run.t, run.accelerator, run.state
     micro_batches = int(t.gradient_accumulation_steps)
     per_pair: dict[str, list[torch.Tensor]] = {k: [] for k in PER_PAIR_KEYS}
+    domains: list[str | None] = []
     tokens, nonfinite = 0, False
     for micro in range(micro_batches):
         batch = next(run.batches)
@@ -98,6 +101,7 @@ def optimizer_step(run: Run) -> StepResult:
                 nonfinite = True
         for k, v in out.per_pair().items():
             per_pair[k].append(v)
+        domains += batch.get("domain") or [None] * len(out.losses)
         tokens += int(batch["attention_mask"].sum())
 
     params = [p for p in run.model.parameters() if p.requires_grad]
@@ -125,7 +129,7 @@ def optimizer_step(run: Run) -> StepResult:
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    return StepResult(per_pair, tokens, float(total_norm), float(head_norm))
+    return StepResult(per_pair, domains, tokens, float(total_norm), float(head_norm))
 
 
 def log_step(run: Run, result: StepResult, elapsed: float) -> dict[str, float]:
@@ -148,10 +152,26 @@ def log_step(run: Run, result: StepResult, elapsed: float) -> dict[str, float]:
     for group in run.optimizer.param_groups:
         metrics[f"lr/{group['name']}"] = group["lr"]
     run.logger.log(run.state.step, metrics)
+    if run.t.get("log_pairs"):
+        run.logger.pairs(run.state.step, pair_rows(values, gather_object(result.domains)))
     check_health(run, metrics)
     if "beta" in values:
         run.logger.histogram(run.state.step, "beta/hist", values["beta"])
     return metrics
+
+
+# pairs.jsonl columns: the per-pair value each name is read from (see DPOOutput)
+PAIR_COLUMNS = {"beta": "beta", "log_ppl": "log_ppl", "f": "f", "loss": "losses", "kept": "kept"}
+
+
+def pair_rows(values: dict[str, torch.Tensor], domains: list[str | None]) -> list[dict]:
+    """One ``pairs.jsonl`` row per pair: domain, β, log PPL, f, loss, the β-free log-ratio margin
+    Δ = (log πθ − log πref)(yw|x) − (log πθ − log πref)(yl|x) that β multiplies, and β-DPO's ``kept``."""
+    margin = (values["policy_chosen_logps"] - values["reference_chosen_logps"]
+              - values["policy_rejected_logps"] + values["reference_rejected_logps"])
+    columns = {"margin": margin, **{name: values[k] for name, k in PAIR_COLUMNS.items() if k in values}}
+    return [{"domain": d, **{name: round(float(v[i]), 6) for name, v in columns.items()}}
+            for i, d in enumerate(domains)]
 
 
 def batch_level_metrics(beta_head) -> dict[str, float]:
