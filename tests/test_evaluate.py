@@ -64,6 +64,12 @@ def test_eval_json_report_and_plots(checkpoint, tmp_path, monkeypatch):
     samples = [json.loads(l) for l in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6 and {"policy_greedy", "reference_greedy", "policy_sample", "reference_sample"} <= set(samples[0])
     assert all(s["policy_greedy"] == s["reference_greedy"] for s in samples)  # same model, greedy
+    assert all(s["kl"] == pytest.approx(0.0, abs=1e-5) for s in samples)  # per-prompt KL, policy == reference
+    by_domain = saved["generation"]["per_domain"]
+    assert set(by_domain) <= {"a", "b"} and sum(d["n"] for d in by_domain.values()) == 6
+    pairs = [json.loads(l) for l in (tmp_path / "eval_pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 8 and {p["domain"] for p in pairs} == {"a", "b"}
+    assert all(p["margin"] == pytest.approx(0.0, abs=1e-5) for p in pairs)
     report = (tmp_path / "eval_report.md").read_text()
     assert "Preference metrics" in report and "KL" in report
     for name in ("beta_hist_by_domain.png", "beta_vs_log_ppl.png", "training_curves.png"):
@@ -96,6 +102,29 @@ def test_common_beta_accuracy_matches_own_beta_sign(checkpoint, tmp_path):
     assert common["rewards/accuracies"] == own["rewards/accuracies"]
     assert common["beta/mean"] == pytest.approx(0.37)
     assert own["rewards/margins"] != pytest.approx(common["rewards/margins"])
+    # per-pair rows (eval_pairs.jsonl): Δ > 0 is the accuracy, mean β·Δ the margin, and a pair scored alone (no
+    # padding, batch of one) has the margin it had in its padded batch
+    margins, betas = pref["per_pair"]["margin"], pref["per_pair"]["beta"]
+    assert sum(m > 0 for m in margins) / 12 == pytest.approx(own["rewards/accuracies"])
+    assert sum(b * m for b, m in zip(betas, margins)) / 12 == pytest.approx(own["rewards/margins"], rel=1e-4)
+    for i in (0, 5, 11):
+        alone = preference_eval(DynamicBetaDPOModel(policy, head, reference), [feats[i]],
+                                PreferenceCollator(tok.pad_token_id), 1, common_beta=0.37, device=torch.device("cpu"))
+        assert alone["per_pair"]["margin"][0] == pytest.approx(margins[i], abs=1e-4)
+        assert alone["per_pair"]["beta"][0] == pytest.approx(betas[i], rel=1e-5)
+
+
+def test_generation_by_domain_is_reward_comparison_of_each_domains_prompts():
+    from lbdpo.eval.evaluation import generation_by_domain
+
+    domains = ["x", "y", "x", "x", "y"]
+    kl = [1.0, 2.0, 3.0, 5.0, 4.0]
+    pol, ref = [0.9, 0.1, 0.5, 0.2, 0.3], [0.1, 0.2, 0.5, 0.4, 0.3]
+    out = generation_by_domain(domains, kl, pol, ref)
+    assert out["x"]["n"] == 3 and out["x"]["kl"] == pytest.approx(3.0) and out["y"]["kl"] == pytest.approx(3.0)
+    assert out["x"]["reward"] == reward_comparison([0.9, 0.5, 0.2], [0.1, 0.5, 0.4])
+    assert out["y"]["reward"]["win_rate"] == pytest.approx(0.25)  # one loss, one tie
+    assert "reward" not in generation_by_domain(domains, kl, None, None)["x"]
 
 
 def test_win_rate_half_and_kl_zero_for_identical_models():

@@ -17,7 +17,7 @@ folder ``<out>/<name>/<arm>__seed-<S>/``, then ``evaluate.py`` on its final chec
 Run folders hold checkpoints (hundreds of MB each) and stay out of git. Once a run is evaluated, ``keep: final``
 deletes its ``step-N`` checkpoints and the optimizer state of ``checkpoints/final`` (for SmolLM2-135M 2.1 of 3.1 GB):
 the final model, β head and step stay, enough to evaluate or export it again, not to train it further.
-What a result needs — ``metrics.jsonl``, ``pairs.jsonl``,
+What a result needs — ``metrics.jsonl``, ``pairs.jsonl``, ``eval_pairs.jsonl``,
 ``eval.json``, ``eval_report.md``, ``samples.jsonl``, ``runner.json`` and ``.hydra/`` — is copied into
 ``results/<name>/<arm>__seed-<S>/`` (small, meant to be committed) when the run is evaluated. A run whose results
 are there counts as done even on a machine without its run folder, and the comparison is built from them.
@@ -46,7 +46,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = {"name", "common", "arms", "seeds", "evaluate", "out", "results", "keep"}
-ARCHIVED = ("metrics.jsonl", "pairs.jsonl", "eval.json", "eval_report.md", "samples.jsonl", "runner.json", ".hydra/overrides.yaml",
+ARCHIVED = ("metrics.jsonl", "pairs.jsonl", "eval.json", "eval_pairs.jsonl", "eval_report.md", "samples.jsonl", "runner.json", ".hydra/overrides.yaml",
             ".hydra/config.yaml")
 
 

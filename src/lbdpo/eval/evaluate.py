@@ -21,6 +21,7 @@ from ..models import freeze, load_model, reference_model_config
 from ..modeling import AutoModelForCausalLMWithBetaHead
 from .evaluation import (
     generate,
+    generation_by_domain,
     kl_estimate,
     preference_eval,
     sample_logps,
@@ -162,6 +163,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         pref = preference_eval(model, eval_ds, PreferenceCollator(tokenizer.pad_token_id), int(cfg.batch_size),
                                float(cfg.common_beta), device)
         per_pair = pref.pop("per_pair")
+        write_eval_pairs(per_pair, out_dir / "eval_pairs.jsonl")
         results.set("preference", pref)
     else:
         results.skip("preference", "needs the reference model")
@@ -191,6 +193,15 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     return results.data
 
 
+def write_eval_pairs(per_pair: dict[str, list], path: Path) -> None:
+    """``eval_pairs.jsonl``: one line per held-out pair (dataset order): domain, β, log PPL, f, margin Δ, and
+    ``correct`` (Δ > 0, the preference accuracy at any β > 0): what paired tests between runs and the β analysis read."""
+    with open(path, "w") as f:
+        for i, domain in enumerate(per_pair["domain"]):
+            row = {"domain": domain, **{k: round(per_pair[k][i], 6) for k in ("beta", "log_ppl", "f", "margin")}}
+            f.write(json.dumps({**row, "correct": per_pair["margin"][i] > 0}) + "\n")
+
+
 def run_generation(cfg, results: Results, policy, reference, tokenizer, eval_ds, data_cfg, device, samples_path,
                    reward_fn: Callable | None):
     """Greedy and sampled continuations of policy and reference; reward, win rate and MC KL when possible."""
@@ -214,23 +225,26 @@ def run_generation(cfg, results: Results, policy, reference, tokenizer, eval_ds,
             gen[f"{who}_{mode}"] = generate(model, prompts, tokenizer.pad_token_id, eos, sample=mode == "sample",
                                             seed=int(cfg.seed), **common)
     decoded = {k: [tokenizer.decode(ids, skip_special_tokens=True) for ids in v] for k, v in gen.items()}
-    with open(samples_path, "w") as f:
-        for i, prompt in enumerate(texts):
-            f.write(json.dumps({"prompt": prompt, "domain": domains[i], **{k: v[i] for k, v in decoded.items()}},
-                               ensure_ascii=False) + "\n")
     section: dict[str, Any] = {"num_prompts": len(prompts), "max_new_tokens": int(g.max_new_tokens)}
     # KL(π‖πref) on the policy's own samples: log π − log πref of each sampled continuation
     pol = sample_logps(policy, prompts, gen["policy_sample"], tokenizer.pad_token_id, int(g.batch_size), device)
     ref = sample_logps(reference, prompts, gen["policy_sample"], tokenizer.pad_token_id, int(g.batch_size), device)
     section["kl"] = kl_estimate(pol, ref)
+    per_prompt: dict[str, list[float]] = {"kl": (pol - ref).tolist()}  # one value per prompt, in samples.jsonl
+    if reward_fn is not None:
+        per_prompt.update({f"reward_{k}": reward_fn(v) for k, v in decoded.items()})
+        section["reward"] = reward_comparison(per_prompt["reward_policy_sample"], per_prompt["reward_reference_sample"])
+        section["reward_greedy"] = reward_comparison(per_prompt["reward_policy_greedy"],
+                                                     per_prompt["reward_reference_greedy"])
+    section["per_domain"] = generation_by_domain(domains, per_prompt["kl"], per_prompt.get("reward_policy_sample"),
+                                                 per_prompt.get("reward_reference_sample"))
+    with open(samples_path, "w") as f:
+        for i, prompt in enumerate(texts):
+            f.write(json.dumps({"prompt": prompt, "domain": domains[i], **{k: v[i] for k, v in decoded.items()},
+                                **{k: v[i] for k, v in per_prompt.items()}}, ensure_ascii=False) + "\n")
     results.set("generation", section)
     if reward_fn is None:
         results.skip("reward", "the eval data has no ground-truth reward (set reward= or reward_model=)")
-        return
-    section["reward"] = reward_comparison(reward_fn(decoded["policy_sample"]), reward_fn(decoded["reference_sample"]))
-    section["reward_greedy"] = reward_comparison(reward_fn(decoded["policy_greedy"]),
-                                                 reward_fn(decoded["reference_greedy"]))
-    results.set("generation", section)
 
 
 def make_plots(out_dir: Path, run_dir: Path, per_pair: dict | None) -> dict[str, str]:

@@ -35,7 +35,8 @@ def preference_eval(model: DynamicBetaDPOModel, dataset, collator: PreferenceCol
 
     Returns:
         ``own_beta`` and ``common_beta`` metric dicts, ``per_domain`` (domain → both dicts), and
-        ``per_pair`` lists (β, log PPL, domain) for plots.
+        ``per_pair`` lists in dataset order (domain, β, log PPL, f, and the β-free margin
+        Δ = (log πθ − log πref)(yw|x) − (log πθ − log πref)(yl|x); the pair is ranked right when Δ > 0).
     """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
     values: dict[str, list[torch.Tensor]] = {k: [] for k in PER_PAIR_KEYS}
@@ -59,7 +60,10 @@ def preference_eval(model: DynamicBetaDPOModel, dataset, collator: PreferenceCol
     for domain, sub in split_by_domain(pairs, domains).items():
         result["per_domain"][domain] = {"num_pairs": len(sub["losses"]), "own_beta": preference_metrics(sub),
                                         "common_beta": common(sub)}
-    result["per_pair"] = {"beta": pairs["beta"].tolist(), "log_ppl": pairs["log_ppl"].tolist(), "domain": domains}
+    margin = (pairs["policy_chosen_logps"] - pairs["reference_chosen_logps"]
+              - pairs["policy_rejected_logps"] + pairs["reference_rejected_logps"])
+    result["per_pair"] = {"domain": domains, "beta": pairs["beta"].tolist(), "log_ppl": pairs["log_ppl"].tolist(),
+                          "f": pairs["f"].tolist(), "margin": margin.tolist()}
     return result
 
 
@@ -122,6 +126,19 @@ def reward_comparison(policy_rewards: Sequence[float], reference_rewards: Sequen
     wins = (p > r).double() + 0.5 * (p == r).double()
     return {"policy_mean": p.mean().item(), "reference_mean": r.mean().item(), "win_rate": wins.mean().item(),
             "policy_std": p.std().item() if len(p) > 1 else 0.0, "n": len(p)}
+
+
+def generation_by_domain(domains: Sequence[str], kl: Sequence[float], policy_rewards: Sequence[float] | None,
+                         reference_rewards: Sequence[float] | None) -> dict[str, dict[str, Any]]:
+    """Per domain: the number of prompts, mean KL and (with rewards) :func:`reward_comparison` of its prompts."""
+    out = {}
+    for domain in sorted(set(domains)):
+        idx = [i for i, d in enumerate(domains) if d == domain]
+        out[domain] = {"n": len(idx), "kl": sum(kl[i] for i in idx) / len(idx)}
+        if policy_rewards is not None and reference_rewards is not None:
+            out[domain]["reward"] = reward_comparison([policy_rewards[i] for i in idx],
+                                                      [reference_rewards[i] for i in idx])
+    return out
 
 
 def resolve_reward_fn(name: str | None, reward_model: str | None, device: torch.device) -> Callable | None:
