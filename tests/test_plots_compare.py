@@ -156,7 +156,10 @@ def test_compare_multirun(tmp_path, capsys):
     main([str(tmp_path)])
     out = tmp_path / "compare"
     md = (out / "compare.md").read_text()
-    rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| +arm=")}
+    rows = {}
+    for line in md.splitlines():  # the main table's row of each arm (the first; later sections list arms again)
+        if line.startswith("| +arm="):
+            rows.setdefault(line.split(" | ")[0].strip("| "), line)
     fixed, learn = rows["+arm=fixed_b01"], rows["+arm=learn_eps01"]
     assert "| 2 |" in fixed and "| 2 |" in learn
     assert "0.7000 ± 0.1000" in fixed            # eval acc of 0.6 and 0.8 (population std)

@@ -46,8 +46,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = {"name", "common", "arms", "seeds", "evaluate", "out", "results", "keep"}
-ARCHIVED = ("metrics.jsonl", "pairs.jsonl", "eval.json", "eval_pairs.jsonl", "eval_report.md", "samples.jsonl", "runner.json", ".hydra/overrides.yaml",
-            ".hydra/config.yaml")
+ARCHIVED = ("metrics.jsonl", "pairs.jsonl", "eval.json", "eval_pairs.jsonl", "eval_report.md", "samples.jsonl",
+            "runner.json", ".hydra/overrides.yaml", ".hydra/config.yaml")
 
 
 @dataclass
@@ -214,15 +214,16 @@ def run_experiment(exp: Experiment, only: list[str] | None, stop_after_minutes: 
 
 
 def compare(exp: Experiment) -> None:
-    """Archive every evaluated run not archived yet, then rebuild ``results/<name>/compare/`` from the archive."""
+    """Archive every evaluated run not (fully) archived yet, then rebuild ``results/<name>/compare/`` from the archive."""
     from .eval.compare import write_comparison
 
     for _, _, run_dir in exp.runs():
-        if evaluated(run_dir) and not (exp.results / run_dir.name / "eval.json").is_file():
-            archive_run(run_dir, exp.results / run_dir.name)
+        target = exp.results / run_dir.name
+        if evaluated(run_dir) and not all((target / n).is_file() for n in ARCHIVED if (run_dir / n).is_file()):
+            archive_run(run_dir, target)  # not archived yet, or archived before a file was added to ARCHIVED
 
     if exp.results.is_dir() and any(p.is_dir() for p in exp.results.iterdir()):
-        table, _ = write_comparison(exp.results, exp.results / "compare")
+        table, _ = write_comparison(exp.results, exp.results / "compare", arm_order=list(exp.arms))
         print(table, flush=True)
 
 

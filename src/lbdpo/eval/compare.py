@@ -9,7 +9,10 @@ A run is a subdirectory holding ``metrics.jsonl``. Its arm is its Hydra override
 seeds that have it (ddof=0, as in :mod:`lbdpo.metrics`; "–" as the std with one value, "–" alone with
 none). Metrics: the last logged ``eval/rewards/accuracies``, ``eval/rewards/margins``, ``eval/loss`` and
 ``beta_head/w`` of ``metrics.jsonl``, and from ``eval.json`` (run dir, else ``checkpoints/final/``) the
-accuracy at the common β, the policy's mean reward, its win rate over the reference and the KL.
+held-out accuracy (at the common β, which is the accuracy at any β), the policy's mean reward, its win rate over
+the reference and the KL. Below the table: the same per domain, and each non-fixed arm tested against the best
+fixed β and β-DPO (:mod:`lbdpo.eval.significance`). Run folders named ``<arm>__seed-<S>`` (an experiment's, see
+:mod:`lbdpo.experiment`) are grouped by that arm name.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ import yaml
 
 from ..train.run_logging import is_seed_override, is_sweep_override
 from .plots import plot_frontier, plot_overlaid_curves, read_metrics_jsonl
+from .significance import moonshot_table
 
 # (column header, where the value comes from, key path)
 COLUMNS = [
-    ("acc", "eval", ("eval/rewards/accuracies",)),
-    ("margin", "eval", ("eval/rewards/margins",)),
-    ("loss", "eval", ("eval/loss",)),
-    ("acc @ common β", "eval.json", ("preference", "common_beta", "rewards/accuracies")),
+    ("train-eval acc", "eval", ("eval/rewards/accuracies",)),
+    ("train-eval margin", "eval", ("eval/rewards/margins",)),
+    ("train-eval loss", "eval", ("eval/loss",)),
+    ("held-out acc", "eval.json", ("preference", "common_beta", "rewards/accuracies")),
     ("reward", "eval.json", ("generation", "reward", "policy_mean")),
     ("win rate", "eval.json", ("generation", "reward", "win_rate")),
     ("KL", "eval.json", ("generation", "kl", "mean")),
@@ -112,7 +116,8 @@ def read_run(run_dir: Path) -> dict | None:
             values[header] = _last(train, key[0])
         else:
             values[header] = _number(_get(eval_json, key))
-    fixed = _get(config, ("beta_head", "mode")) == "fixed"
+    mode = _get(config, ("beta_head", "mode"))
+    fixed = mode == "fixed"
     return {
         "run": run_dir.name,
         "label": " ".join(overrides) or run_dir.name,
@@ -123,7 +128,20 @@ def read_run(run_dir: Path) -> dict | None:
         "kind": "fixed" if fixed else "learnable",
         "beta": _number(_get(config, ("beta_head", "beta"))) if fixed else None,
         "values": values,
+        "mode": mode,
+        "per_domain": domain_values(eval_json),
     }
+
+
+def domain_values(eval_json: dict) -> dict[str, dict[str, float | None]]:
+    """domain → held-out accuracy (``acc``), policy reward and KL of that domain's prompts (from eval.json)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for domain, d in (_get(eval_json, ("preference", "per_domain")) or {}).items():
+        out.setdefault(domain, {})["acc"] = _number(_get(d, ("common_beta", "rewards/accuracies")))
+    for domain, d in (_get(eval_json, ("generation", "per_domain")) or {}).items():
+        out.setdefault(domain, {}).update(reward=_number(_get(d, ("reward", "policy_mean"))),
+                                          KL=_number(_get(d, ("kl",))))
+    return out
 
 
 # ---------------------------------------------------------------- runs → arms
@@ -138,7 +156,11 @@ def collect_runs(multirun_dir: Path) -> list[dict]:
     labels name only what differs between the runs: overrides that every run shares are left out."""
     dirs = sorted((d for d in Path(multirun_dir).iterdir() if d.is_dir()), key=lambda d: _natural_key(d.name))
     runs = [r for r in (read_run(d) for d in dirs) if r is not None]
-    if len(runs) > 1:
+    named = [re.fullmatch(r"(.+)__seed-\d+", r["run"]) for r in runs]
+    if runs and all(named):  # an experiment's run folders (lbdpo.experiment): <arm>__seed-<S>
+        for r, m in zip(runs, named):
+            r["arm"] = r["label"] = m.group(1)
+    elif len(runs) > 1:
         shared = set.intersection(*(set(r["overrides"]) for r in runs))
         for r in runs:
             own = [o for o in r["overrides"] if o not in shared]
@@ -194,6 +216,21 @@ def frontier_points(arms: list[dict]) -> list[dict]:
     return points
 
 
+def per_domain_table(arms: list[dict]) -> str:
+    """Markdown: per arm and domain, held-out accuracy, reward and KL (mean ± std over seeds); "" without domains."""
+    domains = sorted({d for a in arms for r in a["runs"] for d in r.get("per_domain", {})})
+    if len(domains) < 2:
+        return ""
+    keys = ("acc", "reward", "KL")
+    header = ["arm", *(f"{d} {k}" for d in domains for k in keys)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for a in arms:
+        cells = [fmt_mean_std(*mean_std([r.get("per_domain", {}).get(d, {}).get(k) for r in a["runs"]]))
+                 for d in domains for k in keys]
+        lines.append("| " + " | ".join([a["arm"], *cells]) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(arms: list[dict]) -> str:
     header = ["arm", "seeds", *(h for h, _, _ in COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -205,8 +242,10 @@ def markdown_table(arms: list[dict]) -> str:
 
 # ---------------------------------------------------------------- outputs
 
-def write_comparison(multirun_dir: Path, out_dir: Path) -> tuple[str, dict[str, Path | None]]:
+def write_comparison(multirun_dir: Path, out_dir: Path, arm_order: list[str] | None = None
+                     ) -> tuple[str, dict[str, Path | None]]:
     """Write ``compare.md`` and the figures into ``out_dir``; return the table and {name: path or None if skipped}.
+    ``arm_order``: arm names listed first, in this order (an experiment's order); the rest follow.
 
     Raises ValueError when ``multirun_dir`` holds no run.
     """
@@ -215,6 +254,9 @@ def write_comparison(multirun_dir: Path, out_dir: Path) -> tuple[str, dict[str, 
     if not runs:
         raise ValueError(f"no run with a metrics.jsonl under {multirun_dir}")
     arms = group_arms(runs)
+    if arm_order:
+        rank = {name: i for i, name in enumerate(arm_order)}
+        arms.sort(key=lambda a: rank.get(a["arm"], len(rank)))  # stable: unlisted arms keep their order
     table = markdown_table(arms)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -228,9 +270,17 @@ def write_comparison(multirun_dir: Path, out_dir: Path) -> tuple[str, dict[str, 
         outputs[name] = plot_overlaid_curves(labels, key, out_dir / name)
 
     notes = ["Mean ± population std (ddof=0) over the seeds that have the value; \"± –\" = one value, "
-             "\"–\" = none. acc/margin/loss: last eval of metrics.jsonl; acc @ common β, reward, win rate, KL: "
-             "eval.json; w: last train step."]
+             "\"–\" = none. train-eval acc/margin/loss: the last eval of metrics.jsonl (the training run's eval "
+             "split, own β); held-out acc (the sign of the β-free margin, so the same at every β), reward, win rate, "
+             "KL: eval.json of evaluate.py; w: last train step."]
     md = [f"# Comparison of {multirun_dir}", "", table, "", *notes, ""]
+    by_domain = per_domain_table(arms)
+    if by_domain:
+        md += ["## Per domain", "", by_domain, "", "acc: held-out pairs of the domain; reward, KL: its generation "
+               "prompts (eval.json per_domain; runs evaluated before it was recorded show –).", ""]
+    tests = moonshot_table(arms)
+    if tests:
+        md += ["## Against the best fixed β and β-DPO", "", tests, ""]
     if outputs["frontier.png"] is None:
         md += ["Frontier figure skipped: no run has both generation KL and reward in eval.json.", ""]
     else:

@@ -294,6 +294,9 @@ def plot_frontier(points: list[dict], path) -> Path | None:
         ax.annotate(str(p.get("label", "")), (p["kl"], p["reward"]), textcoords="offset points", xytext=(5, 5),
                     fontsize=8, color=f"C{i % 10}")
     ax.set_xlabel(KL_LABEL)
+    kls = [p["kl"] for p in fixed + learnable if p["kl"] > 0]
+    if kls and max(kls) > 10 * min(kls):  # a β sweep spans decades of KL
+        ax.set_xscale("log")
     ax.set_ylabel("mean reward")
     ax.set_title("reward vs KL frontier")
     ax.grid(alpha=0.3)

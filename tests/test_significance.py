@@ -1,0 +1,90 @@
+"""lbdpo.eval.significance: Welch tests against their formula, the fixed-β frontier interpolation, the moonshot table
+on synthetic arms whose answer is known, and the experiment-style comparison (arm names, order, per-domain table)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from scipy import stats
+
+from lbdpo.eval.compare import write_comparison
+from lbdpo.eval.significance import frontier_reward, moonshot_table, run_gaps, welch
+from test_plots_compare import fake_run
+
+
+def test_welch_is_the_textbook_formula():
+    a, b = [0.81, 0.83, 0.80], [0.76, 0.78, 0.75, 0.77]
+    ma, mb = sum(a) / 3, sum(b) / 4
+    va = sum((x - ma) ** 2 for x in a) / 2
+    vb = sum((x - mb) ** 2 for x in b) / 3
+    se = math.sqrt(va / 3 + vb / 4)
+    df = (va / 3 + vb / 4) ** 2 / ((va / 3) ** 2 / 2 + (vb / 4) ** 2 / 3)  # Welch–Satterthwaite
+    t = (ma - mb) / se
+    out = welch(a, b)
+    assert out["diff"] == pytest.approx(ma - mb)
+    assert out["p"] == pytest.approx(2 * stats.t.sf(abs(t), df))
+    half = stats.t.ppf(0.975, df) * se
+    assert (out["low"], out["high"]) == pytest.approx((ma - mb - half, ma - mb + half))
+    assert welch([0.8], b) is None and welch([0.8, 0.8], [0.7, 0.7]) is None  # nothing to test
+
+
+def test_frontier_is_linear_in_log_kl_and_never_extrapolates():
+    points = [(10.0, 0.9), (1.0, 0.5), (100.0, 1.0)]  # any order
+    assert frontier_reward(points, math.sqrt(10)) == pytest.approx(0.7)  # half way in log KL
+    assert frontier_reward(points, 10.0) == pytest.approx(0.9)
+    assert frontier_reward(points, 10 ** 1.5) == pytest.approx(0.95)
+    assert frontier_reward(points, 0.5) is None and frontier_reward(points, 200.0) is None
+    assert frontier_reward(points[:1], 1.0) is None
+    runs = [{"values": {"reward": 0.8, "KL": math.sqrt(10)}}, {"values": {"reward": 0.8, "KL": 500.0}}]
+    assert run_gaps(runs, points) == pytest.approx([0.1])  # the second run is outside the range
+
+
+def arm(name, kind, runs, mode=None):
+    return {"arm": name, "kind": kind, "n_seeds": len(runs), "beta": None,
+            "runs": [{"values": v, "mode": mode or kind} for v in runs]}
+
+
+def test_moonshot_table_finds_an_arm_above_the_frontier_and_one_below_the_best_accuracy():
+    jitter = (-0.004, 0.0, 0.004)
+    fixed = [arm(f"fixed_{kl}", "fixed", [{"held-out acc": acc + j, "reward": r + j, "KL": kl * (1 + j)}
+                                          for j in jitter])
+             for kl, r, acc in ((5.0, 0.80, 0.78), (20.0, 0.90, 0.80), (60.0, 0.95, 0.76))]
+    above = arm("learn_above", "learnable", [{"held-out acc": 0.70 + j, "reward": 0.95 + j, "KL": 10.0} for j in jitter])
+    dpo = arm("beta_dpo", "learnable", [{"held-out acc": 0.79 + j, "reward": 0.9 + j, "KL": 20.0} for j in jitter],
+              mode="beta_dpo")
+    table = moonshot_table([*fixed, above, dpo])
+    assert "Best fixed β by held-out accuracy: **fixed_20.0**" in table
+    row = next(line for line in table.splitlines() if line.startswith("| learn_above"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2].startswith("-0.1000")  # accuracy 0.10 below the best fixed β ...
+    assert cells[3].startswith("-0.0900")  # ... and 0.09 below β-DPO
+    gap = 0.95 - (0.80 + 0.10 * math.log(2) / math.log(4))  # frontier at KL 10, between (5, .80) and (20, .90)
+    assert cells[4].startswith(f"+{gap:.4f}")
+    assert float(cells[5].split("p=")[1]) < 0.01  # far above the fixed seeds' scatter around the frontier
+    dpo_row = next(line for line in table.splitlines() if line.startswith("| beta_dpo"))
+    assert dpo_row.split("|")[4].strip() == "–"  # β-DPO is not compared with itself
+    assert moonshot_table([above]) == ""  # no fixed arm: nothing to compare with
+
+
+def test_experiment_comparison_names_orders_and_splits_by_domain(tmp_path):
+    for name, mode, acc in (("fixed_b01", "fixed", 0.8), ("learn", "learnable", 0.7)):
+        for seed in (0, 1):
+            fake_run(tmp_path, f"{name}__seed-{seed}", name, seed, mode, acc + 0.01 * seed, 0.1, kl=5.0 + seed,
+                     reward=0.9)
+            path = tmp_path / f"{name}__seed-{seed}" / "eval.json"
+            data = json.loads(path.read_text())
+            data["preference"]["per_domain"] = {d: {"common_beta": {"rewards/accuracies": acc + 0.01 * seed + k}}
+                                                for k, d in ((0.0, "en"), (0.1, "zh"))}
+            data["generation"]["per_domain"] = {"en": {"kl": 4.0, "reward": {"policy_mean": 0.5}},
+                                                "zh": {"kl": 8.0 + seed, "reward": {"policy_mean": 0.7}}}
+            path.write_text(json.dumps(data))
+    table, _ = write_comparison(tmp_path, tmp_path / "cmp", arm_order=["learn", "fixed_b01"])
+    rows = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
+    assert rows == ["learn", "fixed_b01"]  # named by folder, in the experiment's order
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    learn_row = next(line for line in md.split("## Per domain")[1].splitlines() if line.startswith("| learn"))
+    assert "0.7050 ± 0.0050 | 0.5000 ± 0.0000 | 4.0000 ± 0.0000 | 0.8050 ± 0.0050 | 0.7000 ± 0.0000 | " \
+           "8.5000 ± 0.5000" in learn_row
+    assert "## Against the best fixed β and β-DPO" in md and "| learn | 2 | -0.1000" in md
