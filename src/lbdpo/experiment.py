@@ -28,7 +28,8 @@ skips it when ``eval.json`` is there; evaluates it when only the evaluation is m
 most one ``trainer.save_every`` interval is lost), then evaluates it. Training is a child process; Ctrl-C or SIGTERM
 (or ``--stop-after-minutes``) is passed on as SIGINT, which makes it finish its step and save. Each run's wall
 times go to ``runner.json`` in its folder; ``status`` turns them into the time the pending runs need. After every
-run the comparison (:mod:`lbdpo.eval.compare`) is rebuilt into ``results/<name>/compare/``.
+run the comparison (:mod:`lbdpo.eval.compare`: ``compare.md``, figures) and the β dynamics (:mod:`lbdpo.eval.dynamics`:
+``dynamics.md``, ``dynamics.png``) are rebuilt into ``results/<name>/compare/``.
 """
 
 from __future__ import annotations
@@ -216,6 +217,7 @@ def run_experiment(exp: Experiment, only: list[str] | None, stop_after_minutes: 
 def compare(exp: Experiment) -> None:
     """Archive every evaluated run not (fully) archived yet, then rebuild ``results/<name>/compare/`` from the archive."""
     from .eval.compare import write_comparison
+    from .eval.dynamics import write_dynamics
 
     for _, _, run_dir in exp.runs():
         target = exp.results / run_dir.name
@@ -224,6 +226,7 @@ def compare(exp: Experiment) -> None:
 
     if exp.results.is_dir() and any(p.is_dir() for p in exp.results.iterdir()):
         table, _ = write_comparison(exp.results, exp.results / "compare", arm_order=list(exp.arms))
+        write_dynamics(exp.results, exp.results / "compare", arm_order=list(exp.arms))
         print(table, flush=True)
 
 

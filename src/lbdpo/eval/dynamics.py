@@ -1,0 +1,231 @@
+"""What β did during training and where it ended: the dynamics analysis of issue 14 (experiment 3).
+
+    python -m lbdpo.eval.dynamics results/sentiment_v1            # writes results/sentiment_v1/compare/dynamics.md
+
+Reads, per run folder: ``pairs.jsonl`` (each training pair of each logged step: domain, β, log PPL, f, margin Δ;
+``trainer.log_pairs``), ``metrics.jsonl`` (w) and ``eval_pairs.jsonl`` (the held-out pairs at the end, from
+evaluate.py). Training is cut into ``windows`` equal spans of steps; per span it reports, over the pairs seen in it:
+
+    β per domain (mean)          does β separate the domains, and in which direction?
+    f spread (std of f)          does the context factor f(h) = 1 + ε·tanh(NN(h)) still vary across prompts,
+                                 or did it saturate at a bound (std → 0)?
+    ρ(β, log PPL), ρ(β, Δ)       Spearman correlations: how much of β is log PPL, and whether β tracks how well
+                                 the pair is already learned
+    ρ(f, log PPL), f by domain   whether f learned something about the prompt beyond log PPL
+
+and at the end, on the held-out pairs, the same numbers plus the share of f's variance explained by the domain
+(between-domain variance / total). Arms are summarised as mean ± std over their seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy import stats
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a file, skipping a last line cut by a kill; [] when the file is absent."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's ρ; None with fewer than 3 pairs or a constant input (ρ undefined, e.g. a fixed β)."""
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    return float(stats.spearmanr(x, y).statistic)
+
+
+def between_domain_share(values: Sequence[float], domains: Sequence[str]) -> float | None:
+    """Σ_d n_d (mean_d − mean)² / Σ (v − mean)²: the share of the variance that the domain explains (η²)."""
+    v = np.asarray(values, dtype=float)
+    total = float(((v - v.mean()) ** 2).sum())
+    if total <= 1e-12 * max(1.0, len(v)) or len(set(domains)) < 2:
+        return None
+    between = 0.0
+    for d in set(domains):
+        sub = v[[i for i, x in enumerate(domains) if x == d]]
+        between += len(sub) * (sub.mean() - v.mean()) ** 2
+    return float(between / total)
+
+
+def summarize(rows: list[dict]) -> dict[str, float | None]:
+    """The statistics above for one set of pair rows (keys: beta/<domain>, f_std, rho_*, f_domain_share, n)."""
+    out: dict[str, float | None] = {"n": len(rows)}
+    if not rows:
+        return out
+    col = {k: [float(r[k]) for r in rows] for k in ("beta", "log_ppl", "f", "margin") if k in rows[0]}
+    domains = [str(r.get("domain")) for r in rows]
+    for d in sorted(set(domains)):
+        out[f"beta/{d}"] = float(np.mean([b for b, x in zip(col["beta"], domains) if x == d]))
+    out["beta/mean"] = float(np.mean(col["beta"]))
+    out["beta/cv"] = float(np.std(col["beta"]) / np.mean(col["beta"])) if np.mean(col["beta"]) > 0 else None
+    out["f_std"] = float(np.std(col["f"])) if "f" in col else None
+    out["f_mean"] = float(np.mean(col["f"])) if "f" in col else None
+    out["rho_beta_logppl"] = spearman(col["beta"], col["log_ppl"])
+    out["rho_beta_margin"] = spearman(col["beta"], col["margin"]) if "margin" in col else None
+    out["rho_f_logppl"] = spearman(col["f"], col["log_ppl"]) if "f" in col else None
+    out["f_domain_share"] = between_domain_share(col["f"], domains) if "f" in col else None
+    return out
+
+
+def windows_of(pairs: list[dict], windows: int) -> list[tuple[int, int, dict]]:
+    """Training cut into ``windows`` equal spans of steps: (first step, last step, :func:`summarize`) each."""
+    if not pairs:
+        return []
+    last = max(int(r["step"]) for r in pairs)
+    edges = [round(i * last / windows) for i in range(windows + 1)]
+    out = []
+    for lo, hi in zip(edges, edges[1:]):
+        rows = [r for r in pairs if lo < int(r["step"]) <= hi]
+        if rows:
+            out.append((lo + 1, hi, summarize(rows)))
+    return out
+
+
+def run_dynamics(run_dir: Path, windows: int = 8) -> dict | None:
+    """One run: its windows, its held-out summary and w at the first and last step; None without pairs.jsonl."""
+    pairs = read_jsonl(run_dir / "pairs.jsonl")
+    if not pairs:
+        return None
+    ws = [r["beta_head/w"] for r in read_jsonl(run_dir / "metrics.jsonl") if "beta_head/w" in r]
+    return {"windows": windows_of(pairs, windows), "held_out": summarize(read_jsonl(run_dir / "eval_pairs.jsonl")),
+            "w_first": ws[0] if ws else None, "w_last": ws[-1] if ws else None,
+            "steps": max(int(r["step"]) for r in pairs)}
+
+
+def _arm_of(run_dir: Path) -> str:
+    m = re.fullmatch(r"(.+)__seed-\d+", run_dir.name)
+    return m.group(1) if m else run_dir.name
+
+
+def _fmt(values: list[float | None], digits: int = 3) -> str:
+    present = [v for v in values if v is not None and math.isfinite(v)]
+    if not present:
+        return "–"
+    mean = sum(present) / len(present)
+    if len(present) == 1:
+        return f"{mean:.{digits}f}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in present) / len(present))
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def dynamics_report(results_dir: Path, windows: int = 8, arm_order: list[str] | None = None) -> str:
+    """Markdown: per arm (mean ± std over seeds) the held-out summary and the first vs last training window."""
+    by_arm: dict[str, list[dict]] = {}
+    for run_dir in sorted(p for p in Path(results_dir).iterdir() if p.is_dir()):
+        dyn = run_dynamics(run_dir, windows)
+        if dyn is not None:
+            by_arm.setdefault(_arm_of(run_dir), []).append(dyn)
+    if not by_arm:
+        return ""
+    rank = {a: i for i, a in enumerate(arm_order or [])}
+    arms = sorted(by_arm, key=lambda a: (rank.get(a, len(rank)), a))
+    domains = sorted({k[5:] for runs in by_arm.values() for r in runs for k in r["held_out"]
+                      if k.startswith("beta/") and k not in ("beta/mean", "beta/cv")})
+    keys = [*(f"beta/{d}" for d in domains), "beta/cv", "f_mean", "f_std", "f_domain_share", "rho_beta_logppl",
+            "rho_f_logppl", "rho_beta_margin"]
+    heads = [*(f"β {d}" for d in domains), "β CV", "f mean", "f std", "f: domain share", "ρ(β, log PPL)",
+             "ρ(f, log PPL)", "ρ(β, Δ)"]
+    md = ["### Held-out pairs at the end of training", "", "| arm | seeds | w first → last | " + " | ".join(heads) + " |",
+          "|" + "---|" * (len(heads) + 3)]
+    for arm in arms:
+        runs = by_arm[arm]
+        w = f"{_fmt([r['w_first'] for r in runs], 4)} → {_fmt([r['w_last'] for r in runs], 4)}"
+        cells = [_fmt([r["held_out"].get(k) for r in runs]) for k in keys]
+        md.append(f"| {arm} | {len(runs)} | {w} | " + " | ".join(cells) + " |")
+    md += ["", f"### Training: first vs last of {windows} windows (pairs.jsonl)", "",
+           "| arm | window | " + " | ".join(heads) + " |", "|" + "---|" * (len(heads) + 2)]
+    for arm in arms:
+        runs = [r for r in by_arm[arm] if r["windows"]]
+        for which, label in ((0, "first"), (-1, "last")) if runs else ():
+            lo, hi, _ = runs[0]["windows"][which]
+            cells = [_fmt([r["windows"][which][2].get(k) for r in runs]) for k in keys]
+            md.append(f"| {arm} | {label} (steps {lo}–{hi}) | " + " | ".join(cells) + " |")
+    return "\n".join(md)
+
+
+def plot_dynamics(results_dir: Path, path: Path, windows: int = 8) -> Path | None:
+    """One figure: per arm with pairs.jsonl (seed 0 drawn, others faint), β per domain, f spread and ρ(β, log PPL)
+    over the training windows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(d, run_dynamics(d, windows)) for d in sorted(p for p in Path(results_dir).iterdir() if p.is_dir())]
+    runs = [(d, r) for d, r in runs if r is not None and r["windows"]]
+    if not runs:
+        return None
+    arms = sorted({_arm_of(d) for d, _ in runs})
+    fig, axes = plt.subplots(len(arms), 3, figsize=(14, 2.6 * len(arms)), squeeze=False)
+    for row, arm in enumerate(arms):
+        for d, r in runs:
+            if _arm_of(d) != arm:
+                continue
+            alpha = 1.0 if d.name.endswith("seed-0") else 0.3
+            mid = [(lo + hi) / 2 for lo, hi, _ in r["windows"]]
+            for i, dom in enumerate(sorted({k[5:] for _, _, s in r["windows"] for k in s
+                                            if k.startswith("beta/") and k not in ("beta/mean", "beta/cv")})):
+                axes[row][0].plot(mid, [s.get(f"beta/{dom}") for _, _, s in r["windows"]], color=f"C{i}",
+                                  alpha=alpha, label=dom if alpha == 1.0 else None)
+            axes[row][1].plot(mid, [s.get("f_std") for _, _, s in r["windows"]], color="C0", alpha=alpha)
+            axes[row][2].plot(mid, [s.get("rho_beta_logppl") or np.nan for _, _, s in r["windows"]], color="C1",
+                              alpha=alpha)
+        axes[row][0].set_ylabel(arm, fontsize=8)
+        axes[row][0].legend(fontsize=6)
+    for ax, title in zip(axes[0], ("β per domain", "std of f across pairs", "Spearman ρ(β, log PPL)")):
+        ax.set_title(title, fontsize=9)
+    for ax in axes[-1]:
+        ax.set_xlabel("training step")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_dynamics(results_dir: Path, out_dir: Path, windows: int = 8, arm_order: list[str] | None = None) -> str:
+    """Write ``dynamics.md`` (and ``dynamics.png``) into ``out_dir``; returns the markdown ("" without pairs.jsonl)."""
+    md = dynamics_report(results_dir, windows, arm_order)
+    if not md:
+        return ""
+    figure = plot_dynamics(results_dir, out_dir / "dynamics.png", windows)
+    text = [f"# β dynamics of {results_dir}", "", "Mean ± population std over seeds. β CV: std/mean of β across pairs; "
+            "f: domain share: the share of f's variance between domains (η²); ρ: Spearman; Δ: the β-free log-ratio "
+            "margin. What each number asks: `python -m lbdpo.eval.dynamics --help`.", "", md, ""]
+    if figure is not None:
+        text += ["![β dynamics](dynamics.png)", ""]
+    (out_dir / "dynamics.md").write_text("\n".join(text))
+    return md
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lbdpo.eval.dynamics", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results_dir", type=Path, help="a folder of run folders (results/<experiment>)")
+    parser.add_argument("--out", type=Path, default=None, help="default: RESULTS_DIR/compare")
+    parser.add_argument("--windows", type=int, default=8)
+    args = parser.parse_args(argv)
+    if not args.results_dir.is_dir():
+        parser.error(f"{args.results_dir} is not a directory")
+    md = write_dynamics(args.results_dir, args.out or args.results_dir / "compare", args.windows)
+    print(md or f"no run under {args.results_dir} has a pairs.jsonl (trainer.log_pairs=true writes it)")
+
+
+if __name__ == "__main__":
+    main()
