@@ -29,7 +29,8 @@ def write_experiment(tmp: Path) -> Path:
                    "data.max_length=48", "data.max_prompt_length=32", "data.eval_size=8", "data.eval_fraction=null",
                    "trainer.max_steps=12", "trainer.save_every=2", "trainer.eval_every=0"],
         "arms": {"fixed": ["beta_head=fixed"], "beta_dpo": ["beta_head=beta_dpo"]},
-        "evaluate": ["generation.enabled=false", "plots=false"],
+        "evaluate": {"main": ["generation.enabled=false", "plots=false"],
+                     "second": ["generation.enabled=false", "plots=false", "max_pairs=4"]},
     }
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -81,8 +82,13 @@ def test_interrupted_experiment_resumes_skips_and_compares(tmp_path):
         blob = torch.load(run_dir / "checkpoints" / "final" / "trainer_state.pt", weights_only=False)
         assert "optimizer" not in blob and blob["state"]["step"] == 12
         assert (run_dir / "checkpoints" / "final" / "model.safetensors").is_file()
+    for _, _, run_dir in exp.runs():  # the second evaluation set: its own folder, archived, in the comparison
+        assert json.loads((run_dir / "runner.json").read_text())["evaluations"] == ["main", "second"]
+        second = json.loads((exp.results / run_dir.name / "eval_second" / "eval.json").read_text())
+        assert second["preference"]["num_pairs"] == 4
     table = (exp.results / "compare" / "compare.md").read_text()
-    assert table.count("| 1 |") == 2  # two arms (seeds are grouped as in tests/test_sweep.py)
+    assert table.split("## ")[0].count("| 1 |") == 2  # two arms (seeds are grouped as in tests/test_sweep.py)
+    assert "## Other evaluation sets" in table and "second acc" in table
 
     import shutil
 
@@ -113,3 +119,25 @@ def test_a_slimmed_checkpoint_cannot_be_resumed_and_says_why(tmp_path):
         "state", "scheduler", "rng"}
     with pytest.raises(ValueError, match="optimizer state was removed"):
         load_trainer_state(final, policy=None, beta_head=None, optimizer=None, scheduler=None)
+
+
+def test_an_interrupted_evaluation_continues_with_the_sets_not_done(tmp_path, monkeypatch):
+    import lbdpo.experiment as experiment
+
+    exp = Experiment.load(write_experiment(tmp_path))
+    run_dir = exp.runs()[0][2]
+    run_dir.mkdir(parents=True)
+    (run_dir / "runner.json").write_text(json.dumps({"train_s": 1.0, "evaluations": ["main"]}))
+    commands = []
+    monkeypatch.setattr(experiment.Stop, "run", lambda self, cmd, log: commands.append(cmd) or 0)
+    monkeypatch.setattr(experiment.signal, "signal", lambda *args: None)  # keep pytest's own SIGINT handler
+    assert experiment.evaluate_run(exp, run_dir, experiment.Stop(None))
+    assert len(commands) == 1 and "max_pairs=4" in commands[0]  # only the second set ran, into its own folder
+    assert f"output_dir={run_dir / 'eval_second'}" in commands[0]
+    assert experiment.evaluated(run_dir)
+    import pytest
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "arms": {"a": []}, "evaluate": {"a b": []}}))
+    with pytest.raises(ValueError, match="evaluate must be"):
+        Experiment.load(bad)

@@ -11,7 +11,9 @@ folder ``<out>/<name>/<arm>__seed-<S>/``, then ``evaluate.py`` on its final chec
     common: [data=sentiment, trainer.save_every=20, logger=none]   # every run's overrides
     arms: {fixed_b01: [+arm=fixed_b01], beta_dpo: [+arm=beta_dpo]} # arm name → its overrides
     seeds: [0, 1, 2]
-    evaluate: [max_pairs=1000]               # evaluate.py's overrides
+    evaluate: [max_pairs=1000]               # evaluate.py's overrides (one evaluation), or several by name:
+    # evaluate: {heldout: [max_pairs=1000], online: [data=hh_local]}   the first writes into the run folder,
+    #                                        each other one into <run>/eval_<name>/ (compare.md: "Other evaluation sets")
     keep: final                              # after evaluation keep the final model only (default) | all
 
 Run folders hold checkpoints (hundreds of MB each) and stay out of git. Once a run is evaluated, ``keep: final``
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -57,7 +60,7 @@ class Experiment:
     common: list[str]
     arms: dict[str, list[str]]
     seeds: list[int]
-    evaluate: list[str]
+    evaluate: dict[str, list[str]]  # evaluation name → evaluate.py overrides; the first writes into the run folder
     folder: Path  # run folders (checkpoints; not in git)
     results: Path  # archived results (small; committed)
     keep: str = "final"  # what of an evaluated run folder stays: final (model, head, step) | all
@@ -72,12 +75,24 @@ class Experiment:
         if spec.get("keep", "final") not in ("final", "all"):
             raise ValueError(f"{path}: keep={spec['keep']!r} must be final or all")
         arms = {str(k): [str(o) for o in (v or [])] for k, v in spec["arms"].items()}
+        evaluate = spec.get("evaluate") or []
+        if not isinstance(evaluate, (list, dict)) or (isinstance(evaluate, dict) and not all(
+                isinstance(v, list) and re.fullmatch(r"[A-Za-z0-9_.-]+", str(k)) for k, v in evaluate.items())):
+            raise ValueError(f"{path}: evaluate must be a list of evaluate.py overrides or a mapping "
+                             "name → list (names of letters, digits, _ . -)")
+        evaluate = {"main": evaluate} if isinstance(evaluate, list) else evaluate
         out = Path(spec.get("out") or REPO / "outputs" / "experiments")
         results = Path(spec.get("results") or REPO / "results")
         return cls(name=str(spec["name"]), common=[str(o) for o in spec.get("common") or []], arms=arms,
-                   seeds=[int(s) for s in spec.get("seeds") or [0]], evaluate=[str(o) for o in spec.get("evaluate") or []],
+                   seeds=[int(s) for s in spec.get("seeds") or [0]], evaluate={str(k): [str(o) for o in v] for k, v in evaluate.items()},
                    folder=out / str(spec["name"]), results=results / str(spec["name"]),
                    keep=str(spec.get("keep", "final")))
+
+    def archived(self) -> tuple[str, ...]:
+        """The files of a run folder that its results folder keeps: ``ARCHIVED`` and each extra evaluation's."""
+        extra = [f"eval_{name}/{f}" for name in list(self.evaluate)[1:]
+                 for f in ("eval.json", "eval_pairs.jsonl", "eval_report.md")]
+        return (*ARCHIVED, *extra)
 
     def runs(self, only: list[str] | None = None) -> list[tuple[str, int, Path]]:
         """(arm, seed, run folder), seed-major."""
@@ -134,11 +149,12 @@ class Stop:
         return self.child.returncode
 
 
-def archive_run(run_dir: Path, target: Path) -> None:
-    """Copy the files a result needs (``ARCHIVED``) from a run folder into its results folder."""
+def archive_run(run_dir: Path, target: Path, names: tuple[str, ...] = ARCHIVED) -> None:
+    """Copy the files a result needs (``names``: :meth:`Experiment.archived`) from a run folder into its results
+    folder."""
     import shutil
 
-    for name in ARCHIVED:
+    for name in names:
         if (run_dir / name).is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(run_dir / name, target / name)
@@ -162,6 +178,34 @@ def slim_run_folder(run_dir: Path) -> None:
             del blob["optimizer"]
             torch.save(blob, state_path.with_name("trainer_state.pt.tmp"))
             os.replace(state_path.with_name("trainer_state.pt.tmp"), state_path)
+
+
+def evaluate_run(exp: Experiment, run_dir: Path, stop: Stop) -> bool:
+    """Run each of the experiment's evaluations not yet recorded in ``runner.json``; True when all are done
+    (then ``evaluated`` is recorded). The first writes into the run folder, the others into ``eval_<name>/``."""
+    for i, (name, overrides) in enumerate(exp.evaluate.items()):
+        if name in read_runner_json(run_dir).get("evaluations", []):
+            continue
+        start = time.time()
+        out = [f"output_dir={run_dir / f'eval_{name}'}"] if i else []
+        rc = stop.run([sys.executable, str(REPO / "evaluate.py"), f"checkpoint={run_dir / 'checkpoints' / 'final'}",
+                       *overrides, *out], run_dir / "runner.log")
+        record(run_dir, "eval_s", time.time() - start)
+        if rc != 0 or stop.requested:
+            print(f"[experiment] {run_dir.name}: evaluation {name} stopped (exit {rc}); see runner.log", flush=True)
+            return False
+        update_runner_json(run_dir, evaluations=[*read_runner_json(run_dir).get("evaluations", []), name])
+    update_runner_json(run_dir, evaluated=True)
+    return True
+
+
+def read_runner_json(run_dir: Path) -> dict:
+    path = run_dir / "runner.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_runner_json(run_dir: Path, **values) -> None:
+    (run_dir / "runner.json").write_text(json.dumps({**read_runner_json(run_dir), **values}, indent=2))
 
 
 def record(run_dir: Path, key: str, seconds: float) -> None:
@@ -196,16 +240,11 @@ def run_experiment(exp: Experiment, only: list[str] | None, stop_after_minutes: 
                 if stop.requested:
                     break
                 continue
-        start = time.time()
-        rc = stop.run([sys.executable, str(REPO / "evaluate.py"), f"checkpoint={run_dir / 'checkpoints' / 'final'}",
-                       *exp.evaluate], run_dir / "runner.log")
-        record(run_dir, "eval_s", time.time() - start)
-        if rc != 0:
-            print(f"[experiment] {run_dir.name}: evaluation failed (exit {rc}); see runner.log", flush=True)
+        if not evaluate_run(exp, run_dir, stop):
+            if stop.requested:
+                break
             continue
-        runner_json = run_dir / "runner.json"
-        runner_json.write_text(json.dumps({**json.loads(runner_json.read_text()), "evaluated": True}, indent=2))
-        archive_run(run_dir, exp.results / run_dir.name)
+        archive_run(run_dir, exp.results / run_dir.name, exp.archived())
         if exp.keep == "final":
             slim_run_folder(run_dir)
         compare(exp)
@@ -221,8 +260,9 @@ def compare(exp: Experiment) -> None:
 
     for _, _, run_dir in exp.runs():
         target = exp.results / run_dir.name
-        if evaluated(run_dir) and not all((target / n).is_file() for n in ARCHIVED if (run_dir / n).is_file()):
-            archive_run(run_dir, target)  # not archived yet, or archived before a file was added to ARCHIVED
+        names = exp.archived()
+        if evaluated(run_dir) and not all((target / n).is_file() for n in names if (run_dir / n).is_file()):
+            archive_run(run_dir, target, names)  # not archived yet, or archived before a file was added to ARCHIVED
 
     if exp.results.is_dir() and any(p.is_dir() for p in exp.results.iterdir()):
         table, _ = write_comparison(exp.results, exp.results / "compare", arm_order=list(exp.arms))

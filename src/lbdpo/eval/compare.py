@@ -130,7 +130,19 @@ def read_run(run_dir: Path) -> dict | None:
         "values": values,
         "mode": mode,
         "per_domain": domain_values(eval_json),
+        "extra_evals": {path.parent.name[len("eval_"):]: extra_eval_values(path)
+                        for path in sorted(run_dir.glob("eval_*/eval.json"))},
     }
+
+
+def extra_eval_values(path: Path) -> dict[str, float | None]:
+    """Held-out accuracy and the margin at the common β of an extra evaluation set (``eval_<name>/eval.json``)."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    common = _get(data, ("preference", "common_beta")) or {}
+    return {"acc": _number(common.get("rewards/accuracies")), "margin": _number(common.get("rewards/margins"))}
 
 
 def domain_values(eval_json: dict) -> dict[str, dict[str, float | None]]:
@@ -231,6 +243,20 @@ def per_domain_table(arms: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def extra_evals_table(arms: list[dict]) -> str:
+    """Markdown: per arm and extra evaluation set, accuracy and margin at the common β; "" when there is none."""
+    names = sorted({n for a in arms for r in a["runs"] for n in r.get("extra_evals", {})})
+    if not names:
+        return ""
+    header = ["arm", *(f"{n} {k}" for n in names for k in ("acc", "margin @ common β"))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for a in arms:
+        cells = [fmt_mean_std(*mean_std([r.get("extra_evals", {}).get(n, {}).get(k) for r in a["runs"]]))
+                 for n in names for k in ("acc", "margin")]
+        lines.append("| " + " | ".join([a["arm"], *cells]) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(arms: list[dict]) -> str:
     header = ["arm", "seeds", *(h for h, _, _ in COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -278,6 +304,10 @@ def write_comparison(multirun_dir: Path, out_dir: Path, arm_order: list[str] | N
     if by_domain:
         md += ["## Per domain", "", by_domain, "", "acc: held-out pairs of the domain; reward, KL: its generation "
                "prompts (eval.json per_domain; runs evaluated before it was recorded show –).", ""]
+    extra = extra_evals_table(arms)
+    if extra:
+        md += ["## Other evaluation sets", "", extra, "", "Each set's eval.json (an experiment's `eval_<name>/`); "
+               "the margin at the common β compares runs on one scale.", ""]
     tests = moonshot_table(arms)
     if tests:
         md += ["## Against the best fixed β and β-DPO", "", tests, ""]
