@@ -74,3 +74,20 @@ def test_multirun_dir_names_pass_unquoted_as_override_values():
     assert name == "+arm-fixed_b01__beta_head.epsilon-0.3__seed-1"
     path = f"outputs/multirun/sweep_cpu_small/2026-01-01_00-00-00/0_{name}/checkpoints/final"
     assert parser.parse_overrides([f"checkpoint={path}"])[0].value() == path
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_experiment_files_compose(path):
+    """Every run of an experiment file composes (common + arm overrides), and so does each of its evaluations."""
+    from lbdpo.experiment import Experiment
+
+    exp = Experiment.load(path)
+    for arm, overrides in exp.arms.items():
+        cfg = compose_with(*exp.common, *overrides, "seed=0")
+        BetaHeadConfig.from_mapping(to_container(cfg.beta_head), hidden_size=8)
+        check_trainer_config(cfg.trainer)
+    for name, overrides in exp.evaluate.items():
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("evaluate", overrides=["checkpoint=x", *overrides])
+        data = cfg.get("data")  # absent: evaluate.py uses the checkpoint's own data config
+        assert data is None or to_container(data.eval or data.train), name
