@@ -90,6 +90,15 @@ def test_interrupted_experiment_resumes_skips_and_compares(tmp_path):
     assert table.split("## ")[0].count("| 1 |") == 2  # two arms (seeds are grouped as in tests/test_sweep.py)
     assert "## Other evaluation sets" in table and "second acc" in table
 
+    # reevaluate: the chosen arm's done runs are evaluated again (all sets), nothing is trained
+    (exp.results / first.name / "eval.json").write_text("{}")  # stale: must be replaced
+    again = runner("reevaluate", str(path), "--only", "fixed")
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0 and "1 runs to evaluate again" in out and "pending" not in out, out
+    assert json.loads((exp.results / first.name / "eval.json").read_text())["preference"]["num_pairs"] == 8
+    assert json.loads((first / "runner.json").read_text())["evaluations"] == ["main", "second"]
+    assert steps_of(first) == list(range(1, 13))
+
     import shutil
 
     shutil.rmtree(exp.folder)  # a fresh machine: only the archived results are left

@@ -3,6 +3,7 @@
     python -m lbdpo.experiment run experiments/sentiment.yaml [--stop-after-minutes 150] [--only ARM ...]
     python -m lbdpo.experiment status experiments/sentiment.yaml      # what is done, partial, pending; time estimate
     python -m lbdpo.experiment compare experiments/sentiment.yaml     # rebuild compare.md and the figures
+    python -m lbdpo.experiment reevaluate experiments/sentiment.yaml --only fixed_b01   # evaluate done runs again
 
 The experiment file (YAML) names the runs; each run is ``train.py <common> <arm overrides> seed=S`` in its own
 folder ``<out>/<name>/<arm>__seed-<S>/``, then ``evaluate.py`` on its final checkpoint::
@@ -253,6 +254,19 @@ def run_experiment(exp: Experiment, only: list[str] | None, stop_after_minutes: 
     return len(left)
 
 
+def mark_for_reevaluation(exp: Experiment, only: list[str] | None) -> int:
+    """Done runs whose final checkpoint is still on this machine lose their evaluation record (and archived
+    eval.json), so ``run`` evaluates them again, e.g. after evaluate.py learned to record more. Returns how many."""
+    marked = 0
+    for _, _, run_dir in exp.runs(only):
+        if state_of(run_dir, exp.results / run_dir.name) == "done" and \
+                (run_dir / "checkpoints" / "final" / "trainer_state.pt").is_file():
+            update_runner_json(run_dir, evaluated=False, evaluations=[], eval_s=0.0)
+            (exp.results / run_dir.name / "eval.json").unlink(missing_ok=True)
+            marked += 1
+    return marked
+
+
 def compare(exp: Experiment) -> None:
     """Archive every evaluated run not (fully) archived yet, then rebuild ``results/<name>/compare/`` from the archive."""
     from .eval.compare import write_comparison
@@ -294,7 +308,7 @@ def status(exp: Experiment) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lbdpo.experiment", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["run", "status", "compare"])
+    parser.add_argument("command", choices=["run", "status", "compare", "reevaluate"])
     parser.add_argument("experiment", type=Path, help="the experiment's YAML file (see above)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these arms")
     parser.add_argument("--stop-after-minutes", type=float, default=None,
@@ -309,7 +323,9 @@ def main(argv=None) -> None:
     unknown = set(args.only or []) - set(exp.arms)
     if unknown:
         parser.error(f"--only {sorted(unknown)}: not arms of {exp.name} ({sorted(exp.arms)})")
-    if args.command == "run":
+    if args.command == "reevaluate":
+        print(f"[experiment] {mark_for_reevaluation(exp, args.only)} runs to evaluate again", flush=True)
+    if args.command in ("run", "reevaluate"):
         sys.exit(1 if run_experiment(exp, args.only, args.stop_after_minutes) else 0)
     if args.command == "status":
         print(status(exp))
