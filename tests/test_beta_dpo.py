@@ -4,6 +4,7 @@ training run that resumes exactly (its statistics live in the checkpoint)."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -109,6 +110,12 @@ def test_training_run_logs_beta_dpo_and_resumes_exactly(pairs_file, tmp_path):  
     assert all(s["beta_dpo/kept_fraction"] == pytest.approx(0.75) for s in steps)  # 3 of each 4 pairs
     assert len({round(s["beta/mean"], 8) for s in steps}) > 1 and all(s["beta/std"] == 0 for s in steps)
     assert "beta_dpo/M0" in steps[-1] and evals
+    # pairs.jsonl: each pair's kept flag (3 of 4 per step) and the batch's one β on every pair of the step
+    rows = [json.loads(line) for line in (tmp_path / "full" / "pairs.jsonl").read_text().splitlines()]
+    for s in steps:
+        step_rows = [r for r in rows if r["step"] == s["step"]]
+        assert sorted(r["kept"] for r in step_rows) == [0.0, 1.0, 1.0, 1.0]
+        assert all(r["beta"] == pytest.approx(s["beta/mean"], rel=1e-5) for r in step_rows)
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-3", resumed / "checkpoints" / "step-3")
     train(make_cfg(pairs_file, *args, "trainer.resume_from=auto"), resumed)
