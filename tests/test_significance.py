@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from lbdpo.eval.compare import write_comparison
-from lbdpo.eval.significance import frontier_reward, moonshot_table, run_gaps, welch
+from lbdpo.eval.significance import frontier_reward, moonshot_table, run_gaps, verdict, welch
 from test_plots_compare import fake_run
 
 
@@ -62,7 +62,8 @@ def test_moonshot_table_finds_an_arm_above_the_frontier_and_one_below_the_best_a
     assert cells[3].startswith("-0.0900")  # ... and 0.09 below β-DPO
     gap = 0.95 - (0.80 + 0.10 * math.log(2) / math.log(4))  # frontier at KL 10, between (5, .80) and (20, .90)
     assert cells[4].startswith(f"+{gap:.4f}")
-    assert float(cells[5].split("p=")[1]) < 0.01  # far above the fixed seeds' scatter around the frontier
+    assert float(cells[5].split("p=")[1].split(":")[0]) < 0.01  # far above the fixed seeds' scatter
+    assert cells[2].endswith(": worse") and cells[5].endswith(": beats")
     dpo_row = next(line for line in table.splitlines() if line.startswith("| beta_dpo"))
     assert dpo_row.split("|")[4].strip() == "–"  # β-DPO is not compared with itself
     assert moonshot_table([above]) == ""  # no fixed arm: nothing to compare with
@@ -88,3 +89,11 @@ def test_experiment_comparison_names_orders_and_splits_by_domain(tmp_path):
     assert "0.7050 ± 0.0050 | 0.5000 ± 0.0000 | 4.0000 ± 0.0000 | 0.8050 ± 0.0050 | 0.7000 ± 0.0000 | " \
            "8.5000 ± 0.5000" in learn_row
     assert "## Against the best fixed β and β-DPO" in md and "| learn | 2 | -0.1000" in md
+
+
+def test_verdict_follows_the_decision_rule():
+    assert verdict({"diff": 0.05, "low": 0.01, "high": 0.09, "p": 0.01}, 0.03) == "beats"
+    assert verdict({"diff": -0.05, "low": -0.09, "high": -0.01, "p": 0.01}, 0.03) == "worse"
+    assert verdict({"diff": 0.005, "low": -0.02, "high": 0.03, "p": 0.6}, 0.03) == "matches"
+    assert verdict({"diff": 0.005, "low": -0.05, "high": 0.06, "p": 0.8}, 0.03) == "inconclusive"
+    assert verdict(None, 0.03) == "–"

@@ -70,10 +70,26 @@ def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _fmt_test(t: dict | None) -> str:
+# equivalence margins of the decision rule (report.md §6): accuracy, and reward for the frontier gap
+ACC_MARGIN, GAP_MARGIN = 0.03, 0.01
+
+
+def verdict(t: dict | None, margin: float) -> str:
+    """The decision rule: *beats* / *worse* = a difference of that sign with p < 0.05; *matches* = the 95 % CI
+    inside ±margin (so it contains 0); else *inconclusive*; "–" without a test."""
     if t is None:
         return "–"
-    return f"{t['diff']:+.4f} [{t['low']:+.4f}, {t['high']:+.4f}] p={t['p']:.2g}"
+    if t["p"] < 0.05:
+        return "beats" if t["diff"] > 0 else "worse"
+    if -margin <= t["low"] and t["high"] <= margin:
+        return "matches"
+    return "inconclusive"
+
+
+def _fmt_test(t: dict | None, margin: float) -> str:
+    if t is None:
+        return "–"
+    return f"{t['diff']:+.4f} [{t['low']:+.4f}, {t['high']:+.4f}] p={t['p']:.2g}: {verdict(t, margin)}"
 
 
 def moonshot_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
@@ -93,8 +109,9 @@ def moonshot_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
         if kls and rewards:
             points.append((_mean(kls), _mean(rewards)))
     fixed_gaps = [g for a in fixed for g in run_gaps(a["runs"], points)]
-    lines = [f"Best fixed β by held-out accuracy: **{best['arm']}**. Cells: mean difference [95 % CI] and Welch p "
-             "over seeds; frontier gap = reward − fixed-β frontier at the run's KL (mean ± std over seeds, "
+    lines = [f"Best fixed β by held-out accuracy: **{best['arm']}**. Cells: mean difference [95 % CI], Welch p over "
+             f"seeds and the verdict of report.md's rule (matches: CI within ±{ACC_MARGIN} accuracy, ±{GAP_MARGIN} "
+             "reward); frontier gap = reward − fixed-β frontier at the run's KL (mean ± std over seeds, "
              "compared with the fixed-β seeds' gaps).", "",
              f"| arm | seeds | acc − best fixed ({best['arm']}) | acc − β-DPO | frontier gap | gap vs fixed seeds |",
              "|---|---|---|---|---|---|"]
@@ -105,9 +122,10 @@ def moonshot_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
         gaps = run_gaps(a["runs"], points)
         gap_cell = "outside the fixed-β KL range" if not gaps else (
             f"{_mean(gaps):+.4f} ± " + (f"{_pstd(gaps):.4f}" if len(gaps) > 1 else "–") + f" (n={len(gaps)})")
-        vs_dpo = "–" if beta_dpo is None or a is beta_dpo else _fmt_test(welch(acc, _values(beta_dpo, acc_key)))
-        lines.append(f"| {a['arm']} | {a['n_seeds']} | {_fmt_test(welch(acc, _values(best, acc_key)))} | {vs_dpo} | "
-                     f"{gap_cell} | {_fmt_test(welch(gaps, fixed_gaps))} |")
+        vs_dpo = "–" if beta_dpo is None or a is beta_dpo else _fmt_test(welch(acc, _values(beta_dpo, acc_key)),
+                                                                          ACC_MARGIN)
+        lines.append(f"| {a['arm']} | {a['n_seeds']} | {_fmt_test(welch(acc, _values(best, acc_key)), ACC_MARGIN)} | "
+                     f"{vs_dpo} | {gap_cell} | {_fmt_test(welch(gaps, fixed_gaps), GAP_MARGIN)} |")
     return "\n".join(lines)
 
 
