@@ -61,6 +61,11 @@ def test_report_groups_seeds_by_arm_and_skips_runs_without_pairs(tmp_path, capsy
         write_run(tmp_path / f"saturated__seed-{seed}", pair_rows(16, True, random.Random(seed)))
     (tmp_path / "fixed__seed-0").mkdir()  # an archived run from before pairs.jsonl existed
     assert run_dynamics(tmp_path / "fixed__seed-0") is None
+    constant = [{**r, "beta": 0.1} for r in pair_rows(16, True, random.Random(0))]
+    write_run(tmp_path / "fixed__seed-1", constant)
+    assert run_dynamics(tmp_path / "fixed__seed-1") is None  # a fixed β has no dynamics
+    late = [r for r in pair_rows(16, True, random.Random(0)) if r["step"] > 6]  # a file resumed at step 6
+    assert windows_of(late, 4)[0][:2] == (7, 8)
     md = write_dynamics(tmp_path, tmp_path / "compare", windows=4, arm_order=["saturated", "learn"])
     rows = [line for line in md.splitlines() if line.startswith("| learn") or line.startswith("| saturated")]
     assert rows[0].startswith("| saturated | 2 |") and rows[1].startswith("| learn | 2 |")  # experiment order
@@ -68,5 +73,9 @@ def test_report_groups_seeds_by_arm_and_skips_runs_without_pairs(tmp_path, capsy
     assert "(steps 1–4)" in md and "(steps 13–16)" in md and "fixed" not in md
     assert (tmp_path / "compare" / "dynamics.md").is_file()
     assert (tmp_path / "compare" / "dynamics.png").read_bytes()[:4] == b"\x89PNG"
+    for run in ("learn__seed-0", "learn__seed-1", "saturated__seed-0", "saturated__seed-1"):
+        (tmp_path / run / "pairs.jsonl").unlink()
+    assert write_dynamics(tmp_path, tmp_path / "compare") == ""
+    assert not (tmp_path / "compare" / "dynamics.md").exists()  # no stale report left behind
     main([str(tmp_path / "fixed__seed-0")])
     assert "no run under" in capsys.readouterr().out

@@ -92,15 +92,16 @@ def windows_of(pairs: list[dict], windows: int) -> list[tuple[int, int, dict]]:
     out = []
     for lo, hi in zip(edges, edges[1:]):
         rows = [r for r in pairs if lo < int(r["step"]) <= hi]
-        if rows:
-            out.append((lo + 1, hi, summarize(rows)))
+        if rows:  # labelled by the steps it holds (a resumed run's file may start late)
+            out.append((min(int(r["step"]) for r in rows), max(int(r["step"]) for r in rows), summarize(rows)))
     return out
 
 
 def run_dynamics(run_dir: Path, windows: int = 8) -> dict | None:
-    """One run: its windows, its held-out summary and w at the first and last step; None without pairs.jsonl."""
+    """One run: its windows, its held-out summary and w at the first and last step; None without pairs.jsonl or
+    when β never varied (a fixed β)."""
     pairs = read_jsonl(run_dir / "pairs.jsonl")
-    if not pairs:
+    if len({r.get("beta") for r in pairs}) < 2:  # no file, or a fixed β: nothing to analyse
         return None
     ws = [r["beta_head/w"] for r in read_jsonl(run_dir / "metrics.jsonl") if "beta_head/w" in r]
     return {"windows": windows_of(pairs, windows), "held_out": summarize(read_jsonl(run_dir / "eval_pairs.jsonl")),
@@ -203,6 +204,8 @@ def write_dynamics(results_dir: Path, out_dir: Path, windows: int = 8, arm_order
     """Write ``dynamics.md`` (and ``dynamics.png``) into ``out_dir``; returns the markdown ("" without pairs.jsonl)."""
     md = dynamics_report(results_dir, windows, arm_order)
     if not md:
+        for stale in ("dynamics.md", "dynamics.png"):  # from an earlier build with other runs
+            (out_dir / stale).unlink(missing_ok=True)
         return ""
     figure = plot_dynamics(results_dir, out_dir / "dynamics.png", windows)
     text = [f"# β dynamics of {results_dir}", "", "Mean ± population std over seeds. β CV: std/mean of β across pairs; "
