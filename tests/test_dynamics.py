@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 
@@ -64,6 +65,12 @@ def test_report_groups_seeds_by_arm_and_skips_runs_without_pairs(tmp_path, capsy
     constant = [{**r, "beta": 0.1} for r in pair_rows(16, True, random.Random(0))]
     write_run(tmp_path / "fixed__seed-1", constant)
     assert run_dynamics(tmp_path / "fixed__seed-1") is None  # a fixed β has no dynamics
+    floored = pair_rows(8, True, random.Random(0))
+    for r in floored:
+        r["beta"] = 0.001 if r["step"] % 4 == 0 else 0.1 + 0.01 * r["step"]  # one step in four at the floor
+    write_run(tmp_path / "floored__seed-0", floored)
+    assert run_dynamics(tmp_path / "floored__seed-0")["floor_share"] == pytest.approx(0.25)
+    shutil.rmtree(tmp_path / "floored__seed-0")
     late = [r for r in pair_rows(16, True, random.Random(0)) if r["step"] > 6]  # a file resumed at step 6
     assert windows_of(late, 4)[0][:2] == (7, 8)
     md = write_dynamics(tmp_path, tmp_path / "compare", windows=4, arm_order=["saturated", "learn"])

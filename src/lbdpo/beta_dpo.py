@@ -25,6 +25,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 
+BETA_FLOOR = 1e-3  # the authors' clamp of β_batch (their code: beta_used.clamp(min=1e-3))
+
+
 def gather_all(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(B,) from each process → ((N,) all of them in rank order, this process's offset). Equal B on all processes."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -38,7 +41,7 @@ class BetaDPO(nn.Module):
     """The batch-level β of β-DPO (see the module docstring); state in buffers, so checkpoints resume it."""
 
     def __init__(self, beta: float, alpha: float = 0.6, filter_fraction: float = 0.2, momentum: float = 0.9,
-                 beta_floor: float = 1e-3, seed: int = 0):
+                 beta_floor: float = BETA_FLOOR, seed: int = 0):
         super().__init__()
         self.beta, self.alpha, self.filter_fraction = float(beta), float(alpha), float(filter_fraction)
         self.momentum, self.beta_floor, self.seed = float(momentum), float(beta_floor), int(seed)

@@ -14,7 +14,7 @@ evaluate.py). Training is cut into ``windows`` equal spans of steps; per span it
     ρ(f, log PPL), f by domain   whether f learned something about the prompt beyond log PPL
 
 and at the end, on the held-out pairs, the same numbers plus the share of f's variance explained by the domain
-(between-domain variance / total). Arms are summarised as mean ± std over their seeds.
+(between-domain variance / total), and the share of training steps whose β sat at β-DPO's floor 1e-3. Arms are summarised as mean ± std over their seeds.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from typing import Sequence
 
 import numpy as np
 from scipy import stats
+
+from ..beta_dpo import BETA_FLOOR
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -104,9 +106,11 @@ def run_dynamics(run_dir: Path, windows: int = 8) -> dict | None:
     if len({r.get("beta") for r in pairs}) < 2:  # no file, or a fixed β: nothing to analyse
         return None
     ws = [r["beta_head/w"] for r in read_jsonl(run_dir / "metrics.jsonl") if "beta_head/w" in r]
+    steps = {int(r["step"]) for r in pairs}
+    floored = {int(r["step"]) for r in pairs if float(r["beta"]) <= BETA_FLOOR * (1 + 1e-6)}
     return {"windows": windows_of(pairs, windows), "held_out": summarize(read_jsonl(run_dir / "eval_pairs.jsonl")),
-            "w_first": ws[0] if ws else None, "w_last": ws[-1] if ws else None,
-            "steps": max(int(r["step"]) for r in pairs)}
+            "w_first": ws[0] if ws else None, "w_last": ws[-1] if ws else None, "steps": max(steps),
+            "floor_share": len(floored) / len(steps)}
 
 
 def _arm_of(run_dir: Path) -> str:
@@ -142,13 +146,15 @@ def dynamics_report(results_dir: Path, windows: int = 8, arm_order: list[str] | 
             "rho_f_logppl", "rho_beta_margin"]
     heads = [*(f"β {d}" for d in domains), "β CV", "f mean", "f std", "f: domain share", "ρ(β, log PPL)",
              "ρ(f, log PPL)", "ρ(β, Δ)"]
-    md = ["### Held-out pairs at the end of training", "", "| arm | seeds | w first → last | " + " | ".join(heads) + " |",
-          "|" + "---|" * (len(heads) + 3)]
+    md = ["### Held-out pairs at the end of training", "",
+          "| arm | seeds | w first → last | steps at β ≤ 0.001 | " + " | ".join(heads) + " |",
+          "|" + "---|" * (len(heads) + 4)]
     for arm in arms:
         runs = by_arm[arm]
         w = f"{_fmt([r['w_first'] for r in runs], 4)} → {_fmt([r['w_last'] for r in runs], 4)}"
         cells = [_fmt([r["held_out"].get(k) for r in runs]) for k in keys]
-        md.append(f"| {arm} | {len(runs)} | {w} | " + " | ".join(cells) + " |")
+        md.append(f"| {arm} | {len(runs)} | {w} | {_fmt([r['floor_share'] for r in runs])} | " + " | ".join(cells)
+                  + " |")
     md += ["", f"### Training: first vs last of {windows} windows (pairs.jsonl)", "",
            "| arm | window | " + " | ".join(heads) + " |", "|" + "---|" * (len(heads) + 2)]
     for arm in arms:
