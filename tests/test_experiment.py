@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from lbdpo.experiment import Experiment, state_of
@@ -112,7 +113,6 @@ def test_interrupted_experiment_resumes_skips_and_compares(tmp_path):
 
 
 def test_a_slimmed_checkpoint_cannot_be_resumed_and_says_why(tmp_path):
-    import pytest
     import torch
 
     from lbdpo.experiment import slim_run_folder
@@ -144,9 +144,30 @@ def test_an_interrupted_evaluation_continues_with_the_sets_not_done(tmp_path, mo
     assert len(commands) == 1 and "max_pairs=4" in commands[0]  # only the second set ran, into its own folder
     assert f"output_dir={run_dir / 'eval_second'}" in commands[0]
     assert experiment.evaluated(run_dir)
-    import pytest
-
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"name": "x", "arms": {"a": []}, "evaluate": {"a b": []}}))
     with pytest.raises(ValueError, match="evaluate must be"):
         Experiment.load(bad)
+
+
+def test_a_run_done_before_slimming_existed_is_slimmed(tmp_path, monkeypatch):
+    """A run done by its archived results (no `evaluated` record, as before the runner wrote one) keeps only its
+    final model once `run` passes over it; nothing is trained or evaluated."""
+    import torch
+
+    import lbdpo.experiment as experiment
+
+    exp = Experiment.load(write_experiment(tmp_path))
+    for _, _, run_dir in exp.runs():
+        for name in ("step-10", "final"):
+            (run_dir / "checkpoints" / name).mkdir(parents=True)
+            torch.save({"state": {"step": 12}, "optimizer": {"state": {}}, "scheduler": {}, "rng": {}},
+                       run_dir / "checkpoints" / name / "trainer_state.pt")
+        (exp.results / run_dir.name).mkdir(parents=True)
+        (exp.results / run_dir.name / "eval.json").write_text("{}")
+    monkeypatch.setattr(experiment.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(experiment.Stop, "run", lambda *args: pytest.fail("nothing should run"))
+    assert experiment.run_experiment(exp, None, None) == 0
+    for _, _, run_dir in exp.runs():
+        assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["final"]
+        assert "optimizer" not in torch.load(run_dir / "checkpoints" / "final" / "trainer_state.pt", weights_only=False)

@@ -225,7 +225,7 @@ def run_experiment(exp: Experiment, only: list[str] | None, stop_after_minutes: 
             break
         state = state_of(run_dir, exp.results / run_dir.name)
         if state == "done":
-            if exp.keep == "final" and evaluated(run_dir):  # evaluated before slimming existed, or interrupted
+            if exp.keep == "final" and (run_dir / "checkpoints").is_dir():  # done before slimming existed
                 slim_run_folder(run_dir)
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
