@@ -38,7 +38,7 @@ from .logprobs import (
     sequence_logps,
     token_logps,
 )
-from .losses import dpo_loss
+from .losses import dpo_loss, logratio_margin
 from .metrics import preference_metrics
 from .packed_pairs import packed_pair_token_logps, packing_unsupported
 
@@ -265,7 +265,7 @@ class DynamicBetaDPOModel(nn.Module):
         ref_chosen, ref_rejected = (r.to(logps.device) for r in self.reference_logps(batch))
         kept = None
         if self.beta_head.batch_level is not None:  # β-DPO: one β from the batch's margins, some pairs filtered
-            margins = (policy_chosen_logps - ref_chosen) - (policy_rejected_logps - ref_rejected)
+            margins = logratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen, ref_rejected)
             beta, kept = self.beta_head.batch_level(margins, update=self.training)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen_logps, policy_rejected_logps, ref_chosen, ref_rejected, beta,

@@ -18,9 +18,9 @@ folder ``<out>/<name>/<arm>__seed-<S>/``, then ``evaluate.py`` on its final chec
     keep: final                              # after evaluation keep the final model only (default) | all
 
 Run folders hold checkpoints (hundreds of MB each) and stay out of git. Once a run is evaluated, ``keep: final``
-deletes its ``step-N`` checkpoints and the optimizer state of ``checkpoints/final`` (for SmolLM2-135M 2.1 of 3.1 GB):
-the final model, β head and step stay, enough to evaluate or export it again, not to train it further.
-What a result needs — ``metrics.jsonl``, ``pairs.jsonl``, ``eval_pairs.jsonl``,
+deletes its ``step-N`` checkpoints and the optimizer state of ``checkpoints/final`` (for SmolLM2-135M a run folder
+goes from 3.1 GB to 0.5 GB): the final model, β head and step stay, enough to evaluate or export it again, not to
+train it further. What a result needs — ``metrics.jsonl``, ``pairs.jsonl``, ``eval_pairs.jsonl``,
 ``eval.json``, ``eval_report.md``, ``samples.jsonl``, ``runner.json`` and ``.hydra/`` — is copied into
 ``results/<name>/<arm>__seed-<S>/`` (small, meant to be committed) when the run is evaluated. A run whose results
 are there counts as done even on a machine without its run folder, and the comparison is built from them.
@@ -103,8 +103,7 @@ class Experiment:
 
 def evaluated(run_dir: Path) -> bool:
     """The runner's own record that evaluation finished (an interrupted one leaves a partial eval.json behind)."""
-    path = run_dir / "runner.json"
-    return path.is_file() and bool(json.loads(path.read_text()).get("evaluated"))
+    return bool(read_runner_json(run_dir).get("evaluated"))
 
 
 def state_of(run_dir: Path, archive: Path | None = None) -> str:
@@ -210,10 +209,8 @@ def update_runner_json(run_dir: Path, **values) -> None:
 
 
 def record(run_dir: Path, key: str, seconds: float) -> None:
-    path = run_dir / "runner.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[key] = data.get(key, 0.0) + seconds  # summed over the sessions a run spans
-    path.write_text(json.dumps(data, indent=2))
+    """Add ``seconds`` to ``key`` in runner.json: summed over the sessions a run spans."""
+    update_runner_json(run_dir, **{key: read_runner_json(run_dir).get(key, 0.0) + seconds})
 
 
 def run_experiment(exp: Experiment, only: list[str] | None, stop_after_minutes: float | None) -> int:

@@ -13,6 +13,12 @@ import torch
 import torch.nn.functional as F
 
 
+def logratio_margin(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                    reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor) -> torch.Tensor:
+    """Δ = (log πθ(yw|x) − log πref(yw|x)) − (log πθ(yl|x) − log πref(yl|x)), (B,): what β multiplies in eq. 7."""
+    return (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
+
+
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,

@@ -30,6 +30,7 @@ import numpy as np
 from scipy import stats
 
 from ..beta_dpo import BETA_FLOOR
+from .compare import mean_std
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -119,29 +120,36 @@ def _arm_of(run_dir: Path) -> str:
 
 
 def _fmt(values: list[float | None], digits: int = 3) -> str:
-    present = [v for v in values if v is not None and math.isfinite(v)]
-    if not present:
+    """Mean ± population std of the finite values (compare.py's convention); the mean alone for one, "–" for none."""
+    mean, std = mean_std([v for v in values if v is not None and math.isfinite(v)])
+    if mean is None:
         return "–"
-    mean = sum(present) / len(present)
-    if len(present) == 1:
-        return f"{mean:.{digits}f}"
-    std = math.sqrt(sum((v - mean) ** 2 for v in present) / len(present))
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
 
-def dynamics_report(results_dir: Path, windows: int = 8, arm_order: list[str] | None = None) -> str:
-    """Markdown: per arm (mean ± std over seeds) the held-out summary and the first vs last training window."""
-    by_arm: dict[str, list[dict]] = {}
+def _domains(summary: dict) -> list[str]:
+    """The domains a :func:`summarize` result has a β for."""
+    return sorted(k[5:] for k in summary if k.startswith("beta/") and k not in ("beta/mean", "beta/cv"))
+
+
+def collect(results_dir: Path, windows: int = 8) -> dict[str, list[tuple[Path, dict]]]:
+    """arm → [(run folder, :func:`run_dynamics`)] for every run folder with β dynamics, each run read once."""
+    by_arm: dict[str, list[tuple[Path, dict]]] = {}
     for run_dir in sorted(p for p in Path(results_dir).iterdir() if p.is_dir()):
         dyn = run_dynamics(run_dir, windows)
         if dyn is not None:
-            by_arm.setdefault(_arm_of(run_dir), []).append(dyn)
+            by_arm.setdefault(_arm_of(run_dir), []).append((run_dir, dyn))
+    return by_arm
+
+
+def dynamics_report(by_arm: dict[str, list[tuple[Path, dict]]], windows: int,
+                    arm_order: list[str] | None = None) -> str:
+    """Markdown: per arm (mean ± std over seeds) the held-out summary and the first vs last training window."""
     if not by_arm:
         return ""
     rank = {a: i for i, a in enumerate(arm_order or [])}
     arms = sorted(by_arm, key=lambda a: (rank.get(a, len(rank)), a))
-    domains = sorted({k[5:] for runs in by_arm.values() for r in runs for k in r["held_out"]
-                      if k.startswith("beta/") and k not in ("beta/mean", "beta/cv")})
+    domains = sorted({d for runs in by_arm.values() for _, r in runs for d in _domains(r["held_out"])})
     keys = [*(f"beta/{d}" for d in domains), "beta/cv", "f_mean", "f_std", "f_domain_share", "rho_beta_logppl",
             "rho_f_logppl", "rho_beta_margin"]
     heads = [*(f"β {d}" for d in domains), "β CV", "f mean", "f std", "f: domain share", "ρ(β, log PPL)",
@@ -150,7 +158,7 @@ def dynamics_report(results_dir: Path, windows: int = 8, arm_order: list[str] | 
           "| arm | seeds | w first → last | steps at β ≤ 0.001 | " + " | ".join(heads) + " |",
           "|" + "---|" * (len(heads) + 4)]
     for arm in arms:
-        runs = by_arm[arm]
+        runs = [r for _, r in by_arm[arm]]
         w = f"{_fmt([r['w_first'] for r in runs], 4)} → {_fmt([r['w_last'] for r in runs], 4)}"
         cells = [_fmt([r["held_out"].get(k) for r in runs]) for k in keys]
         md.append(f"| {arm} | {len(runs)} | {w} | {_fmt([r['floor_share'] for r in runs])} | " + " | ".join(cells)
@@ -158,7 +166,7 @@ def dynamics_report(results_dir: Path, windows: int = 8, arm_order: list[str] | 
     md += ["", f"### Training: first vs last of {windows} windows (pairs.jsonl)", "",
            "| arm | window | " + " | ".join(heads) + " |", "|" + "---|" * (len(heads) + 2)]
     for arm in arms:
-        runs = [r for r in by_arm[arm] if r["windows"]]
+        runs = [r for _, r in by_arm[arm] if r["windows"]]
         for which, label in ((0, "first"), (-1, "last")) if runs else ():
             lo, hi, _ = runs[0]["windows"][which]
             cells = [_fmt([r["windows"][which][2].get(k) for r in runs]) for k in keys]
@@ -166,7 +174,7 @@ def dynamics_report(results_dir: Path, windows: int = 8, arm_order: list[str] | 
     return "\n".join(md)
 
 
-def plot_dynamics(results_dir: Path, path: Path, windows: int = 8) -> Path | None:
+def plot_dynamics(by_arm: dict[str, list[tuple[Path, dict]]], path: Path) -> Path | None:
     """One figure: per arm with pairs.jsonl (seed 0 drawn, others faint), β per domain, f spread and ρ(β, log PPL)
     over the training windows."""
     import matplotlib
@@ -174,20 +182,17 @@ def plot_dynamics(results_dir: Path, path: Path, windows: int = 8) -> Path | Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(d, run_dynamics(d, windows)) for d in sorted(p for p in Path(results_dir).iterdir() if p.is_dir())]
-    runs = [(d, r) for d, r in runs if r is not None and r["windows"]]
-    if not runs:
+    arms = sorted(a for a, runs in by_arm.items() if any(r["windows"] for _, r in runs))
+    if not arms:
         return None
-    arms = sorted({_arm_of(d) for d, _ in runs})
     fig, axes = plt.subplots(len(arms), 3, figsize=(14, 2.6 * len(arms)), squeeze=False)
     for row, arm in enumerate(arms):
-        for d, r in runs:
-            if _arm_of(d) != arm:
+        for d, r in by_arm[arm]:
+            if not r["windows"]:
                 continue
             alpha = 1.0 if d.name.endswith("seed-0") else 0.3
             mid = [(lo + hi) / 2 for lo, hi, _ in r["windows"]]
-            for i, dom in enumerate(sorted({k[5:] for _, _, s in r["windows"] for k in s
-                                            if k.startswith("beta/") and k not in ("beta/mean", "beta/cv")})):
+            for i, dom in enumerate(sorted({d for _, _, s in r["windows"] for d in _domains(s)})):
                 axes[row][0].plot(mid, [s.get(f"beta/{dom}") for _, _, s in r["windows"]], color=f"C{i}",
                                   alpha=alpha, label=dom if alpha == 1.0 else None)
             axes[row][1].plot(mid, [s.get("f_std") for _, _, s in r["windows"]], color="C0", alpha=alpha)
@@ -208,12 +213,13 @@ def plot_dynamics(results_dir: Path, path: Path, windows: int = 8) -> Path | Non
 
 def write_dynamics(results_dir: Path, out_dir: Path, windows: int = 8, arm_order: list[str] | None = None) -> str:
     """Write ``dynamics.md`` (and ``dynamics.png``) into ``out_dir``; returns the markdown ("" without pairs.jsonl)."""
-    md = dynamics_report(results_dir, windows, arm_order)
+    by_arm = collect(results_dir, windows)
+    md = dynamics_report(by_arm, windows, arm_order)
     if not md:
         for stale in ("dynamics.md", "dynamics.png"):  # from an earlier build with other runs
             (out_dir / stale).unlink(missing_ok=True)
         return ""
-    figure = plot_dynamics(results_dir, out_dir / "dynamics.png", windows)
+    figure = plot_dynamics(by_arm, out_dir / "dynamics.png")
     text = [f"# β dynamics of {results_dir}", "", "Mean ± population std over seeds. β CV: std/mean of β across pairs; "
             "f: domain share: the share of f's variance between domains (η²); ρ: Spearman; Δ: the β-free log-ratio "
             "margin. What each number asks: `python -m lbdpo.eval.dynamics --help`.", "", md, ""]

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..data.collator import PreferenceCollator, pad_rows
 from ..dpo_model import PER_PAIR_KEYS, DynamicBetaDPOModel
 from ..logprobs import sequence_logps
-from ..losses import dpo_loss
+from ..losses import dpo_loss, logratio_margin
 from ..metrics import preference_metrics, split_by_domain
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ def preference_eval(model: DynamicBetaDPOModel, dataset, collator: PreferenceCol
     for domain, sub in split_by_domain(pairs, domains).items():
         result["per_domain"][domain] = {"num_pairs": len(sub["losses"]), "own_beta": preference_metrics(sub),
                                         "common_beta": common(sub)}
-    margin = (pairs["policy_chosen_logps"] - pairs["reference_chosen_logps"]
-              - pairs["policy_rejected_logps"] + pairs["reference_rejected_logps"])
+    margin = logratio_margin(pairs["policy_chosen_logps"], pairs["policy_rejected_logps"],
+                             pairs["reference_chosen_logps"], pairs["reference_rejected_logps"])
     result["per_pair"] = {"domain": domains, "beta": pairs["beta"].tolist(), "log_ppl": pairs["log_ppl"].tolist(),
                           "f": pairs["f"].tolist(), "margin": margin.tolist()}
     return result

@@ -17,6 +17,7 @@ large effects: the tables give the difference, its 95 % confidence interval and 
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Sequence
 
 from scipy import stats
@@ -121,14 +122,9 @@ def moonshot_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
         acc = _values(a, acc_key)
         gaps = run_gaps(a["runs"], points)
         gap_cell = "outside the fixed-β KL range" if not gaps else (
-            f"{_mean(gaps):+.4f} ± " + (f"{_pstd(gaps):.4f}" if len(gaps) > 1 else "–") + f" (n={len(gaps)})")
+            f"{_mean(gaps):+.4f} ± " + (f"{statistics.pstdev(gaps):.4f}" if len(gaps) > 1 else "–") + f" (n={len(gaps)})")
         vs_dpo = "–" if beta_dpo is None or a is beta_dpo else _fmt_test(welch(acc, _values(beta_dpo, acc_key)),
                                                                           ACC_MARGIN)
         lines.append(f"| {a['arm']} | {a['n_seeds']} | {_fmt_test(welch(acc, _values(best, acc_key)), ACC_MARGIN)} | "
                      f"{vs_dpo} | {gap_cell} | {_fmt_test(welch(gaps, fixed_gaps), GAP_MARGIN)} |")
     return "\n".join(lines)
-
-
-def _pstd(xs: Sequence[float]) -> float:
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))

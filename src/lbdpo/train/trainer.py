@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from ..dpo_model import PER_PAIR_KEYS
+from ..losses import logratio_margin
 from ..metrics import metrics_by_domain, preference_metrics
 from .checkpoint import prune_checkpoints, save_checkpoint
 from .run_dir import owned_run_dir
@@ -167,8 +168,8 @@ PAIR_COLUMNS = {"beta": "beta", "log_ppl": "log_ppl", "f": "f", "loss": "losses"
 def pair_rows(values: dict[str, torch.Tensor], domains: list[str | None]) -> list[dict]:
     """One ``pairs.jsonl`` row per pair: domain, β, log PPL, f, loss, the β-free log-ratio margin
     Δ = (log πθ − log πref)(yw|x) − (log πθ − log πref)(yl|x) that β multiplies, and β-DPO's ``kept``."""
-    margin = (values["policy_chosen_logps"] - values["reference_chosen_logps"]
-              - values["policy_rejected_logps"] + values["reference_rejected_logps"])
+    margin = logratio_margin(values["policy_chosen_logps"], values["policy_rejected_logps"],
+                             values["reference_chosen_logps"], values["reference_rejected_logps"])
     columns = {"margin": margin, **{name: values[k] for name, k in PAIR_COLUMNS.items() if k in values}}
     return [{"domain": d, **{name: round(float(v[i]), 6) for name, v in columns.items()}}
             for i, d in enumerate(domains)]
