@@ -91,11 +91,16 @@ def test_interrupted_experiment_resumes_skips_and_compares(tmp_path):
     assert table.split("## ")[0].count("| 1 |") == 2  # two arms (seeds are grouped as in tests/test_sweep.py)
     assert "## Other evaluation sets" in table and "second acc" in table
 
-    # reevaluate: the chosen arm's done runs are evaluated again (all sets), nothing is trained
+    # reevaluate: the chosen arm's done runs are evaluated again (all sets), nothing is trained, not even the
+    # arm's seeds that are still pending
     (exp.results / first.name / "eval.json").write_text("{}")  # stale: must be replaced
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "seeds": [0, 1]}, sort_keys=False))
     again = runner("reevaluate", str(path), "--only", "fixed")
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0 and "1 runs to evaluate again" in out and "pending" not in out, out
+    assert state_of(exp.folder / "fixed__seed-1") == "pending" and not (exp.folder / "fixed__seed-1").exists()
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     assert json.loads((exp.results / first.name / "eval.json").read_text())["preference"]["num_pairs"] == 8
     assert json.loads((first / "runner.json").read_text())["evaluations"] == ["main", "second"]
     assert steps_of(first) == list(range(1, 13))
@@ -171,3 +176,70 @@ def test_a_run_done_before_slimming_existed_is_slimmed(tmp_path, monkeypatch):
     for _, _, run_dir in exp.runs():
         assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["final"]
         assert "optimizer" not in torch.load(run_dir / "checkpoints" / "final" / "trainer_state.pt", weights_only=False)
+
+
+def test_jobs_run_side_by_side_in_order_with_their_share_of_the_cores(tmp_path, monkeypatch):
+    """``--jobs 2``: two runs at a time, started in the seed-major order, each child with cores / 2 threads; every
+    run trained and evaluated once; runner.json records jobs (``status`` divides the run's minutes by it)."""
+    import threading
+
+    import lbdpo.experiment as experiment
+
+    exp = Experiment(**{**Experiment.load(write_experiment(tmp_path)).__dict__, "seeds": [0, 1]})
+    lock, live, most, started, threads = threading.Lock(), [0], [0], [], set()
+
+    def fake_run(self, cmd, log):
+        run_dir = Path(next(a for a in cmd if a.startswith(("hydra.run.dir=", "checkpoint="))).split("=", 1)[1])
+        run_dir = run_dir if "train.py" in cmd[1] else run_dir.parents[1]
+        with lock:
+            live[0] += 1
+            most[0] = max(most[0], live[0])
+            started.append((run_dir.name, Path(cmd[1]).name))
+            threads.add(self.env["OMP_NUM_THREADS"])
+        time.sleep(0.3)
+        if "train.py" in cmd[1]:
+            (run_dir / "checkpoints" / "final").mkdir(parents=True)
+            (run_dir / "checkpoints" / "final" / "trainer_state.pt").write_bytes(b"")
+        with lock:
+            live[0] -= 1
+        return 0
+
+    monkeypatch.setattr(experiment.Stop, "run", fake_run)
+    monkeypatch.setattr(experiment.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(experiment, "slim_run_folder", lambda run_dir: None)
+    monkeypatch.setattr(experiment, "compare", lambda exp: None)
+    monkeypatch.setattr(experiment.os, "cpu_count", lambda: 4)
+    assert experiment.run_experiment(exp, None, None, jobs=2) == 0
+    assert most[0] == 2 and threads == {"2"}
+    trained = [name for name, script in started if script == "train.py"]
+    assert trained[:2] == ["fixed__seed-0", "beta_dpo__seed-0"] and sorted(trained) == sorted(
+        r[2].name for r in exp.runs())
+    for _, _, run_dir in exp.runs():
+        record = json.loads((run_dir / "runner.json").read_text())
+        assert record["jobs"] == 2 and record["evaluated"] and record["evaluations"] == ["main", "second"]
+    assert sum(script == "evaluate.py" for _, script in started) == 4 * 2  # 4 runs × 2 evaluation sets
+
+
+def test_a_stop_reaches_every_running_child(tmp_path, monkeypatch):
+    """Two children at once (``--jobs 2``): one stop request sends SIGINT to both, and both end."""
+    import threading
+
+    import lbdpo.experiment as experiment
+
+    monkeypatch.setattr(experiment.signal, "signal", lambda *args: None)
+    stop, codes = experiment.Stop(None), []
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    workers = [threading.Thread(target=lambda i=i: codes.append(stop.run(sleeper, tmp_path / f"{i}.log")))
+               for i in range(2)]
+    for w in workers:
+        w.start()
+    deadline = time.time() + 30
+    while len(stop.children) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # let both interpreters start
+    started = time.time()
+    stop.request()
+    for w in workers:
+        w.join(timeout=30)
+    assert len(codes) == 2 and all(c != 0 for c in codes) and time.time() - started < 10
+    assert stop.children == []

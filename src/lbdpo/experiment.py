@@ -1,9 +1,10 @@
 """A named, resumable experiment: arms × seeds on one task, trained, evaluated and compared, across sessions.
 
-    python -m lbdpo.experiment run experiments/sentiment.yaml [--stop-after-minutes 150] [--only ARM ...]
+    python -m lbdpo.experiment run experiments/sentiment.yaml [--stop-after-minutes 150] [--only ARM ...] [--jobs 2]
     python -m lbdpo.experiment status experiments/sentiment.yaml      # what is done, partial, pending; time estimate
     python -m lbdpo.experiment compare experiments/sentiment.yaml     # rebuild compare.md and the figures
     python -m lbdpo.experiment reevaluate experiments/sentiment.yaml --only fixed_b01   # evaluate done runs again
+                                                                      # (trains nothing)
 
 The experiment file (YAML) names the runs; each run is ``train.py <common> <arm overrides> seed=S`` in its own
 folder ``<out>/<name>/<arm>__seed-<S>/``, then ``evaluate.py`` on its final checkpoint::
@@ -29,9 +30,11 @@ are there counts as done even on a machine without its run folder, and the compa
 skips it when ``eval.json`` is there; evaluates it when only the evaluation is missing; otherwise trains it with
 ``trainer.resume_from=auto`` (a run interrupted in an earlier session continues from its last ``step-N``, so at
 most one ``trainer.save_every`` interval is lost), then evaluates it. Training is a child process; Ctrl-C or SIGTERM
-(or ``--stop-after-minutes``) is passed on as SIGINT, which makes it finish its step and save. Each run's wall
-times go to ``runner.json`` in its folder; ``status`` turns them into the time the pending runs need. After every
-run the comparison (:mod:`lbdpo.eval.compare`: ``compare.md``, figures) and the β dynamics (:mod:`lbdpo.eval.dynamics`:
+(or ``--stop-after-minutes``) is passed on as SIGINT, which makes it finish its step and save. ``--jobs N`` runs N
+runs side by side, each with cores / N threads (on this project's 2-core CPU, two one-thread runs give 1.2× the
+throughput of one two-thread run: ``benchmarks/parallel_runs.py``); their minutes are then shared-machine minutes,
+and ``runner.json`` records ``jobs``. Each run's wall times go to ``runner.json`` in its folder; ``status`` turns
+them into the time the pending runs need. After every run the comparison (:mod:`lbdpo.eval.compare`: ``compare.md``, figures) and the β dynamics (:mod:`lbdpo.eval.dynamics`:
 ``dynamics.md``, ``dynamics.png``) are rebuilt into ``results/<name>/compare/``.
 """
 
@@ -39,10 +42,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,34 +124,46 @@ def state_of(run_dir: Path, archive: Path | None = None) -> str:
 
 
 class Stop:
-    """Ctrl-C / SIGTERM / the deadline: pass SIGINT to the running child once, and start nothing new."""
+    """Ctrl-C / SIGTERM / the deadline: pass SIGINT to each running child once, and start nothing new."""
 
-    def __init__(self, deadline: float | None):
-        self.deadline, self.requested, self.child = deadline, False, None
+    def __init__(self, deadline: float | None, env: dict[str, str] | None = None):
+        self.deadline, self.requested, self.env = deadline, False, env
+        self.children: list[subprocess.Popen] = []
+        self._lock = threading.Lock()  # a child is either signalled by request() or by run(), never by both
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if not self.requested:
-            print(f"[experiment] {signal.Signals(signum).name}: the current run saves a checkpoint and stops",
+            print(f"[experiment] {signal.Signals(signum).name}: the current runs save a checkpoint and stop",
                   flush=True)
         self.request()
 
     def request(self) -> None:
-        if not self.requested and self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signal.SIGINT)
-        self.requested = True
+        with self._lock:
+            if not self.requested:
+                for child in self.children:
+                    if child.poll() is None:
+                        child.send_signal(signal.SIGINT)
+            self.requested = True
 
     def run(self, cmd: list[str], log_path: Path) -> int:
         with open(log_path, "a") as log:
             # its own session: a terminal's Ctrl-C reaches only this runner, which passes on exactly one SIGINT
             # (a second one would make the run abort without saving)
-            self.child = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            while self.child.poll() is None:
+            with self._lock:
+                child = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, env=self.env)
+                self.children.append(child)
+                if self.requested:  # asked to stop while this child was being started
+                    child.send_signal(signal.SIGINT)
+            while child.poll() is None:
                 if self.deadline is not None and time.time() > self.deadline:
                     self.request()
                 time.sleep(1.0)
-        return self.child.returncode
+            with self._lock:
+                self.children.remove(child)
+        return child.returncode
 
 
 def archive_run(run_dir: Path, target: Path, names: tuple[str, ...] = ARCHIVED) -> None:
@@ -213,40 +230,59 @@ def record(run_dir: Path, key: str, seconds: float) -> None:
     update_runner_json(run_dir, **{key: read_runner_json(run_dir).get(key, 0.0) + seconds})
 
 
-def run_experiment(exp: Experiment, only: list[str] | None, stop_after_minutes: float | None) -> int:
-    """Train and evaluate every run that is not done; returns the number of runs left unfinished."""
-    stop = Stop(time.time() + 60 * stop_after_minutes if stop_after_minutes else None)
-    exp.folder.mkdir(parents=True, exist_ok=True)
-    for arm, seed, run_dir in exp.runs(only):
-        if stop.requested:
-            break
-        state = state_of(run_dir, exp.results / run_dir.name)
-        if state == "done":
-            if exp.keep == "final" and (run_dir / "checkpoints").is_dir():  # done before slimming existed
-                slim_run_folder(run_dir)
-            continue
-        run_dir.mkdir(parents=True, exist_ok=True)
-        print(f"[experiment] {run_dir.name}: {state}", flush=True)
-        if state in ("pending", "partial"):
-            start = time.time()
-            rc = stop.run([sys.executable, str(REPO / "train.py"), *exp.common, *exp.arms[arm], f"seed={seed}",
-                           "trainer.resume_from=auto", f"hydra.run.dir={run_dir}"], run_dir / "runner.log")
-            record(run_dir, "train_s", time.time() - start)
-            if rc != 0 or stop.requested:
-                print(f"[experiment] {run_dir.name}: training stopped (exit {rc}); see {run_dir / 'runner.log'}",
-                      flush=True)
-                if stop.requested:
-                    break
-                continue
-        if not evaluate_run(exp, run_dir, stop):
-            if stop.requested:
-                break
-            continue
-        archive_run(run_dir, exp.results / run_dir.name, exp.archived())
-        if exp.keep == "final":
-            slim_run_folder(run_dir)
+def train_and_evaluate(exp: Experiment, arm: str, seed: int, run_dir: Path, stop: Stop, train: bool,
+                       lock: threading.Lock, jobs: int) -> None:
+    """One run: train it (resuming) unless trained, evaluate it, archive its results, slim its folder, and
+    rebuild the comparison (under ``lock``: several runs may finish at once)."""
+    state = state_of(run_dir, exp.results / run_dir.name)
+    if stop.requested or state == "done" or (not train and state != "trained"):
+        if state == "done" and exp.keep == "final" and (run_dir / "checkpoints").is_dir():
+            slim_run_folder(run_dir)  # done before slimming existed
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[experiment] {run_dir.name}: {state}", flush=True)
+    if state in ("pending", "partial"):
+        start = time.time()
+        rc = stop.run([sys.executable, str(REPO / "train.py"), *exp.common, *exp.arms[arm], f"seed={seed}",
+                       "trainer.resume_from=auto", f"hydra.run.dir={run_dir}"], run_dir / "runner.log")
+        record(run_dir, "train_s", time.time() - start)
+        # jobs: the most runs that shared the machine while it trained (its minutes are wall minutes then)
+        update_runner_json(run_dir, jobs=max(jobs, read_runner_json(run_dir).get("jobs", 1)))
+        if rc != 0 or stop.requested:
+            print(f"[experiment] {run_dir.name}: training stopped (exit {rc}); see {run_dir / 'runner.log'}",
+                  flush=True)
+            return
+    if not evaluate_run(exp, run_dir, stop):
+        return
+    archive_run(run_dir, exp.results / run_dir.name, exp.archived())
+    if exp.keep == "final":
+        slim_run_folder(run_dir)
+    with lock:
         compare(exp)
-    left = [r for r in exp.runs(only) if state_of(r[2], exp.results / r[2].name) != "done"]
+
+
+def run_experiment(exp: Experiment, only: list[str] | None, stop_after_minutes: float | None,
+                   train: bool = True, jobs: int = 1) -> int:
+    """Train and evaluate every run that is not done (``train=False``: only evaluate the trained ones), ``jobs``
+    runs at a time (each child then gets cores / jobs threads); returns the number of runs left unfinished (that
+    this call would have finished)."""
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = None if jobs == 1 else {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    stop, lock = Stop(time.time() + 60 * stop_after_minutes if stop_after_minutes else None, env), threading.Lock()
+    exp.folder.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # runs start in order (seed-major); workers take the next
+        futures = [pool.submit(train_and_evaluate, exp, *run, stop, train, lock, jobs) for run in exp.runs(only)]
+        pending = futures
+        while pending:  # the main thread stays free to receive SIGINT / SIGTERM
+            done, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
+            if any(f.exception() for f in done):
+                stop.request()  # a bug in the runner: let the other runs save, then raise it
+        for f in futures:
+            f.result()
+    left = [r for r in exp.runs(only) if state_of(r[2], exp.results / r[2].name) not in ("done", *(
+        () if train else ("pending", "partial")))]
     print(f"[experiment] {exp.name}: {len(exp.runs(only)) - len(left)} of {len(exp.runs(only))} runs done", flush=True)
     return len(left)
 
@@ -289,14 +325,14 @@ def status(exp: Experiment) -> str:
                       None)
         times = json.loads(timing.read_text()) if timing else {}
         state = state_of(run_dir, exp.results / run_dir.name)
-        if state == "done":
-            measured.append(times.get("train_s", 0.0) + times.get("eval_s", 0.0))
+        if state == "done":  # a run that shared the machine with jobs - 1 others took 1/jobs of it
+            measured.append((times.get("train_s", 0.0) + times.get("eval_s", 0.0)) / times.get("jobs", 1))
         lines.append(f"| {run_dir.name} | {state} | {times.get('train_s', 0) / 60:.1f} | {times.get('eval_s', 0) / 60:.1f} |")
     left = sum(state_of(d, exp.results / d.name) != "done" for _, _, d in exp.runs())
     if measured:
         per_run = sorted(measured)[len(measured) // 2] / 60
-        lines.append(f"\n{len(measured)} done, {left} left; median {per_run:.1f} min per finished run → about "
-                     f"{left * per_run:.0f} min to go")
+        lines.append(f"\n{len(measured)} done, {left} left; median {per_run:.1f} min of the machine per finished "
+                     f"run → about {left * per_run:.0f} min to go")
     else:
         lines.append(f"\nnothing finished yet; {left} runs left")
     return "\n".join(lines)
@@ -308,6 +344,9 @@ def main(argv=None) -> None:
     parser.add_argument("command", choices=["run", "status", "compare", "reevaluate"])
     parser.add_argument("experiment", type=Path, help="the experiment's YAML file (see above)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these arms")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time, each with cores/jobs threads (2 on a 2-core CPU: 1.2x the throughput, "
+                             "benchmarks/RESULTS.md)")
     parser.add_argument("--stop-after-minutes", type=float, default=None,
                         help="after this long, let the current run save and stop, and start nothing new")
     args = parser.parse_args(argv)
@@ -317,13 +356,16 @@ def main(argv=None) -> None:
         exp = Experiment.load(args.experiment)
     except (ValueError, yaml.YAMLError) as err:
         parser.error(str(err))
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: must be 1 or more")
     unknown = set(args.only or []) - set(exp.arms)
     if unknown:
         parser.error(f"--only {sorted(unknown)}: not arms of {exp.name} ({sorted(exp.arms)})")
     if args.command == "reevaluate":
         print(f"[experiment] {mark_for_reevaluation(exp, args.only)} runs to evaluate again", flush=True)
-    if args.command in ("run", "reevaluate"):
-        sys.exit(1 if run_experiment(exp, args.only, args.stop_after_minutes) else 0)
+    if args.command in ("run", "reevaluate"):  # reevaluate trains nothing (pending seeds of an arm stay pending)
+        sys.exit(1 if run_experiment(exp, args.only, args.stop_after_minutes, train=args.command == "run",
+                                    jobs=args.jobs) else 0)
     if args.command == "status":
         print(status(exp))
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -65,7 +66,7 @@ def add_reference_columns(score: Callable[[dict], tuple[torch.Tensor, torch.Tens
     else:
         values = compute_reference_logps(score, dataset, collator, batch_size, device, desc=f"reference {name}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # its own: runs started side by side may write at once
         torch.save(values, tmp)
         Path(tmp).replace(path)
     return (
