@@ -79,7 +79,9 @@ class BetaHeadConfig:
     beta_max: float = 1e4  # clamp: β never exceeds this (guards against exp overflow of ppl_transform="ppl")
     detach_hidden: bool = True  # stop gradients from β into the policy through h
     detach_ppl: bool = True  # stop gradients from β into the policy through log PPL
-    init_std: float = 0.02  # std of the NN's weight init (bias 0), so f starts close to 1
+    init_std: float = 0.02  # std of the NN's weight init (bias 0): a linear NN(h) starts with std ≈ init_std·‖h‖₂
+    # over inits — ≈ 1 for SmolLM2, whose ‖h‖₂ ≈ 55 (lbdpo.eval.prompt_stats): f starts inside, not at the middle
+    # of, [1 − ε, 1 + ε]
     use_ppl_approx: bool = False  # β uses a network's approximation of log PPL from h (see the module docstring)
     ppl_net_type: str = "linear"  # that network: "linear" or "mlp"
     ppl_mlp_hidden_size: int = 128  # hidden width of the "mlp" approximation network
