@@ -1,6 +1,7 @@
 """Plots write valid PNGs (None on empty input); the compare tool groups seeds into arms and averages them."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +191,11 @@ def test_compare_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing")])
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_reports_show_paths_relative_to_the_working_directory(tmp_path, monkeypatch):
+    from lbdpo.eval.compare import shown_path
+
+    monkeypatch.chdir(tmp_path)
+    assert shown_path(tmp_path / "results" / "x") == "results/x"  # no machine-specific prefix in committed files
+    assert shown_path(Path("/elsewhere/y")) == "/elsewhere/y"

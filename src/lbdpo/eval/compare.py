@@ -74,6 +74,14 @@ def _read_yaml(path: Path):
     return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
+def shown_path(path: Path) -> str:
+    """``path`` relative to the working directory when inside it (as the reports show it), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def arm_name(overrides: list[str], run_name: str) -> str:
     """The run's overrides without its seed, sweep name and ``trainer.resume_from``, joined with spaces
     (``run_name`` when nothing is left)."""
@@ -299,7 +307,7 @@ def write_comparison(multirun_dir: Path, out_dir: Path, arm_order: list[str] | N
              "\"–\" = none. train-eval acc/margin/loss: the last eval of metrics.jsonl (the training run's eval "
              "split, own β); held-out acc (the sign of the β-free margin, so the same at every β), reward, win rate, "
              "KL: eval.json of evaluate.py; w: last train step."]
-    md = [f"# Comparison of {multirun_dir}", "", table, "", *notes, ""]
+    md = [f"# Comparison of {shown_path(multirun_dir)}", "", table, "", *notes, ""]
     by_domain = per_domain_table(arms)
     if by_domain:
         md += ["## Per domain", "", by_domain, "", "acc: held-out pairs of the domain; reward, KL: its generation "

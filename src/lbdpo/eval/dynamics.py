@@ -30,7 +30,7 @@ import numpy as np
 from scipy import stats
 
 from ..beta_dpo import BETA_FLOOR
-from .compare import mean_std
+from .compare import mean_std, shown_path
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -220,7 +220,7 @@ def write_dynamics(results_dir: Path, out_dir: Path, windows: int = 8, arm_order
             (out_dir / stale).unlink(missing_ok=True)
         return ""
     figure = plot_dynamics(by_arm, out_dir / "dynamics.png")
-    text = [f"# β dynamics of {results_dir}", "", "Mean ± population std over seeds. β CV: std/mean of β across pairs; "
+    text = [f"# β dynamics of {shown_path(results_dir)}", "", "Mean ± population std over seeds. β CV: std/mean of β across pairs; "
             "f: domain share: the share of f's variance between domains (η²); ρ: Spearman; Δ: the β-free log-ratio "
             "margin. What each number asks: `python -m lbdpo.eval.dynamics --help`.", "", md, ""]
     if figure is not None:
