@@ -6,6 +6,7 @@ folders are gone; the comparison is rebuilt from the archive; ``status`` reports
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -115,6 +116,8 @@ def test_interrupted_experiment_resumes_skips_and_compares(tmp_path):
     status = runner("status", str(path))
     out, _ = status.communicate(timeout=60)
     assert "2 done, 0 left" in out and out.count("| done |") == 2
+    assert "| jobs | pairs/s (median) |" in out and all(  # the archived metrics.jsonl gives each run's throughput
+        re.search(r"\| done \| [\d.]+ \| [\d.]+ \| 1 \| [\d.]+ \|", line) for line in out.splitlines() if "| done |" in line)
 
 
 def test_a_slimmed_checkpoint_cannot_be_resumed_and_says_why(tmp_path):
@@ -243,3 +246,13 @@ def test_a_stop_reaches_every_running_child(tmp_path, monkeypatch):
         w.join(timeout=30)
     assert len(codes) == 2 and all(c != 0 for c in codes) and time.time() - started < 10
     assert stop.children == []
+
+
+def test_median_pairs_per_s_skips_the_first_steps(tmp_path):
+    from lbdpo.experiment import median_pairs_per_s
+
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": i, "pairs_per_s": 100.0 if i <= 5 else float(i)} for i in range(1, 10)] + [{"step": 9, "eval": 1}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert median_pairs_per_s(metrics) == 8.0  # steps 6–9 → 6, 7, 8, 9: the upper median
+    assert median_pairs_per_s(tmp_path / "missing.jsonl") is None
