@@ -42,6 +42,7 @@ def test_summary_statistics_have_their_known_values():
     assert saturated["f_std"] == pytest.approx(0.0, abs=1e-12) and saturated["rho_f_logppl"] is None
     assert saturated["f_domain_share"] is None  # no variance to explain
     assert saturated["beta/en"] > saturated["beta/zh"]  # the larger log PPL gets the larger β
+    assert saturated["beta/zh"] < saturated["beta/mean"] < saturated["beta/en"]  # the mean over both domains
     by_domain = summarize(pair_rows(20, saturated=False, rng=rng))
     assert by_domain["f_domain_share"] == pytest.approx(1.0) and by_domain["f_std"] == pytest.approx(0.05, abs=0.01)
     assert abs(by_domain["rho_beta_margin"]) < 0.3  # margins drawn independently of β
@@ -78,6 +79,7 @@ def test_report_groups_seeds_by_arm_and_skips_runs_without_pairs(tmp_path, capsy
     assert rows[0].startswith("| saturated | 2 |") and rows[1].startswith("| learn | 2 |")  # experiment order
     assert "0.0200 ± 0.0000 → 0.5200 ± 0.5000" in rows[1]  # w first → last over the two seeds
     assert "(steps 1–4)" in md and "(steps 13–16)" in md and "fixed" not in md
+    assert md.count("| β mean | β en | β zh |") == 2  # both tables: overall mean β (drift), then per domain
     assert (tmp_path / "compare" / "dynamics.md").is_file()
     assert (tmp_path / "compare" / "dynamics.png").read_bytes()[:4] == b"\x89PNG"
     for run in ("learn__seed-0", "learn__seed-1", "saturated__seed-0", "saturated__seed-1"):

@@ -6,7 +6,7 @@ Reads, per run folder: ``pairs.jsonl`` (each training pair of each logged step: 
 ``trainer.log_pairs``), ``metrics.jsonl`` (w) and ``eval_pairs.jsonl`` (the held-out pairs at the end, from
 evaluate.py). Training is cut into ``windows`` equal spans of steps; per span it reports, over the pairs seen in it:
 
-    β per domain (mean)          does β separate the domains, and in which direction?
+    β mean, β per domain (mean)  where β went (drift), does it separate the domains, and in which direction?
     f spread (std of f)          does the context factor f(h) = 1 + ε·tanh(NN(h)) still vary across prompts,
                                  or did it saturate at a bound (std → 0)?
     ρ(β, log PPL), ρ(β, Δ)       Spearman correlations: how much of β is log PPL, and whether β tracks how well
@@ -150,9 +150,9 @@ def dynamics_report(by_arm: dict[str, list[tuple[Path, dict]]], windows: int,
     rank = {a: i for i, a in enumerate(arm_order or [])}
     arms = sorted(by_arm, key=lambda a: (rank.get(a, len(rank)), a))
     domains = sorted({d for runs in by_arm.values() for _, r in runs for d in _domains(r["held_out"])})
-    keys = [*(f"beta/{d}" for d in domains), "beta/cv", "f_mean", "f_std", "f_domain_share", "rho_beta_logppl",
+    keys = ["beta/mean", *(f"beta/{d}" for d in domains), "beta/cv", "f_mean", "f_std", "f_domain_share", "rho_beta_logppl",
             "rho_f_logppl", "rho_beta_margin"]
-    heads = [*(f"β {d}" for d in domains), "β CV", "f mean", "f std", "f: domain share", "ρ(β, log PPL)",
+    heads = ["β mean", *(f"β {d}" for d in domains), "β CV", "f mean", "f std", "f: domain share", "ρ(β, log PPL)",
              "ρ(f, log PPL)", "ρ(β, Δ)"]
     md = ["### Held-out pairs at the end of training", "",
           "| arm | seeds | w first → last | steps at β ≤ 0.001 | " + " | ".join(heads) + " |",
