@@ -224,35 +224,27 @@ def test_jobs_run_side_by_side_in_order_with_their_share_of_the_cores(tmp_path, 
 
 
 def test_a_stop_reaches_every_running_child(tmp_path, monkeypatch):
-    """Two children at once (``--jobs 2``): one stop request sends SIGINT to both, and both end."""
+    """Two children at once (``--jobs 2``): one stop request sends SIGINT to both, and both end. The children set
+    their own SIGINT handler, as train.py does (a shell's background job inherits SIGINT ignored)."""
     import threading
 
     import lbdpo.experiment as experiment
 
     monkeypatch.setattr(experiment.signal, "signal", lambda *args: None)
     stop, codes = experiment.Stop(None), []
-    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    workers = [threading.Thread(target=lambda i=i: codes.append(stop.run(sleeper, tmp_path / f"{i}.log")))
-               for i in range(2)]
+    sleeper = [sys.executable, "-c", "import signal, sys, time\n"
+               "signal.signal(signal.SIGINT, lambda *a: sys.exit(3))\nprint('ready', flush=True)\ntime.sleep(60)"]
+    logs = [tmp_path / f"{i}.log" for i in range(2)]
+    workers = [threading.Thread(target=lambda log=log: codes.append(stop.run(sleeper, log))) for log in logs]
     for w in workers:
         w.start()
-    deadline = time.time() + 30
-    while len(stop.children) < 2 and time.time() < deadline:
+    deadline = time.time() + 60
+    while not all(log.is_file() and "ready" in log.read_text() for log in logs) and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)  # let both interpreters start
+    assert len(stop.children) == 2
     started = time.time()
     stop.request()
     for w in workers:
         w.join(timeout=30)
-    assert len(codes) == 2 and all(c != 0 for c in codes) and time.time() - started < 10
+    assert codes == [3, 3] and time.time() - started < 10  # both stopped by the one request, not by their sleep
     assert stop.children == []
-
-
-def test_median_pairs_per_s_skips_the_first_steps(tmp_path):
-    from lbdpo.experiment import median_pairs_per_s
-
-    metrics = tmp_path / "metrics.jsonl"
-    rows = [{"step": i, "pairs_per_s": 100.0 if i <= 5 else float(i)} for i in range(1, 10)] + [{"step": 9, "eval": 1}]
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert median_pairs_per_s(metrics) == 8.0  # steps 6–9 → 6, 7, 8, 9: the upper median
-    assert median_pairs_per_s(tmp_path / "missing.jsonl") is None
