@@ -248,3 +248,13 @@ def test_a_stop_reaches_every_running_child(tmp_path, monkeypatch):
         w.join(timeout=30)
     assert codes == [3, 3] and time.time() - started < 10  # both stopped by the one request, not by their sleep
     assert stop.children == []
+
+
+def test_median_pairs_per_s_skips_the_first_steps(tmp_path):
+    from lbdpo.experiment import median_pairs_per_s
+
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": i, "pairs_per_s": 100.0 if i <= 5 else float(i)} for i in range(1, 10)] + [{"step": 9, "eval": 1}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert median_pairs_per_s(metrics) == 8.0  # steps 6–9 → 6, 7, 8, 9: the upper median
+    assert median_pairs_per_s(tmp_path / "missing.jsonl") is None
