@@ -199,7 +199,10 @@ def test_jobs_run_side_by_side_in_order_with_their_share_of_the_cores(tmp_path, 
             most[0] = max(most[0], live[0])
             started.append((run_dir.name, Path(cmd[1]).name))
             threads.add(self.env["OMP_NUM_THREADS"])
-        time.sleep(0.3)
+        waited = time.time()
+        while most[0] < 2 and time.time() - waited < 10:  # give the other worker time to start (a loaded machine)
+            time.sleep(0.01)
+        time.sleep(0.05)
         if "train.py" in cmd[1]:
             (run_dir / "checkpoints" / "final").mkdir(parents=True)
             (run_dir / "checkpoints" / "final" / "trainer_state.pt").write_bytes(b"")
@@ -215,7 +218,7 @@ def test_jobs_run_side_by_side_in_order_with_their_share_of_the_cores(tmp_path, 
     assert experiment.run_experiment(exp, None, None, jobs=2) == 0
     assert most[0] == 2 and threads == {"2"}
     trained = [name for name, script in started if script == "train.py"]
-    assert trained[:2] == ["fixed__seed-0", "beta_dpo__seed-0"] and sorted(trained) == sorted(
+    assert set(trained[:2]) == {"fixed__seed-0", "beta_dpo__seed-0"} and sorted(trained) == sorted(  # 2 at once
         r[2].name for r in exp.runs())
     for _, _, run_dir in exp.runs():
         record = json.loads((run_dir / "runner.json").read_text())
