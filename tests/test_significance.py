@@ -10,7 +10,8 @@ import pytest
 from scipy import stats
 
 from lbdpo.eval.compare import write_comparison
-from lbdpo.eval.significance import frontier_reward, moonshot_table, run_gaps, verdict, welch
+from lbdpo.eval.significance import (ci_half_width, detectable_difference, frontier_reward, moonshot_table, moonshot_verdict,
+                                     pooled_sd, run_gaps, verdict, welch)
 from test_plots_compare import fake_run
 
 
@@ -64,9 +65,55 @@ def test_moonshot_table_finds_an_arm_above_the_frontier_and_one_below_the_best_a
     assert cells[4].startswith(f"+{gap:.4f}")
     assert float(cells[5].split("p=")[1].split(":")[0]) < 0.01  # far above the fixed seeds' scatter
     assert cells[2].endswith(": worse") and cells[5].endswith(": beats")
-    dpo_row = next(line for line in table.splitlines() if line.startswith("| beta_dpo"))
-    assert dpo_row.split("|")[4].strip() == "–"  # β-DPO is not compared with itself
-    assert moonshot_table([above]) == ""  # no fixed arm: nothing to compare with
+    dpo_gap = 0.9 - 0.9  # β-DPO's seeds sit on the frontier point (20, 0.90), up to the shared jitter
+    assert cells[6].startswith(f"+{gap - dpo_gap:.4f}") and cells[6].endswith(": beats")
+    assert cells[7] == "fails"  # above the frontier, but worse than the best fixed β on accuracy
+    dpo_row = [c.strip() for c in next(line for line in table.splitlines()
+                                       if line.startswith("| beta_dpo")).strip("|").split("|")]
+    assert dpo_row[3] == dpo_row[6] == dpo_row[7] == "–"  # β-DPO is not compared with itself
+    assert "Power — held-out accuracy: seed-to-seed sd 0.0040" in table  # every arm's seeds spread by ±0.004
+
+
+def test_moonshot_holds_for_an_arm_as_accurate_as_the_best_fixed_above_the_frontier_and_above_beta_dpo():
+    jitter = (-0.004, 0.0, 0.004)
+    fixed = [arm(f"fixed_{kl}", "fixed", [{"held-out acc": acc + j, "reward": r + j, "KL": kl * (1 + j)}
+                                          for j in jitter])
+             for kl, r, acc in ((5.0, 0.80, 0.78), (20.0, 0.90, 0.80), (60.0, 0.95, 0.76))]
+    good = arm("learn_good", "learnable", [{"held-out acc": 0.80 + j, "reward": 0.95 + j, "KL": 10.0}
+                                           for j in (0.004, -0.004, 0.0)])
+    dpo = arm("beta_dpo", "learnable", [{"held-out acc": 0.70 + j, "reward": 0.9 + j, "KL": 20.0} for j in jitter],
+              mode="beta_dpo")
+    row = next(line for line in moonshot_table([*fixed, good, dpo]).splitlines() if line.startswith("| learn_good"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2].endswith(": matches") and cells[5].endswith(": beats") and cells[3].endswith(": beats")
+    assert cells[7] == "holds"
+
+
+def test_moonshot_verdict_needs_every_condition():
+    assert moonshot_verdict("matches", "beats", "beats", "inconclusive") == "holds"
+    assert moonshot_verdict("beats", "matches", "matches", "beats") == "holds"
+    assert moonshot_verdict("matches", "matches", "matches", "matches") == "fails"  # cannot beat β-DPO
+    assert moonshot_verdict("worse", "beats", "beats", "beats") == "fails"
+    assert moonshot_verdict("beats", "beats", "beats", "worse") == "fails"  # worse than β-DPO on the frontier
+    assert moonshot_verdict("inconclusive", "beats", "beats", "beats") == "undecided"
+    assert moonshot_verdict("matches", "matches", "inconclusive", "inconclusive") == "undecided"
+    assert moonshot_verdict("matches", "–", "beats", "–") == "undecided"  # a missing test decides nothing
+
+
+def test_detectable_difference_has_the_power_it_claims_and_pooled_sd_is_the_textbook_one():
+    sd, n = 0.02, 3
+    delta = detectable_difference(sd, n)
+    df = 2 * n - 2
+    nc = delta / (sd * math.sqrt(2 / n))  # noncentrality of the two-sample t statistic at that difference
+    crit = stats.t.ppf(0.975, df)
+    power = stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)
+    assert power == pytest.approx(0.8, abs=0.03)  # the usual t-quantile approximation of the exact power
+    assert detectable_difference(sd, 12) < delta / 2  # more seeds, smaller detectable differences
+    a, b = [0.70, 0.72, 0.74], [0.60, 0.62, 0.64]  # sd 0.02 each: the half-width is welch()'s own
+    assert ci_half_width(0.02, 3) == pytest.approx((welch(a, b)["high"] - welch(a, b)["low"]) / 2)
+    groups = [[1.0, 2.0, 3.0], [5.0, 7.0], [9.0]]  # the lone value adds no degree of freedom
+    assert pooled_sd(groups) == pytest.approx((math.sqrt((2.0 + 2.0) / 3), 3))
+    assert pooled_sd([[1.0], [2.0]]) is None
 
 
 def test_experiment_comparison_names_orders_and_splits_by_domain(tmp_path):

@@ -11,7 +11,8 @@ The fixed-β frontier R*(KL) joins the fixed-β arms' (mean KL, mean reward) poi
 linearly in log KL. A run's **gap** is reward − R*(its KL) (None outside the fixed arms' KL range: no
 extrapolation). The fixed-β seeds' own gaps measure how far one seed scatters around the frontier; an arm is above
 the frontier when its gaps exceed theirs (Welch's t-test, two-sided). With three seeds per arm a test detects only
-large effects: the tables give the difference, its 95 % confidence interval and p, never a bare verdict.
+large effects: the tables give the difference, its 95 % confidence interval and p next to the verdict of the
+pre-registered rule (report.md §6), and a power note says what the seeds at hand can resolve.
 """
 
 from __future__ import annotations
@@ -93,9 +94,68 @@ def _fmt_test(t: dict | None, margin: float) -> str:
     return f"{t['diff']:+.4f} [{t['low']:+.4f}, {t['high']:+.4f}] p={t['p']:.2g}: {verdict(t, margin)}"
 
 
+def moonshot_verdict(acc_vs_fixed: str, gap_vs_fixed: str, acc_vs_dpo: str, gap_vs_dpo: str) -> str:
+    """The moonshot (issue 14) for one arm, from the four verdicts of :func:`verdict`: *holds* when the arm matches
+    or beats the best fixed β on accuracy and on the frontier gap, and beats β-DPO on one of the two while worse on
+    neither; *fails* when it is worse than the best fixed β on either, worse than β-DPO on either, or matches β-DPO
+    on both (so cannot beat it); *undecided* otherwise (an inconclusive or missing test in the way)."""
+    good = ("matches", "beats")
+    vs_dpo = (acc_vs_dpo, gap_vs_dpo)
+    if "worse" in (acc_vs_fixed, gap_vs_fixed, *vs_dpo) or vs_dpo == ("matches", "matches"):
+        return "fails"
+    if acc_vs_fixed in good and gap_vs_fixed in good and "beats" in vs_dpo:
+        return "holds"
+    return "undecided"
+
+
+def detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true difference between two arms of ``n`` seeds each, seed-to-seed standard deviation ``sd``
+    in both, that a two-sided t-test at level ``alpha`` detects with probability ``power``:
+    (t_{1−α/2} + t_{power}) · sd · √(2/n), t quantiles with 2n − 2 degrees of freedom."""
+    df = 2 * n - 2
+    return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * sd * math.sqrt(2 / n))
+
+
+def ci_half_width(sd: float, n: int) -> float:
+    """The half-width of the 95 % CI of a difference between two arms of ``n`` seeds each with seed-to-seed
+    standard deviation ``sd``: t_{0.975, 2n−2} · sd · √(2/n). *matches* needs it inside the margin."""
+    return float(stats.t.ppf(0.975, 2 * n - 2) * sd * math.sqrt(2 / n))
+
+
+def pooled_sd(groups: Sequence[Sequence[float]]) -> tuple[float, int] | None:
+    """The pooled within-group standard deviation (ddof 1 per group) over the groups with ≥ 2 values, and its
+    degrees of freedom; None when no group has two values."""
+    groups = [list(g) for g in groups if len(g) >= 2]
+    df = sum(len(g) - 1 for g in groups)
+    if not df:
+        return None
+    ss = sum(sum((x - statistics.fmean(g)) ** 2 for x in g) for g in groups)
+    return math.sqrt(ss / df), df
+
+
+def power_note(arms: list[dict], acc_key: str, gaps: Sequence[Sequence[float]], n: int = 3) -> str:
+    """One paragraph: the seed-to-seed spread pooled over every arm, and what ``n`` seeds per arm can resolve."""
+    parts = []
+    for name, groups, margin in (("held-out accuracy", [_values(a, acc_key) for a in arms], ACC_MARGIN),
+                                 ("frontier gap", gaps, GAP_MARGIN)):
+        pooled = pooled_sd(groups)
+        if pooled is None:
+            continue
+        sd, df = pooled
+        need = next((k for k in range(2, 201) if detectable_difference(sd, k) <= margin), None)
+        need_ci = next((k for k in range(2, 201) if ci_half_width(sd, k) <= margin), None)
+        parts.append(f"{name}: seed-to-seed sd {sd:.4f} (pooled over the arms, {df} df); with {n} seeds per arm a "
+                     f"true difference of {detectable_difference(sd, n):.4f} is detected with 80 % power at p < "
+                     f"0.05 (one of {margin} needs {need or '> 200'} seeds per arm), and the 95 % CI of a "
+                     f"difference is ± {ci_half_width(sd, n):.4f} wide (*matches* needs it within ± {margin}: "
+                     f"{need_ci or '> 200'} seeds)")
+    return ("Power — " + "; ".join(parts) + ".") if parts else ""
+
+
 def moonshot_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
     """Markdown: each non-fixed arm against the best fixed β (highest mean accuracy) and against β-DPO (the arm
-    whose ``mode`` is beta_dpo), on accuracy, and its frontier gap against the fixed-β seeds' gaps.
+    whose ``mode`` is beta_dpo), on accuracy and on the frontier gap (against the fixed-β seeds' gaps and against
+    β-DPO's), the moonshot's verdict per arm, and a power note.
 
     ``arms``: :func:`lbdpo.eval.compare.group_arms` entries (``arm``, ``kind``, ``runs`` with ``values`` and
     ``mode``). Returns "" when there is no fixed arm to compare with."""
@@ -110,21 +170,29 @@ def moonshot_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
         if kls and rewards:
             points.append((_mean(kls), _mean(rewards)))
     fixed_gaps = [g for a in fixed for g in run_gaps(a["runs"], points)]
+    dpo_gaps = run_gaps(beta_dpo["runs"], points) if beta_dpo else []
     lines = [f"Best fixed β by held-out accuracy: **{best['arm']}**. Cells: mean difference [95 % CI], Welch p over "
              f"seeds and the verdict of report.md's rule (matches: CI within ±{ACC_MARGIN} accuracy, ±{GAP_MARGIN} "
-             "reward); frontier gap = reward − fixed-β frontier at the run's KL (mean ± std over seeds, "
-             "compared with the fixed-β seeds' gaps).", "",
-             f"| arm | seeds | acc − best fixed ({best['arm']}) | acc − β-DPO | frontier gap | gap vs fixed seeds |",
-             "|---|---|---|---|---|---|"]
-    for a in arms:
+             "reward); frontier gap = reward − fixed-β frontier at the run's KL (mean ± std over seeds), compared "
+             "with the fixed-β seeds' gaps and with β-DPO's; moonshot: holds = matches or beats the best fixed β on "
+             "both, beats β-DPO on one and is worse on neither (`significance.moonshot_verdict`).", "",
+             f"| arm | seeds | acc − best fixed ({best['arm']}) | acc − β-DPO | frontier gap | gap vs fixed seeds "
+             "| gap − β-DPO | moonshot |",
+             "|---|---|---|---|---|---|---|---|"]
+    all_gaps = [run_gaps(a["runs"], points) for a in arms]
+    for a, gaps in zip(arms, all_gaps):
         if a["kind"] == "fixed":
             continue
         acc = _values(a, acc_key)
-        gaps = run_gaps(a["runs"], points)
         gap_cell = "outside the fixed-β KL range" if not gaps else (
             f"{_mean(gaps):+.4f} ± " + (f"{statistics.pstdev(gaps):.4f}" if len(gaps) > 1 else "–") + f" (n={len(gaps)})")
-        vs_dpo = "–" if beta_dpo is None or a is beta_dpo else _fmt_test(welch(acc, _values(beta_dpo, acc_key)),
-                                                                          ACC_MARGIN)
-        lines.append(f"| {a['arm']} | {a['n_seeds']} | {_fmt_test(welch(acc, _values(best, acc_key)), ACC_MARGIN)} | "
-                     f"{vs_dpo} | {gap_cell} | {_fmt_test(welch(gaps, fixed_gaps), GAP_MARGIN)} |")
-    return "\n".join(lines)
+        is_dpo = beta_dpo is None or a is beta_dpo
+        tests = [(welch(acc, _values(best, acc_key)), ACC_MARGIN), (welch(gaps, fixed_gaps), GAP_MARGIN),
+                 (None if is_dpo else welch(acc, _values(beta_dpo, acc_key)), ACC_MARGIN),
+                 (None if is_dpo else welch(gaps, dpo_gaps), GAP_MARGIN)]
+        (acc_fixed, gap_fixed, acc_dpo, gap_dpo) = [_fmt_test(t, m) for t, m in tests]
+        moonshot = "–" if is_dpo else moonshot_verdict(*(verdict(t, m) for t, m in tests))
+        lines.append(f"| {a['arm']} | {a['n_seeds']} | {acc_fixed} | {acc_dpo} | {gap_cell} | {gap_fixed} | "
+                     f"{gap_dpo} | {moonshot} |")
+    note = power_note(arms, acc_key, all_gaps)
+    return "\n".join(lines + (["", note] if note else []))
