@@ -108,18 +108,16 @@ def moonshot_verdict(acc_vs_fixed: str, gap_vs_fixed: str, acc_vs_dpo: str, gap_
     return "undecided"
 
 
-def detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
-    """The smallest true difference between two arms of ``n`` seeds each, seed-to-seed standard deviation ``sd``
-    in both, that a two-sided t-test at level ``alpha`` detects with probability ``power``:
-    (t_{1−α/2} + t_{power}) · sd · √(2/n), t quantiles with 2n − 2 degrees of freedom."""
-    df = 2 * n - 2
-    return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * sd * math.sqrt(2 / n))
-
-
 def ci_half_width(sd: float, n: int) -> float:
     """The half-width of the 95 % CI of a difference between two arms of ``n`` seeds each with seed-to-seed
     standard deviation ``sd``: t_{0.975, 2n−2} · sd · √(2/n). *matches* needs it inside the margin."""
     return float(stats.t.ppf(0.975, 2 * n - 2) * sd * math.sqrt(2 / n))
+
+
+def detectable_difference(sd: float, n: int, power: float = 0.8) -> float:
+    """The smallest true difference between two arms of ``n`` seeds each (seed-to-seed sd ``sd``) that a two-sided
+    t-test at p < 0.05 detects with probability ``power``: (t_{0.975} + t_{power}) · sd · √(2/n), 2n − 2 df."""
+    return ci_half_width(sd, n) + float(stats.t.ppf(power, 2 * n - 2) * sd * math.sqrt(2 / n))
 
 
 def pooled_sd(groups: Sequence[Sequence[float]]) -> tuple[float, int] | None:
@@ -186,12 +184,12 @@ def moonshot_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
         acc = _values(a, acc_key)
         gap_cell = "outside the fixed-β KL range" if not gaps else (
             f"{_mean(gaps):+.4f} ± " + (f"{statistics.pstdev(gaps):.4f}" if len(gaps) > 1 else "–") + f" (n={len(gaps)})")
-        is_dpo = beta_dpo is None or a is beta_dpo
+        no_dpo_test = beta_dpo is None or a is beta_dpo
         tests = [(welch(acc, _values(best, acc_key)), ACC_MARGIN), (welch(gaps, fixed_gaps), GAP_MARGIN),
-                 (None if is_dpo else welch(acc, _values(beta_dpo, acc_key)), ACC_MARGIN),
-                 (None if is_dpo else welch(gaps, dpo_gaps), GAP_MARGIN)]
+                 (None if no_dpo_test else welch(acc, _values(beta_dpo, acc_key)), ACC_MARGIN),
+                 (None if no_dpo_test else welch(gaps, dpo_gaps), GAP_MARGIN)]
         (acc_fixed, gap_fixed, acc_dpo, gap_dpo) = [_fmt_test(t, m) for t, m in tests]
-        moonshot = "–" if is_dpo else moonshot_verdict(*(verdict(t, m) for t, m in tests))
+        moonshot = "–" if no_dpo_test else moonshot_verdict(*(verdict(t, m) for t, m in tests))
         lines.append(f"| {a['arm']} | {a['n_seeds']} | {acc_fixed} | {acc_dpo} | {gap_cell} | {gap_fixed} | "
                      f"{gap_dpo} | {moonshot} |")
     note = power_note(arms, acc_key, all_gaps)
