@@ -261,3 +261,21 @@ def test_median_pairs_per_s_skips_the_first_steps(tmp_path):
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert median_pairs_per_s(metrics) == 8.0  # steps 6–9 → 6, 7, 8, 9: the upper median
     assert median_pairs_per_s(tmp_path / "missing.jsonl") is None
+
+
+def test_extra_seeds_run_after_the_grid_for_their_arms_only(tmp_path):
+    path = write_experiment(tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    spec["arms"]["third"] = ["beta_head=linear"]
+    path.write_text(yaml.safe_dump({**spec, "seeds": [0, 1], "extra_seeds": {"third": [3, 2], "fixed": [2]}}, sort_keys=False))
+    exp = Experiment.load(path)
+    assert [r[2].name for r in exp.runs()] == [
+        "fixed__seed-0", "beta_dpo__seed-0", "third__seed-0", "fixed__seed-1", "beta_dpo__seed-1", "third__seed-1",
+        "fixed__seed-2", "third__seed-2", "third__seed-3"]  # the grid, then the extra seeds seed-major
+    assert [r[2].name for r in exp.runs(["third"])] == ["third__seed-0", "third__seed-1", "third__seed-2",
+                                                        "third__seed-3"]
+    for extra, message in (({"nope": [3]}, "names arm 'nope'"), ({"fixed": [1]}, "repeats a seed"),
+                           ({"fixed": 3}, "must map an arm to a list")):
+        path.write_text(yaml.safe_dump({**spec, "seeds": [0, 1], "extra_seeds": extra}, sort_keys=False))
+        with pytest.raises(ValueError, match=message):
+            Experiment.load(path)

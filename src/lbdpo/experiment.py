@@ -13,6 +13,7 @@ folder ``<out>/<name>/<arm>__seed-<S>/``, then ``evaluate.py`` on its final chec
     common: [data=sentiment, trainer.save_every=20, logger=none]   # every run's overrides
     arms: {fixed_b01: [+arm=fixed_b01], beta_dpo: [+arm=beta_dpo]} # arm name → its overrides
     seeds: [0, 1, 2]
+    extra_seeds: {fixed_b01: [3, 4]}         # more seeds for some arms, run after every arm has all of ``seeds``
     evaluate: [max_pairs=1000]               # evaluate.py's overrides (one evaluation), or several by name:
     # evaluate: {heldout: [max_pairs=1000], online: [data=hh_local]}   the first writes into the run folder,
     #                                        each other one into <run>/eval_<name>/ (compare.md: "Other evaluation sets")
@@ -55,7 +56,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-KEYS = {"name", "common", "arms", "seeds", "evaluate", "out", "results", "keep"}
+KEYS = {"name", "common", "arms", "seeds", "extra_seeds", "evaluate", "out", "results", "keep"}
 ARCHIVED = ("metrics.jsonl", "pairs.jsonl", "eval.json", "eval_pairs.jsonl", "eval_report.md", "samples.jsonl",
             "runner.json", ".hydra/overrides.yaml", ".hydra/config.yaml")
 
@@ -70,13 +71,14 @@ class Experiment:
     folder: Path  # run folders (checkpoints; not in git)
     results: Path  # archived results (small; committed)
     keep: str = "final"  # what of an evaluated run folder stays: final (model, head, step) | all
+    extra_seeds: dict[str, list[int]] | None = None  # arm → seeds beyond ``seeds`` (power for the arms that matter)
 
     @classmethod
     def load(cls, path: Path) -> Experiment:
         spec = yaml.safe_load(Path(path).read_text()) or {}
         unknown = set(spec) - KEYS
         if unknown or not spec.get("name") or not spec.get("arms"):
-            raise ValueError(f"{path}: needs name and arms (optional common, seeds, evaluate, out); "
+            raise ValueError(f"{path}: needs name and arms (optional common, seeds, extra_seeds, evaluate, out, results, keep); "
                              f"unknown keys {sorted(unknown)}")
         if spec.get("keep", "final") not in ("final", "all"):
             raise ValueError(f"{path}: keep={spec['keep']!r} must be final or all")
@@ -87,12 +89,22 @@ class Experiment:
             raise ValueError(f"{path}: evaluate must be a list of evaluate.py overrides or a mapping "
                              "name → list (names of letters, digits, _ . -)")
         evaluate = {"main": evaluate} if isinstance(evaluate, list) else evaluate
+        seeds = [int(s) for s in spec.get("seeds") or [0]]
+        extra = spec.get("extra_seeds") or {}
+        if not isinstance(extra, dict) or not all(isinstance(v, list) for v in extra.values()):
+            raise ValueError(f"{path}: extra_seeds must map an arm to a list of seeds, e.g. {{fixed_b01: [3, 4]}}")
+        extra = {str(arm): [int(s) for s in v] for arm, v in extra.items()}
+        for arm, more in extra.items():
+            if arm not in arms:
+                raise ValueError(f"{path}: extra_seeds names arm {arm!r}, which is not in arms {sorted(arms)}")
+            if set(more) & set(seeds) or len(set(more)) != len(more):
+                raise ValueError(f"{path}: extra_seeds of {arm!r} ({more}) repeats a seed or one of seeds {seeds}")
         out = Path(spec.get("out") or REPO / "outputs" / "experiments")
         results = Path(spec.get("results") or REPO / "results")
         return cls(name=str(spec["name"]), common=[str(o) for o in spec.get("common") or []], arms=arms,
-                   seeds=[int(s) for s in spec.get("seeds") or [0]], evaluate={str(k): [str(o) for o in v] for k, v in evaluate.items()},
+                   seeds=seeds, evaluate={str(k): [str(o) for o in v] for k, v in evaluate.items()},
                    folder=out / str(spec["name"]), results=results / str(spec["name"]),
-                   keep=str(spec.get("keep", "final")))
+                   keep=str(spec.get("keep", "final")), extra_seeds=extra)
 
     def archived(self) -> tuple[str, ...]:
         """The files of a run folder that its results folder keeps: ``ARCHIVED`` and each extra evaluation's."""
@@ -101,9 +113,12 @@ class Experiment:
         return (*ARCHIVED, *extra)
 
     def runs(self, only: list[str] | None = None) -> list[tuple[str, int, Path]]:
-        """(arm, seed, run folder), seed-major."""
-        return [(arm, seed, self.folder / f"{arm}__seed-{seed}") for seed in self.seeds for arm in self.arms
-                if not only or arm in only]
+        """(arm, seed, run folder), seed-major: every arm's ``seeds``, then the ``extra_seeds`` in seed order."""
+        extra = self.extra_seeds or {}
+        grid = [(arm, seed) for seed in self.seeds for arm in self.arms]
+        grid += [(arm, seed) for seed in sorted({s for v in extra.values() for s in v}) for arm in self.arms
+                 if seed in extra.get(arm, ())]
+        return [(arm, seed, self.folder / f"{arm}__seed-{seed}") for arm, seed in grid if not only or arm in only]
 
 
 def evaluated(run_dir: Path) -> bool:
