@@ -46,6 +46,8 @@ BAD_OPTIONS = [
     (["+trainer.max_step=5"], r"trainer\.max_step is not an option of the trainer group"),
     (["+data.format=parquet"], r"data\.format is not an option of the data group"),
     (["trainer.label_smoothing=0.5"], r"trainer\.label_smoothing=0\.5 must be in \[0, 0\.5\)"),
+    (["trainer.malloc_mmap_threshold=0"], r"trainer\.malloc_mmap_threshold=0 must be in 1\.\.33554432 bytes"),
+    (["trainer.malloc_mmap_threshold=1e9"], r"trainer\.malloc_mmap_threshold=1000000000\.0 must be"),
 ]
 
 

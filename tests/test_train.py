@@ -336,6 +336,21 @@ def test_gradient_checkpointing_gives_same_losses(default_run, pairs_file, tmp_p
     assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in reference], abs=1e-5)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_pinned_malloc_threshold_gives_the_same_run(default_run, pairs_file, tmp_path):
+    """Where freed memory goes changes nothing computed (own process: the setting is process-wide)."""
+    out = subprocess.run([
+        sys.executable, str(REPO_ROOT / "train.py"), "model=tiny_random", "trainer=tiny", "logger=none", "data=jsonl",
+        f"data.path={pairs_file}", "data.max_length=48", "data.max_prompt_length=32", "data.eval_size=8",
+        "data.eval_fraction=null", "trainer.batch_size=4", "trainer.max_steps=6", "trainer.eval_every=0",
+        "trainer.malloc_mmap_threshold=131072", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "allocations of ≥ 131072 bytes are mmap'ed" in out.stdout + out.stderr
+    steps, _ = read_metrics(tmp_path)
+    reference, _ = read_metrics(default_run[0])
+    assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in reference], abs=1e-6)
+
+
 def test_wandb_offline_run_is_written(pairs_file, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..beta_head import BetaHeadConfig
 from ..build import data_sources, to_container, tokenize_config
 from ..models import _DTYPES
+from .host_memory import MAX_MMAP_THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ def check_trainer_config(t: DictConfig) -> None:
         raise ValueError("trainer.mixed_precision=fp16 has no CPU implementation (trainer.cpu=true): use no or bf16")
     if t.get("logps_chunk_size") is not None and number("trainer.logps_chunk_size", t.logps_chunk_size, int) < 1:
         raise ValueError(f"trainer.logps_chunk_size={t.logps_chunk_size} must be ≥ 1 or null")
+    if t.get("malloc_mmap_threshold") is not None and not \
+            0 < number("trainer.malloc_mmap_threshold", t.malloc_mmap_threshold, int) <= MAX_MMAP_THRESHOLD:
+        raise ValueError(f"trainer.malloc_mmap_threshold={t.malloc_mmap_threshold} must be in "
+                         f"1..{MAX_MMAP_THRESHOLD} bytes (e.g. 131072) or null")
     if t.lora.enabled:
         if number("trainer.lora.r", t.lora.r, int) < 1 or number("trainer.lora.alpha", t.lora.alpha) <= 0:
             raise ValueError(f"trainer.lora.r={t.lora.r} must be ≥ 1 and trainer.lora.alpha={t.lora.alpha} > 0")

@@ -30,6 +30,7 @@ from ..dpo_model import DynamicBetaDPOModel
 from ..modeling import AutoModelForCausalLMWithBetaHead
 from .checkpoint import TrainerState, load_trainer_state, resolve_resume_path
 from .checks import check_config, check_resume_matches
+from .host_memory import pin_mmap_threshold
 from .reference import add_reference_columns
 from .run_logging import RunLogger, WandbIdentity, print_banner
 from .sharded import check_launch, is_sharded
@@ -224,6 +225,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     check_launch(accelerator, cfg.beta_head)
     set_seed(int(cfg.seed))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if t.get("malloc_mmap_threshold"):
+        pin_mmap_threshold(int(t.malloc_mmap_threshold))  # before any model is loaded
     model, lm, train_ds, eval_ds, data_report, collator = build_model_and_data(cfg, accelerator)
 
     pairs_per_step = int(t.batch_size) * int(t.gradient_accumulation_steps) * accelerator.num_processes
