@@ -284,7 +284,9 @@ def run_experiment(exp: Experiment, only: list[str] | None, stop_after_minutes: 
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    env = None if jobs == 1 else {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env = None if jobs == 1 else {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                                  # a cold reference cache is scored by one run with every core, the others wait
+                                  "LBDPO_REFERENCE_THREADS": str(os.cpu_count() or 1)}
     stop, lock = Stop(time.time() + 60 * stop_after_minutes if stop_after_minutes else None, env), threading.Lock()
     exp.folder.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # runs start in order (seed-major); workers take the next

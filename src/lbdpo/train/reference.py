@@ -6,6 +6,7 @@ rejected), so any change of model, data, chat template or truncation gives a new
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -53,6 +54,35 @@ def compute_reference_logps(score: Callable[[dict], tuple[torch.Tensor, torch.Te
     return torch.cat(out) if out else torch.zeros(0, 2)
 
 
+@contextlib.contextmanager
+def scoring_lock(path: Path):
+    """An exclusive lock on ``<path>.lock`` (POSIX ``flock``; no lock elsewhere), released on exit or death."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path.with_suffix(".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def scoring_threads():
+    """Torch threads while scoring: ``LBDPO_REFERENCE_THREADS`` when set (the experiment runner sets it to every
+    core under ``--jobs N``, since the runs beside this one wait on :func:`scoring_lock`), else unchanged."""
+    wanted, before = os.environ.get("LBDPO_REFERENCE_THREADS"), torch.get_num_threads()
+    if wanted:
+        torch.set_num_threads(int(wanted))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def add_reference_columns(score: Callable[[dict], tuple[torch.Tensor, torch.Tensor]], dataset: Dataset,
                           model_cfg: Mapping[str, Any], collator: PreferenceCollator, batch_size: int,
                           device: torch.device, name: str) -> Dataset:
@@ -60,15 +90,17 @@ def add_reference_columns(score: Callable[[dict], tuple[torch.Tensor, torch.Tens
     when this model + data were seen before."""
     key = reference_cache_key(model_cfg, dataset)
     path = cache_dir() / "reference_logps" / f"{key}.pt"
-    if path.is_file():
-        values = torch.load(path)
-        log.info("reference log-probs for %s: cache hit %s", name, path)
-    else:
-        values = compute_reference_logps(score, dataset, collator, batch_size, device, desc=f"reference {name}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # its own: runs started side by side may write at once
-        torch.save(values, tmp)
-        Path(tmp).replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with scoring_lock(path):  # runs started side by side on a cold cache: one scores, the others wait and read it
+        if path.is_file():
+            values = torch.load(path)
+            log.info("reference log-probs for %s: cache hit %s", name, path)
+        else:
+            with scoring_threads():
+                values = compute_reference_logps(score, dataset, collator, batch_size, device, desc=f"reference {name}")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # written whole, then renamed: never a partial cache file
+            torch.save(values, tmp)
+            Path(tmp).replace(path)
     return (
         dataset.add_column("reference_chosen_logps", values[:, 0].tolist())
         .add_column("reference_rejected_logps", values[:, 1].tolist())

@@ -1,0 +1,47 @@
+"""``trainer.reference=precompute``'s disk cache when runs start side by side on a cold cache: one scores (with
+``LBDPO_REFERENCE_THREADS`` threads), the others wait on its lock and read what it wrote."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+from datasets import Dataset
+
+from lbdpo.data.collator import PreferenceCollator
+from lbdpo.train.reference import add_reference_columns
+
+
+def test_runs_side_by_side_score_a_cold_cache_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("LBDPO_CACHE", str(tmp_path))
+    monkeypatch.setenv("LBDPO_REFERENCE_THREADS", "3")
+    data = Dataset.from_list([{"prompt_input_ids": [1, 2, i + 3], "chosen_input_ids": [4, i], "rejected_input_ids": [5]}
+                              for i in range(6)])
+    calls, threads_seen = [], []
+
+    def score(batch):  # a slow reference: (chosen, rejected) log-probs from the token ids
+        calls.append(1)
+        threads_seen.append(torch.get_num_threads())
+        time.sleep(0.2)
+        ids = batch["input_ids"].float() * batch["attention_mask"]
+        n = len(batch["prompt_lengths"])
+        return -ids[:n].sum(1), -ids[n:].sum(1)
+
+    threads_before = torch.get_num_threads()
+    results = [None, None]
+
+    def run(i):
+        results[i] = add_reference_columns(score, data, {"model": "fake"}, PreferenceCollator(0), 4,
+                                           torch.device("cpu"), name="train")
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(calls) == 2  # 6 pairs in batches of 4, scored once (not once per run)
+    assert threads_seen == [3, 3] and torch.get_num_threads() == threads_before
+    assert results[0]["reference_chosen_logps"] == results[1]["reference_chosen_logps"]
+    assert results[0]["reference_rejected_logps"] == [-(5 + 1 + 2 + i + 3) for i in range(6)]
+    assert len(list((tmp_path / "reference_logps").glob("*.pt"))) == 1
