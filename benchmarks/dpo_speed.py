@@ -27,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "preference" / "hh_helpful-base_train_sample.jsonl"
 ROWS = ["trainer.pack_pairs=false", "trainer.logps_chunk_size=null"]  # one padded row per response, full logits
-LOWMEM = ["trainer.gradient_checkpointing=true", "trainer.malloc_mmap_threshold=131072", "trainer.logps_chunk_size=256"]
+LOWMEM = ["trainer.gradient_checkpointing=true", "trainer.malloc_mmap_threshold=131072", "trainer.logps_chunk_size=256",
+          "trainer.adamw_fused=true"]
 LBDPO_ARMS = {  # arm → Hydra overrides on top of the common ones (the defaults pack pairs, chunked log-probs)
     "rows": ["beta_head=fixed", *ROWS],  # the forward before packing: the baseline of the speed-ups
     "rows_chunked": ["beta_head=fixed", "trainer.pack_pairs=false", "trainer.logps_chunk_size=1024"],
@@ -40,7 +41,8 @@ LBDPO_ARMS = {  # arm → Hydra overrides on top of the common ones (the default
              "trainer.policy_lr=1e-4"],
     "fixed_ckpt": ["beta_head=fixed", "trainer.gradient_checkpointing=true"],  # activations recomputed in backward
     "fixed_precompute_ckpt": ["beta_head=fixed", "trainer.reference=precompute", "trainer.gradient_checkpointing=true"],
-    # least memory: + freed activations returned to the OS (glibc mmap threshold pinned) and 256-position lm_head chunks
+    # least memory: + freed activations returned to the OS (glibc mmap threshold pinned), 256-position lm_head chunks,
+    # fused AdamW (no parameter-sized temporaries in the update)
     "fixed_lowmem": ["beta_head=fixed", *LOWMEM],
     "fixed_precompute_lowmem": ["beta_head=fixed", "trainer.reference=precompute", *LOWMEM],
 }

@@ -3,7 +3,7 @@ of one arm, printed at each log line of the run, every ``--every`` seconds until
 the run's progress bars on stderr, the times say which phase it is in).
 
     python benchmarks/memory_phases.py fixed_precompute_ckpt --steps 4
-    python benchmarks/memory_phases.py fixed --steps 4 -- trainer.logps_chunk_size=256   # extra Hydra overrides
+    python benchmarks/memory_phases.py fixed trainer.logps_chunk_size=256 --steps 4     # extra Hydra overrides
 
 Run it alone on the machine. The arms are ``dpo_speed.py``'s (same HH pairs, 8 a step, 256 tokens).
 """

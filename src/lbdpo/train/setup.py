@@ -53,7 +53,8 @@ def apply_lora(policy, lora_cfg: DictConfig):
 
 def build_optimizer(model: DynamicBetaDPOModel, t: DictConfig) -> torch.optim.Optimizer:
     """AdamW with three groups: policy (policy_lr, weight_decay), beta-head NN (beta_head_lr,
-    beta_head_weight_decay), and w (beta_head_lr, no weight decay)."""
+    beta_head_weight_decay), and w (beta_head_lr, no weight decay). ``trainer.adamw_fused``: torch's fused kernel
+    (one pass per tensor, no parameter-sized temporaries; the same update up to float rounding)."""
     policy_params = [p for p in model.policy_model.parameters() if p.requires_grad]
     head_w = [p for n, p in model.beta_head.named_parameters() if n == "w"]
     head_nn = [p for n, p in model.beta_head.named_parameters() if n != "w"]
@@ -64,7 +65,8 @@ def build_optimizer(model: DynamicBetaDPOModel, t: DictConfig) -> torch.optim.Op
         {"name": "beta_head_w", "params": head_w, "lr": float(t.beta_head_lr), "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, betas=(float(t.adam_beta1), float(t.adam_beta2)), eps=float(t.adam_eps))
+    return torch.optim.AdamW(groups, betas=(float(t.adam_beta1), float(t.adam_beta2)), eps=float(t.adam_eps),
+                             fused=True if t.get("adamw_fused") else None)
 
 
 def epoch_order(train_ds, epoch: int, seed: int, batch_size: int, group_by_length: bool) -> list[int]:
