@@ -274,7 +274,7 @@ def test_extra_seeds_run_after_the_grid_for_their_arms_only(tmp_path):
         "fixed__seed-2", "third__seed-2", "third__seed-3"]  # the grid, then the extra seeds seed-major
     assert [r[2].name for r in exp.runs(["third"])] == ["third__seed-0", "third__seed-1", "third__seed-2",
                                                         "third__seed-3"]
-    for extra, message in (({"nope": [3]}, "names arm 'nope'"), ({"fixed": [1]}, "repeats a seed"),
+    for extra, message in (({"nope": [3]}, "of 'nope'.* an arm in arms"), ({"fixed": [1]}, "must be new seeds"),
                            ({"fixed": 3}, "must map an arm to a list")):
         path.write_text(yaml.safe_dump({**spec, "seeds": [0, 1], "extra_seeds": extra}, sort_keys=False))
         with pytest.raises(ValueError, match=message):

@@ -189,6 +189,9 @@ def test_optimizer_groups(pairs_file, tiny_model):
     assert groups["beta_head"]["lr"] == 1e-2 and groups["beta_head"]["weight_decay"] == 0.01
     assert groups["beta_head_w"]["params"] == [head.w] and groups["beta_head_w"]["weight_decay"] == 0.0
     assert len(groups["policy"]["params"]) == len(list(tiny_model.parameters()))
+    assert not opt.defaults["fused"]
+    cfg.trainer.adamw_fused = True
+    assert build_optimizer(DynamicBetaDPOModel(tiny_model, head), cfg.trainer).defaults["fused"]
 
 
 def test_nan_guard_skips_and_stops(pairs_file, tmp_path, monkeypatch):
@@ -334,6 +337,15 @@ def test_gradient_checkpointing_gives_same_losses(default_run, pairs_file, tmp_p
     steps, _ = read_metrics(tmp_path)
     reference, _ = read_metrics(default_run[0])
     assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in reference], abs=1e-5)
+
+
+def test_fused_adamw_gives_the_same_run(default_run, pairs_file, tmp_path):
+    cfg = make_cfg(pairs_file, "trainer.max_steps=6", "trainer.eval_every=0", "trainer.adamw_fused=true")
+    train(cfg, tmp_path)
+    steps, _ = read_metrics(tmp_path)
+    reference, _ = read_metrics(default_run[0])
+    for key in ("loss", "beta_head/w", "rewards/margins"):
+        assert [s[key] for s in steps] == pytest.approx([s[key] for s in reference], abs=1e-5), key
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

@@ -3,8 +3,7 @@
     python -m lbdpo.experiment run experiments/sentiment.yaml [--stop-after-minutes 150] [--only ARM ...] [--jobs 2]
     python -m lbdpo.experiment status experiments/sentiment.yaml      # what is done, partial, pending; time estimate
     python -m lbdpo.experiment compare experiments/sentiment.yaml     # rebuild compare.md and the figures
-    python -m lbdpo.experiment reevaluate experiments/sentiment.yaml --only fixed_b01   # evaluate done runs again
-                                                                      # (trains nothing)
+    python -m lbdpo.experiment reevaluate experiments/sentiment.yaml --only fixed_b01   # evaluate again, train nothing
 
 The experiment file (YAML) names the runs; each run is ``train.py <common> <arm overrides> seed=S`` in its own
 folder ``<out>/<name>/<arm>__seed-<S>/``, then ``evaluate.py`` on its final checkpoint::
@@ -32,11 +31,10 @@ skips it when ``eval.json`` is there; evaluates it when only the evaluation is m
 ``trainer.resume_from=auto`` (a run interrupted in an earlier session continues from its last ``step-N``, so at
 most one ``trainer.save_every`` interval is lost), then evaluates it. Training is a child process; Ctrl-C or SIGTERM
 (or ``--stop-after-minutes``) is passed on as SIGINT, which makes it finish its step and save. ``--jobs N`` runs N
-runs side by side, each with cores / N threads (on this project's 2-core CPU, two one-thread runs give 1.2× the
-throughput of one two-thread run: ``benchmarks/parallel_runs.py``); their minutes are then shared-machine minutes,
-and ``runner.json`` records ``jobs``. Each run's wall times go to ``runner.json`` in its folder; ``status`` turns
-them into the time the pending runs need. After every run the comparison (:mod:`lbdpo.eval.compare`: ``compare.md``, figures) and the β dynamics (:mod:`lbdpo.eval.dynamics`:
-``dynamics.md``, ``dynamics.png``) are rebuilt into ``results/<name>/compare/``.
+runs side by side, each with cores / N threads (on 2 cores, 1.2× the throughput of one two-thread run:
+``benchmarks/parallel_runs.py``), and ``runner.json`` records ``jobs``. Each run's wall times go to its
+``runner.json``; ``status`` turns them into the time the pending runs need. After every run the comparison
+(``compare.md``, figures) and the β dynamics (``dynamics.md``) are rebuilt into ``results/<name>/compare/``.
 """
 
 from __future__ import annotations
@@ -89,16 +87,14 @@ class Experiment:
             raise ValueError(f"{path}: evaluate must be a list of evaluate.py overrides or a mapping "
                              "name → list (names of letters, digits, _ . -)")
         evaluate = {"main": evaluate} if isinstance(evaluate, list) else evaluate
-        seeds = [int(s) for s in spec.get("seeds") or [0]]
-        extra = spec.get("extra_seeds") or {}
+        seeds, extra = [int(s) for s in spec.get("seeds") or [0]], spec.get("extra_seeds") or {}
         if not isinstance(extra, dict) or not all(isinstance(v, list) for v in extra.values()):
             raise ValueError(f"{path}: extra_seeds must map an arm to a list of seeds, e.g. {{fixed_b01: [3, 4]}}")
-        extra = {str(arm): [int(s) for s in v] for arm, v in extra.items()}
+        extra = {str(arm): [int(s) for s in v] for arm, v in extra.items()}  # then each must be new, of a known arm
         for arm, more in extra.items():
-            if arm not in arms:
-                raise ValueError(f"{path}: extra_seeds names arm {arm!r}, which is not in arms {sorted(arms)}")
-            if set(more) & set(seeds) or len(set(more)) != len(more):
-                raise ValueError(f"{path}: extra_seeds of {arm!r} ({more}) repeats a seed or one of seeds {seeds}")
+            if arm not in arms or set(more) & set(seeds) or len(set(more)) != len(more):
+                raise ValueError(f"{path}: extra_seeds of {arm!r}: {more} must be new seeds (not in {seeds}, each "
+                                 f"once) of an arm in arms {sorted(arms)}")
         out = Path(spec.get("out") or REPO / "outputs" / "experiments")
         results = Path(spec.get("results") or REPO / "results")
         return cls(name=str(spec["name"]), common=[str(o) for o in spec.get("common") or []], arms=arms,
@@ -195,7 +191,6 @@ def archive_run(run_dir: Path, target: Path, names: tuple[str, ...] = ARCHIVED) 
 def slim_run_folder(run_dir: Path) -> None:
     """``keep: final``: delete an evaluated run's ``step-N`` checkpoints and the optimizer state of its final
     checkpoint (rewritten atomically without it; the model, β head, step and schedule stay)."""
-    import os
     import shutil
 
     import torch
@@ -284,9 +279,8 @@ def run_experiment(exp: Experiment, only: list[str] | None, stop_after_minutes: 
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    env = None if jobs == 1 else {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-                                  # a cold reference cache is scored by one run with every core, the others wait
-                                  "LBDPO_REFERENCE_THREADS": str(os.cpu_count() or 1)}
+    env = None if jobs == 1 else {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,  # a cold
+                                  "LBDPO_REFERENCE_THREADS": str(os.cpu_count() or 1)}  # cache: one run scores it
     stop, lock = Stop(time.time() + 60 * stop_after_minutes if stop_after_minutes else None, env), threading.Lock()
     exp.folder.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # runs start in order (seed-major); workers take the next
