@@ -76,8 +76,8 @@ class Experiment:
         spec = yaml.safe_load(Path(path).read_text()) or {}
         unknown = set(spec) - KEYS
         if unknown or not spec.get("name") or not spec.get("arms"):
-            raise ValueError(f"{path}: needs name and arms (optional common, seeds, extra_seeds, evaluate, out, results, keep); "
-                             f"unknown keys {sorted(unknown)}")
+            raise ValueError(f"{path}: needs name and arms (optional common, seeds, extra_seeds, evaluate, out, "
+                             f"results, keep); unknown keys {sorted(unknown)}")
         if spec.get("keep", "final") not in ("final", "all"):
             raise ValueError(f"{path}: keep={spec['keep']!r} must be final or all")
         arms = {str(k): [str(o) for o in (v or [])] for k, v in spec["arms"].items()}
