@@ -14,7 +14,6 @@ import argparse
 import logging
 import threading
 import time
-from pathlib import Path
 
 import psutil
 
