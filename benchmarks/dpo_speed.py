@@ -3,13 +3,19 @@
     pip install -r benchmarks/requirements.txt             # TRL: for this benchmark only, never a core dependency
     python benchmarks/dpo_speed.py                          # every arm, 10 steps each (steps 3.. timed)
     python benchmarks/dpo_speed.py --arms trl,rows,fixed --steps 6
+    python benchmarks/dpo_speed.py --device cuda --model random_qwen2_5_0_5b --arms trl,fixed --steps 20   # GPU, bf16
 
-Each arm runs in its own process (so its peak RSS is its own): ``pairs`` pairs per optimizer step from
-``../shared/data/preference/hh_helpful-base_train_sample.jsonl``, SmolLM2-135M-Instruct in float32, its chat
-template, ``max_length`` tokens per row (lbdpo: prompt ≤ ``max_prompt_length``, left-truncated; TRL:
+Each arm runs in its own process (so its peak memory is its own): ``pairs`` pairs per optimizer step from
+``../shared/data/preference/hh_helpful-base_train_sample.jsonl`` (``--data``), the ``--model`` config of
+``conf/model`` (default SmolLM2-135M-Instruct; ``random_*`` = a target's architecture with random weights), its
+chat template, ``max_length`` tokens per row (lbdpo: prompt ≤ ``max_prompt_length``, left-truncated; TRL:
 ``truncation_mode=keep_end``), reference as a frozen copy unless the arm says ``precompute``, AdamW, no eval.
-Prints a markdown table: median s/step over the timed steps, pairs/s, real tokens/s (lbdpo arms), peak RSS, and
-each arm's speed and memory relative to TRL.
+Same numerics in both frameworks: on CPU float32 throughout; on CUDA float32 master weights with bf16 autocast
+and a bf16 reference copy (``trainer=gpu``; TRL ``bf16=True``). Activation checkpointing only in the arms named
+``*_ckpt``/``*lowmem`` (TRL's own default turns it on, and bf16 even on CPU: both are set explicitly here).
+Prints a markdown table: median s/step over the timed steps, pairs/s, real tokens/s (lbdpo arms), peak memory
+(RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA), and each arm's speed and memory relative to the TRL arm
+with the same reference and checkpointing.
 """
 
 from __future__ import annotations
@@ -46,8 +52,23 @@ LBDPO_ARMS = {  # arm → Hydra overrides on top of the common ones (the default
     "fixed_lowmem": ["beta_head=fixed", *LOWMEM],
     "fixed_precompute_lowmem": ["beta_head=fixed", "trainer.reference=precompute", *LOWMEM],
 }
-TRL_ARMS = {"trl": {}, "trl_precompute": {"precompute_ref_log_probs": True}}
+TRL_ARMS = {"trl": {}, "trl_precompute": {"precompute_ref_log_probs": True},
+            "trl_ckpt": {"gradient_checkpointing": True},
+            "trl_precompute_ckpt": {"precompute_ref_log_probs": True, "gradient_checkpointing": True}}
 ARMS = [*TRL_ARMS, *LBDPO_ARMS]
+
+
+DEVICE_OVERRIDES = {  # lbdpo's side of "same numerics" (module docstring); checkpointing only in *_ckpt arms
+    "cpu": ["trainer.cpu=true", "trainer.gradient_checkpointing=false"],
+    "cuda": ["trainer=gpu", "trainer.gradient_accumulation_steps=1", "trainer.gradient_checkpointing=false"],
+}
+
+
+def model_config(name: str) -> dict:
+    """``conf/model/<name>.yaml`` as a plain dict."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"), resolve=True)
 
 
 def run_lbdpo(arm: str, args) -> dict:
@@ -58,7 +79,7 @@ def run_lbdpo(arm: str, args) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[
-            "model=smollm2_135m", "logger=none", "data=jsonl", f"data.path={DATA}", "data.eval_size=null",
+            f"model={args.model}", *DEVICE_OVERRIDES[args.device], "logger=none", "data=jsonl", f"data.path={args.data}", "data.eval_size=null",
             "data.eval_fraction=null", f"data.max_length={args.max_length}",
             f"data.max_prompt_length={args.max_prompt_length}", f"data.max_train_pairs={args.pairs * (args.steps + 1)}",
             f"trainer.batch_size={args.pairs}", f"trainer.max_steps={args.steps}", "trainer.eval_every=0",
@@ -78,13 +99,14 @@ def run_trl(arm: str, args) -> dict:
 
     from lbdpo.data import load_preference_pairs
     from lbdpo.data.tokenize import prompt_messages_of
-    from lbdpo.models import freeze, load_model, load_model_and_tokenizer
+    from lbdpo.models import freeze, load_model, load_model_and_tokenizer, reference_model_config
 
-    model_cfg = {"source": "smollm2_gguf", "dtype": "float32"}
+    model_cfg = model_config(args.model)
     policy, tokenizer = load_model_and_tokenizer(model_cfg)
-    options = TRL_ARMS[arm]
-    reference = None if options.get("precompute_ref_log_probs") else freeze(load_model(model_cfg, vocab_size=len(tokenizer)))
-    rows = load_preference_pairs(str(DATA)).select(range(args.pairs * (args.steps + 1)))
+    options = {"gradient_checkpointing": False, **TRL_ARMS[arm]}
+    reference = None if options.get("precompute_ref_log_probs") else \
+        freeze(load_model(reference_model_config(model_cfg), vocab_size=len(tokenizer)))  # bf16 on CUDA, as lbdpo's
+    rows = load_preference_pairs(str(args.data)).select(range(args.pairs * (args.steps + 1)))
     convo = [{"prompt": prompt_messages_of(r), "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
               "rejected": [{"role": "assistant", "content": r["rejected"].strip()}]} for r in rows]
     times: list[float] = []
@@ -100,7 +122,8 @@ def run_trl(arm: str, args) -> dict:
         config = DPOConfig(output_dir=tmp, per_device_train_batch_size=args.pairs, max_steps=args.steps,
                            learning_rate=5e-7, warmup_steps=0, beta=0.1, max_length=args.max_length,
                            truncation_mode="keep_end", logging_steps=1, save_strategy="no", report_to=[],
-                           use_cpu=True, seed=0, dataloader_num_workers=0, **options)
+                           use_cpu=args.device == "cpu", bf16=args.device == "cuda", seed=0,
+                           dataloader_num_workers=0, **options)
         trainer = DPOTrainer(model=policy, ref_model=reference, args=config, processing_class=tokenizer,
                              train_dataset=datasets.Dataset.from_list(convo), callbacks=[StepTimer()])
         trainer.train()
@@ -116,6 +139,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--max-prompt-length", type=int, default=192)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="smollm2_135m", help="a conf/model config (random_qwen2_5_0_5b, ...)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--data", type=Path, default=DATA, help="preference JSONL (default: the shared HH sample)")
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: one arm in this process
     args = parser.parse_args()
     if args.run:
@@ -124,10 +150,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         result = run_trl(args.run, args) if args.run in TRL_ARMS else run_lbdpo(args.run, args)
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+        result["peak_mem_gb"] = (torch.cuda.max_memory_allocated() / 1024**3 if args.device == "cuda"
+                                 else result["peak_rss_gb"])
         print("RESULT " + json.dumps(result), flush=True)
         return
-    if not DATA.is_file():
-        sys.exit(f"{DATA} not found: this benchmark reads the shared HH sample")
+    if not args.data.is_file():
+        sys.exit(f"{args.data} not found: this benchmark reads the shared HH sample (or pass --data)")
     results = {}
     for arm in args.arms.split(","):
         if arm not in ARMS:
@@ -136,28 +164,38 @@ def main() -> None:
                                                            if k not in ("run", "arms")]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            sys.exit(f"arm {arm} failed:\n{out.stderr[-3000:]}")
+        if line is None:  # one failed arm is reported, the others still run
+            print(f"arm {arm} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
+            continue
         results[arm] = json.loads(line[7:])
         print(f"{arm}: {results[arm]}", file=sys.stderr, flush=True)
     print_table(results, args)
 
 
+def baseline(arm: str, results: dict) -> dict | None:
+    """The TRL arm an lbdpo arm is compared with: same reference (copy/precompute) and checkpointing, where it ran."""
+    pre = "_precompute" if "precompute" in arm else ""
+    ckpt = "_ckpt" if ("ckpt" in arm or "lowmem" in arm) else ""
+    for name in (f"trl{pre}{ckpt}", f"trl{pre}", "trl"):
+        if name in results:
+            return results[name]
+    return None
+
+
 def print_table(results: dict, args) -> None:
-    base = results.get("trl")  # every arm against TRL with a reference copy; precompute arms also against TRL's
-    base_pre = results.get("trl_precompute")
-    print(f"{args.pairs} pairs/step, max_length {args.max_length}, {args.threads} threads, median of steps "
-          f"{args.skip + 1}–{args.steps}\n")
-    print("(speed and memory of a precompute arm are relative to trl_precompute when it ran, else to trl)\n")
-    print("| arm | s/step | pairs/s | tokens/s | peak RSS | speed vs TRL | memory vs TRL |")
+    memory = "peak GPU memory" if args.device == "cuda" else "peak RSS"
+    print(f"{args.model} on {args.device}, {args.pairs} pairs/step, max_length {args.max_length}, {args.threads} "
+          f"threads, median of steps {args.skip + 1}–{args.steps}\n")
+    print("(each arm against the TRL arm with the same reference mode and checkpointing, where it ran, else `trl`)\n")
+    print(f"| arm | s/step | pairs/s | tokens/s | {memory} | speed vs TRL | memory vs TRL |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for arm, r in results.items():
         tok = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "–"
-        ref = base_pre if "precompute" in arm and base_pre else base
+        ref = baseline(arm, results)
         speed = f"{ref['s_per_step'] / r['s_per_step']:.2f}×" if ref else "–"
-        mem = f"{r['peak_rss_gb'] / ref['peak_rss_gb']:.2f}×" if ref else "–"
-        print(f"| {arm} | {r['s_per_step']:.2f} | {args.pairs / r['s_per_step']:.2f} | {tok} | "
-              f"{r['peak_rss_gb']:.1f} GB | {speed} | {mem} |")
+        mem = f"{r['peak_mem_gb'] / ref['peak_mem_gb']:.2f}×" if ref else "–"
+        print(f"| {arm} | {r['s_per_step']:.3f} | {args.pairs / r['s_per_step']:.2f} | {tok} | "
+              f"{r['peak_mem_gb']:.2f} GB | {speed} | {mem} |")
 
 
 if __name__ == "__main__":

@@ -191,18 +191,28 @@ def hub_errors_in_one_line(name_or_path: str):
 
 
 def build_tiny_random(model_cfg: Mapping[str, Any], vocab_size: int, dtype: torch.dtype) -> PreTrainedModel:
-    """A small Qwen2 causal LM with deterministic random weights (``model.seed``), for tests."""
+    """A Qwen2 causal LM with deterministic random weights (``model.seed``): tiny for tests, or a target model's
+    architecture (``conf/model/random_*.yaml``) for speed and memory benchmarks where its weights cannot be had.
+
+    ``model.tiny`` holds the architecture; ``tiny.vocab_size`` (default: the tokenizer's size) may exceed the
+    tokenizer's, as Qwen2.5's 151,936-row embedding does, so the lm_head costs what the target's costs.
+    """
     from transformers import Qwen2Config
 
     tiny = dict(model_cfg.get("tiny", {}) or {})
+    model_vocab = int(tiny.get("vocab_size") or vocab_size)
+    if model_vocab < vocab_size:
+        raise ValueError(f"model.tiny.vocab_size={model_vocab} is smaller than the tokenizer's {vocab_size} tokens: "
+                         "raise it or set it to null (the tokenizer's size)")
     config = Qwen2Config(
-        vocab_size=vocab_size,
+        vocab_size=model_vocab,
         hidden_size=int(tiny.get("hidden_size", 64)),
         intermediate_size=int(tiny.get("intermediate_size", 128)),
         num_hidden_layers=int(tiny.get("num_hidden_layers", 2)),
         num_attention_heads=int(tiny.get("num_attention_heads", 4)),
         num_key_value_heads=int(tiny.get("num_key_value_heads", 2)),
         max_position_embeddings=int(tiny.get("max_position_embeddings", 2048)),
+        rms_norm_eps=float(tiny.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(tiny.get("tie_word_embeddings", True)),
         # A larger init than HF's 0.02 gives peaked, token-dependent distributions, so tests that compare
         # log-probs can tell a shifted or mis-masked token from the right one.
