@@ -20,8 +20,10 @@ py=${PYTHON:-python3}
 hh=.device/data/hh_helpful-base_train_sample.jsonl
 if [ "$scale" = tiny ]; then m05=tiny_random; m15=tiny_random; steps="--steps 3 --skip 1"; train_steps=3
 else m05=random_qwen2_5_0_5b; m15=random_r1_distill_qwen_1_5b; steps="--steps 20 --skip 5"; train_steps=30; fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -m pip list 2>/dev/null | grep -iE "^(pyarrow|datasets|fsspec|huggingface.hub|accelerate) "; $py -c "import torch, transformers, trl; \
-print("torch", torch.__version__, "transformers", transformers.__version__, "trl", trl.__version__)"; } > "$out/env.txt" 2>&1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -m pip list 2>/dev/null | grep -iE "^(pyarrow|datasets|fsspec|huggingface.hub|accelerate) "
+  $py -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
+} > "$out/env.txt" 2>&1
 bench() {  # name, timeout, dpo_speed args...
   local name=$1 limit=$2; shift 2
   echo "== $name $(date +%T)"
