@@ -83,7 +83,8 @@ def run_lbdpo(arm: str, args) -> dict:
             "data.eval_fraction=null", f"data.max_length={args.max_length}",
             f"data.max_prompt_length={args.max_prompt_length}", f"data.max_train_pairs={args.pairs * (args.steps + 1)}",
             f"trainer.batch_size={args.pairs}", f"trainer.max_steps={args.steps}", "trainer.eval_every=0",
-            "trainer.warmup_steps=0", "trainer.policy_lr=5e-7", "trainer.save_every=0", *LBDPO_ARMS[arm]])
+            "trainer.warmup_steps=0", "trainer.policy_lr=5e-7", "trainer.save_every=0", "trainer.log_every=1",
+            *LBDPO_ARMS[arm]])
         train(cfg, tmp)
         lines = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "pairs_per_s" in line][args.skip:]
