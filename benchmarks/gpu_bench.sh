@@ -1,14 +1,29 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of issue 11 and the GPU cost of experiment 2 (issue 14), in one command for a lent GPU machine
 # with no network: target architectures with random weights (conf/model/random_*.yaml; no weights can be
-# downloaded), bf16 autocast, one GPU. Prepared on the CPU machine (README "GPU benchmark"):
-#   .device/cache/smollm2-135m-instruct/  the tokenizer files of ~/.cache/lbdpo/smollm2-135m-instruct (no weights)
-#   .device/data/                         hh_helpful-base_train_sample.jsonl, oasst1_zh_pairs.jsonl from ../shared
-#   .whl/                                 wheels missing there (hydra-core, omegaconf, antlr4, datasets, dill,
-#                                         multiprocess, trl, vaderSentiment)
-# Usage: bash benchmarks/gpu_bench.sh OUT_DIR [DEVICE] [SCALE]   (DEVICE=cpu SCALE=tiny: a dry run of every stage here)
+# downloaded), bf16 autocast, one GPU. Prepare on the CPU machine (after `make setup`, with ../shared beside the repo):
+#   bash benchmarks/gpu_bench.sh --prepare   fills the two ignored folders a device call carries:
+#     .device/cache/smollm2-135m-instruct/   the tokenizer files of the converted SmolLM2 (no weights)
+#     .device/data/                          hh_helpful-base_train_sample.jsonl, oasst1_zh_pairs.jsonl from ../shared
+#     .whl/                                  wheels the GPU image lacks (hydra-core, omegaconf, antlr4, datasets,
+#                                            dill, multiprocess, trl, vaderSentiment), for its Python 3.12
+# then on the GPU machine (device tool: carry .whl and .device):  bash benchmarks/gpu_bench.sh $OUT
 set -u
-out=${1:?output folder}; device=${2:-cuda}; scale=${3:-full}
+if [ "${1:-}" = --prepare ]; then
+  set -e
+  src=${LBDPO_CACHE:-$HOME/.cache/lbdpo}/smollm2-135m-instruct; shared=../shared/data/preference
+  mkdir -p .device/cache/smollm2-135m-instruct .device/data .whl
+  cp "$src"/{config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja,generation_config.json} .device/cache/smollm2-135m-instruct/
+  cp "$shared"/{hh_helpful-base_train_sample.jsonl,oasst1_zh_pairs.jsonl} .device/data/
+  .venv/bin/pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3        # sdist only on PyPI
+  v() { .venv/bin/pip show "$1" | awk '/^Version/{print $2}'; }
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl \
+    hydra-core==$(v hydra-core) omegaconf==$(v omegaconf) datasets==$(v datasets) dill==$(v dill) \
+    multiprocess==$(v multiprocess) trl==1.16.0 vaderSentiment==$(v vaderSentiment)
+  du -sh .device .whl; exit 0
+fi
+out=${1:?output folder}; device=${2:-cuda}; scale=${3:-full}; stages=${4:-speed,profile,train,r1d}
 mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1 && [ "$device" = cuda ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -30,15 +45,24 @@ bench() {  # name, timeout, dpo_speed args...
   timeout "$limit" $py benchmarks/dpo_speed.py --device "$device" --data "$hh" $steps "$@" > "$out/$name.md" 2> "$out/$name.err"
   echo "rc=$? $(date +%T)"; cat "$out/$name.md"
 }
+on() { [[ ",$stages," == *",$1,"* ]]; }
 # 1. the issue's configuration (8 pairs, 256 tokens) on Qwen2.5-0.5B's architecture
-bench qwen05b_8x256 240 --model $m05 --arms trl,fixed,linear,mlp,trl_precompute,fixed_precompute,rows
-# 2. the experiment's lengths on DeepSeek-R1-Distill-Qwen-1.5B's architecture
-bench r1d15b_8x384 150 --model $m15 --arms trl,fixed --max-length 384 --max-prompt-length 256
+on speed && bench qwen05b_8x256 330 --model $m05 --arms trl,fixed,linear,mlp,trl_precompute,fixed_precompute
+# 2. where the packed step's time goes on the device: host vs CUDA time per operator
+if on profile; then
+  echo "== profile $(date +%T)"
+  timeout 120 $py benchmarks/profile_step.py --device "$device" --model $m05 --data "$hh" --steps 5 --top 20 \
+    > "$out/profile.md" 2>&1; echo "rc=$? $(date +%T)"
+fi
 # 3. experiment 2's command path (train.py, HH + OASST zh, 2 × 8 pairs a step, the design's head, eval at the end)
-echo "== train $(date +%T)"
-timeout 120 $py train.py model=$m05 trainer=gpu "trainer.cpu=$([ "$device" = cpu ] && echo true || echo false)" \
-  data=mix_hh_zh logger=none beta_head=linear trainer.batch_size=8 trainer.gradient_accumulation_steps=2 \
-  trainer.policy_lr=1.0e-6 trainer.max_steps=$train_steps trainer.log_every=1 trainer.eval_every=0 trainer.save_every=0 \
-  data.max_eval_pairs=64 hydra.run.dir="$out/train_run" > "$out/train.log" 2>&1
-echo "rc=$? $(date +%T)"; tail -5 "$out/train.log"
-cp "$out/train_run/metrics.jsonl" "$out/train_metrics.jsonl" 2>/dev/null; rm -rf "$out/train_run"
+if on train; then
+  echo "== train $(date +%T)"
+  timeout 120 $py train.py model=$m05 trainer=gpu "trainer.cpu=$([ "$device" = cpu ] && echo true || echo false)" \
+    data=mix_hh_zh logger=none beta_head=linear trainer.batch_size=8 trainer.gradient_accumulation_steps=2 \
+    trainer.policy_lr=1.0e-6 trainer.max_steps=$train_steps trainer.log_every=1 trainer.eval_every=0 trainer.save_every=0 \
+    data.max_eval_pairs=64 hydra.run.dir="$out/train_run" > "$out/train.log" 2>&1
+  echo "rc=$? $(date +%T)"; tail -3 "$out/train.log"
+  cp "$out/train_run/metrics.jsonl" "$out/train_metrics.jsonl" 2>/dev/null; rm -rf "$out/train_run"
+fi
+# 4. the experiment's lengths on DeepSeek-R1-Distill-Qwen-1.5B's architecture
+on r1d && bench r1d15b_8x384 200 --model $m15 --arms trl,fixed --max-length 384 --max-prompt-length 256

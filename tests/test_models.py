@@ -98,3 +98,28 @@ def test_a_missing_model_folder_or_offline_hub_id_fails_in_one_line(tmp_path):
     with pytest.raises(OSError, match=r"model\.name_or_path=.*no-such-model: cannot load") as err:
         load_model_and_tokenizer({"source": "hub", "name_or_path": str(missing)})
     assert "\n" not in str(err.value) and not missing.exists()
+
+
+def test_random_target_architectures_have_the_targets_parameter_counts():
+    """conf/model/random_*.yaml: the published sizes of Qwen2.5-0.5B (tied embeddings) and
+    DeepSeek-R1-Distill-Qwen-1.5B (untied), built on the meta device (no memory)."""
+    from omegaconf import OmegaConf
+
+    from conftest import REPO_ROOT
+
+    for name, params in [("random_qwen2_5_0_5b", 494_032_768), ("random_r1_distill_qwen_1_5b", 1_777_088_000)]:
+        cfg = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "conf" / "model" / f"{name}.yaml"))
+        with torch.device("meta"):
+            model = build_tiny_random(cfg, 49_152, torch.float32)
+        assert sum(p.numel() for p in model.parameters()) == params, name
+        assert model.get_output_embeddings().weight.shape[0] == 151_936
+
+
+def test_tiny_vocab_size_may_exceed_the_tokenizer_but_not_fall_short(tiny_model_and_tokenizer):
+    tok = tiny_model_and_tokenizer[1]
+    wide = build_tiny_random({**TINY_CFG, "tiny": {**TINY_CFG["tiny"], "vocab_size": len(tok) + 64}}, len(tok),
+                             torch.float32)
+    assert wide.get_output_embeddings().weight.shape[0] == len(tok) + 64
+    with pytest.raises(ValueError, match="model.tiny.vocab_size"):
+        build_tiny_random({**TINY_CFG, "tiny": {**TINY_CFG["tiny"], "vocab_size": len(tok) - 1}}, len(tok),
+                          torch.float32)

@@ -46,6 +46,11 @@ class PackedPairs:
     part: torch.Tensor
     offsets: torch.Tensor
 
+    def to(self, device: torch.device | str) -> "PackedPairs":
+        """The same packing on ``device`` (five copies: the layout is built on the host, see below)."""
+        return PackedPairs(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.position_ids, self.pair,
+                                                                         self.part, self.offsets)))
+
     def attention_mask(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(R, 1, C, C): True (or 0.0) where query q may attend to key k, False (or the dtype's min) elsewhere.
 
@@ -124,36 +129,41 @@ def packed_pair_token_logps(model, input_ids: torch.Tensor, attention_mask: torc
         score_prompt: also the prompt tokens 2..m that log PPL(x) averages (False for a reference).
     """
     n, device = prompt_lengths.shape[0], input_ids.device
-    lengths = prompt_lengths.tolist()
-    cols = [attention_mask[r].nonzero().squeeze(-1) for r in range(2 * n)]  # columns of each row's real tokens
-    rows = [input_ids[r, cols[r]] for r in range(2 * n)]
+    # The layout (which token goes where) is per-pair Python bookkeeping: done on host copies, so an accelerator
+    # sees one transfer in and a few index tensors out instead of hundreds of tiny kernels and syncs.
+    ids, mask, lengths = input_ids.cpu(), attention_mask.cpu(), prompt_lengths.tolist()
+    cols = [mask[r].nonzero().squeeze(-1) for r in range(2 * n)]  # columns of each row's real tokens
+    rows = [ids[r, cols[r]] for r in range(2 * n)]
     for i, p in enumerate(lengths):
         if not torch.equal(rows[i][:p], rows[n + i][:p]):
             raise ValueError(f"pair {i}: its chosen and rejected rows do not start with the same {p} prompt tokens")
     packed = pack_pairs([rows[i][:p] for i, p in enumerate(lengths)], [rows[i][p:] for i, p in enumerate(lengths)],
-                        [rows[n + i][p:] for i, p in enumerate(lengths)], pad_token_id)
+                        [rows[n + i][p:] for i, p in enumerate(lengths)], pad_token_id)  # on the host
+    offsets, packed = packed.offsets, packed.to(device)
     dtype = None if model.config._attn_implementation == "sdpa" else torch.float32
     hidden = model.get_decoder()(input_ids=packed.input_ids, attention_mask=packed.attention_mask(dtype),
                                  position_ids=packed.position_ids, use_cache=False).last_hidden_state  # (R, C, H)
     width = hidden.shape[1]
 
     predictor, dest_row, dest_col = [], [], []  # flat packed index of the predicting position; (row, col − 1) entry
-    for i, p in enumerate(lengths):
-        start = int(packed.offsets[i, 0]) * width + int(packed.offsets[i, 1])
+    for i, p in enumerate(lengths):  # host tensors
+        start = int(offsets[i, 0]) * width + int(offsets[i, 1])
         c, r = len(rows[i]) - p, len(rows[n + i]) - p
         first = 1 if score_prompt else p  # the prompt's tokens 1..p−1 (log PPL), then the chosen response
-        predictor += [start + torch.arange(first - 1, p + c - 1, device=device),  # the previous token
-                      start + torch.cat([torch.tensor([p - 1], device=device),  # rejected: the prompt's last, then
-                                         torch.arange(p + c, p + c + r - 1, device=device)])]  # its previous token
-        dest_row += [torch.full((p + c - first,), i, device=device), torch.full((r,), n + i, device=device)]
+        predictor += [start + torch.arange(first - 1, p + c - 1),  # the previous token
+                      start + torch.cat([torch.tensor([p - 1]),  # rejected: the prompt's last, then
+                                         torch.arange(p + c, p + c + r - 1)])]  # its previous token
+        dest_row += [torch.full((p + c - first,), i), torch.full((r,), n + i)]
         dest_col += [cols[i][first:] - 1, cols[n + i][p:] - 1]
     predictor, dest_row, dest_col = torch.cat(predictor), torch.cat(dest_row), torch.cat(dest_col)
+    targets = ids[dest_row, dest_col + 1].to(device, non_blocking=True)
+    predictor, dest_row, dest_col = (t.to(device, non_blocking=True) for t in (predictor, dest_row, dest_col))
     head = model.get_output_embeddings()
     logps = ChunkedTokenLogps.apply(hidden.reshape(-1, hidden.shape[-1])[predictor], head.weight, head.bias,
-                                    input_ids[dest_row, dest_col + 1], chunk_size)
+                                    targets, chunk_size)
     token_lp = torch.zeros(2 * n, input_ids.shape[1] - 1, dtype=torch.float32, device=device)
     token_lp = token_lp.index_put((dest_row, dest_col), logps)
     if not score_prompt:
         return token_lp, None
-    last = packed.offsets[:, 0] * width + packed.offsets[:, 1] + prompt_lengths.to(device) - 1
-    return token_lp, hidden.reshape(-1, hidden.shape[-1])[last]
+    last = offsets[:, 0] * width + offsets[:, 1] + torch.tensor(lengths) - 1
+    return token_lp, hidden.reshape(-1, hidden.shape[-1])[last.to(device)]
