@@ -59,8 +59,9 @@ ARMS = [*TRL_ARMS, *LBDPO_ARMS]
 
 
 DEVICE_OVERRIDES = {  # lbdpo's side of "same numerics" (module docstring); checkpointing only in *_ckpt arms
-    "cpu": ["trainer.cpu=true", "trainer.gradient_checkpointing=false"],
-    "cuda": ["trainer=gpu", "trainer.gradient_accumulation_steps=1", "trainer.gradient_checkpointing=false"],
+    "cpu": ["trainer.cpu=true", "trainer.gradient_checkpointing=false", "trainer.reference=copy"],
+    "cuda": ["trainer=gpu", "trainer.gradient_accumulation_steps=1", "trainer.gradient_checkpointing=false",
+             "trainer.reference=copy"],
 }
 
 

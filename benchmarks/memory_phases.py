@@ -82,7 +82,8 @@ def main() -> None:
         marked(sampler, owner, name)
     sampler.start()
     sampler.mark("start (torch imported)")
-    run_args = argparse.Namespace(pairs=args.pairs, steps=args.steps, skip=1, max_length=256, max_prompt_length=192)
+    run_args = argparse.Namespace(pairs=args.pairs, steps=args.steps, skip=1, max_length=256, max_prompt_length=192,
+                                  model="smollm2_135m", device="cpu", data=dpo_speed.DATA)
     result = dpo_speed.run_lbdpo(args.arm, run_args)
     sampler.mark("run returned")
     time.sleep(0.1)

@@ -56,7 +56,7 @@ def main() -> None:
             f"model={args.model}", *device_overrides, "logger=none", "data=jsonl", f"data.path={args.data}", "data.eval_size=null",
             "data.eval_fraction=null", "data.max_length=256", "data.max_prompt_length=192",
             f"data.max_train_pairs={args.pairs * (args.steps + 3)}", f"trainer.batch_size={args.pairs}",
-            "trainer.eval_every=0", "trainer.save_every=0", *args.overrides])
+            "trainer.eval_every=0", "trainer.save_every=0", "trainer.reference=copy", *args.overrides])
         run = setup(cfg, Path(tmp))
         model, optimizer = run.model, run.optimizer
         phases: dict[str, list[float]] = {"reference forward": [], "policy forward + β + loss": [], "backward": [],

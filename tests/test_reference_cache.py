@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 from datasets import Dataset
 
@@ -45,3 +46,19 @@ def test_runs_side_by_side_score_a_cold_cache_once(tmp_path, monkeypatch):
     assert results[0]["reference_chosen_logps"] == results[1]["reference_chosen_logps"]
     assert results[0]["reference_rejected_logps"] == [-(5 + 1 + 2 + i + 3) for i in range(6)]
     assert len(list((tmp_path / "reference_logps").glob("*.pt"))) == 1
+
+
+@pytest.mark.parametrize("trainer,pairs,expected", [
+    ({"max_steps": 60, "num_epochs": None, "batch_size": 4, "gradient_accumulation_steps": 1}, 1749, "copy"),
+    ({"max_steps": None, "num_epochs": 1, "batch_size": 4, "gradient_accumulation_steps": 1}, 1749, "precompute"),
+    ({"max_steps": 219, "num_epochs": None, "batch_size": 4, "gradient_accumulation_steps": 2}, 1749, "precompute"),
+    ({"max_steps": 218, "num_epochs": None, "batch_size": 4, "gradient_accumulation_steps": 2}, 1749, "copy"),
+])
+def test_auto_precomputes_only_when_the_run_reads_the_whole_split(trainer, pairs, expected):
+    from lbdpo.train.reference import resolve_reference_mode
+
+    assert resolve_reference_mode({"reference": "auto", **trainer}, pairs) == expected
+    for mode in ("copy", "precompute", "adapter_disabled"):  # explicit modes are kept
+        assert resolve_reference_mode({"reference": mode, **trainer}, pairs) == mode
+    if expected == "copy":  # more processes read more pairs a step
+        assert resolve_reference_mode({"reference": "auto", **trainer}, pairs, processes=8) == "precompute"

@@ -273,6 +273,20 @@ def test_precompute_reference_matches_copy(pairs_file, tmp_path, monkeypatch):
     assert runs["precompute"][1][-1]["eval/loss"] == pytest.approx(runs["copy"][1][-1]["eval/loss"], abs=1e-5)
 
 
+def test_auto_reference_precomputes_a_whole_epoch_and_copies_a_short_run(pairs_file, tmp_path, monkeypatch, caplog):
+    """trainer.reference=auto (the CPU default): one epoch (40 pairs, 10 steps) precomputes, 2 steps keep a copy."""
+    monkeypatch.setenv("LBDPO_CACHE", str(tmp_path / "cache"))
+    caplog.set_level("INFO", logger="lbdpo.train.reference")
+    train(make_cfg(pairs_file, "trainer.reference=auto", "trainer.max_steps=null", "trainer.num_epochs=1",
+                   "trainer.eval_every=0"), tmp_path / "epoch")
+    assert "trainer.reference=auto → precompute (the run reads 40 pairs of a 40-pair training split)" in caplog.text
+    assert list((tmp_path / "cache" / "reference_logps").glob("*.pt"))  # scored and cached
+    caplog.clear()
+    train(make_cfg(pairs_file, "trainer.reference=auto", "trainer.max_steps=2", "trainer.eval_every=0"),
+          tmp_path / "short")
+    assert "trainer.reference=auto → copy (the run reads 8 pairs of a 40-pair training split)" in caplog.text
+
+
 def test_lora_with_adapter_disabled_reference(pairs_file, tmp_path):
     cfg = make_cfg(pairs_file, "trainer.lora.enabled=true", "trainer.lora.r=4", "trainer.reference=adapter_disabled",
                    "trainer.max_steps=2", "trainer.eval_every=0", "trainer.lora.save_merged=true")

@@ -19,7 +19,7 @@ from .host_memory import MAX_MMAP_THRESHOLD
 
 log = logging.getLogger(__name__)
 
-REFERENCE_MODES = ("copy", "precompute", "adapter_disabled")
+REFERENCE_MODES = ("auto", "copy", "precompute", "adapter_disabled")
 SCHEDULES = ("linear", "cosine", "constant")
 GROUPS = ("model", "beta_head", "data", "trainer", "logger")
 LOGGER_BACKENDS = ("wandb", "tensorboard", "none")

@@ -1,4 +1,5 @@
-"""``trainer.reference=precompute``: reference log-probs computed once, cached on disk, then the model freed.
+"""``trainer.reference=precompute``: reference log-probs computed once, cached on disk, then the model freed;
+and ``auto``, which picks it when it pays.
 
 The cache key hashes the reference model's config and every token id of the dataset (prompt, chosen,
 rejected), so any change of model, data, chat template or truncation gives a new entry.
@@ -23,6 +24,23 @@ from ..data.collator import PreferenceCollator
 from ..models import cache_dir
 
 log = logging.getLogger(__name__)
+
+
+def resolve_reference_mode(t: Mapping[str, Any], train_pairs: int, processes: int = 1) -> str:
+    """``trainer.reference`` with ``auto`` resolved: ``precompute`` when the run reads every training pair at least
+    once (one reference pass over the split then costs no more than a copy scoring each step's pairs, and the
+    copy's memory is freed), else ``copy`` (a short run would score pairs it never reads: ``make train`` reads 240
+    of the 1,749 sentiment pairs). Other modes are returned as they are.
+    """
+    mode = str(t["reference"])
+    if mode != "auto":
+        return mode
+    per_step = int(t["batch_size"]) * int(t["gradient_accumulation_steps"]) * processes
+    planned = int(t["max_steps"]) * per_step if t.get("max_steps") else int(t["num_epochs"]) * train_pairs
+    mode = "precompute" if planned >= train_pairs else "copy"
+    log.info("trainer.reference=auto → %s (the run reads %d pairs of a %d-pair training split)", mode, planned,
+             train_pairs)
+    return mode
 
 
 def reference_cache_key(model_cfg: Mapping[str, Any], dataset: Dataset) -> str:

@@ -31,7 +31,7 @@ from ..modeling import AutoModelForCausalLMWithBetaHead
 from .checkpoint import TrainerState, load_trainer_state, resolve_resume_path
 from .checks import check_config, check_resume_matches
 from .host_memory import pin_mmap_threshold
-from .reference import add_reference_columns
+from .reference import add_reference_columns, resolve_reference_mode
 from .run_logging import RunLogger, WandbIdentity, print_banner
 from .sharded import check_launch, is_sharded
 
@@ -168,7 +168,8 @@ def build_model_and_data(cfg: DictConfig, accelerator: Accelerator):
     checkpoints save), tokenized data, and the reference, wired into a :class:`DynamicBetaDPOModel`.
     Returns (dpo model, the policy+head object, train_ds, eval_ds or None, data_report, collator)."""
     t = cfg.trainer
-    policy, reference, tokenizer = build_policy_and_reference(cfg, need_reference=t.reference in ("copy", "precompute"))
+    need_reference = t.reference in ("auto", "copy", "precompute")
+    policy, reference, tokenizer = build_policy_and_reference(cfg, need_reference=need_reference)
     if t.gradient_checkpointing:
         if hasattr(policy, "activation_checkpointing_enable"):  # transformers ≥ 5 name
             policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -187,13 +188,15 @@ def build_model_and_data(cfg: DictConfig, accelerator: Accelerator):
                                   pad_to_multiple_of=t.get("pad_to_multiple_of"))
 
     # the reference: a frozen copy, precomputed log-probs (scored the way the copy would be, then freed), or
-    # the adapter-off policy
+    # the adapter-off policy; auto = precompute when the run reads the whole split, else copy
+    mode = resolve_reference_mode(t, len(train_ds), accelerator.num_processes)
     if reference is not None:
         reference.to(accelerator.device)
     model = DynamicBetaDPOModel(lm, ref_model=reference, label_smoothing=float(t.label_smoothing),
                                 ref_from_disabled_adapter=t.reference == "adapter_disabled",
                                 logps_chunk_size=t.get("logps_chunk_size"), pack_pairs=bool(t.get("pack_pairs")))
-    if t.reference == "precompute":
+    model.reference_mode = mode  # what the banner reports
+    if mode == "precompute":
         with accelerator.main_process_first():
             args = (to_container(cfg.model), collator, int(t.eval_batch_size), accelerator.device)
             train_ds = add_reference_columns(model.reference_logps, train_ds, *args, name="train")
