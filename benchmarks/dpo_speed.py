@@ -80,7 +80,8 @@ def run_lbdpo(arm: str, args) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[
-            f"model={args.model}", *DEVICE_OVERRIDES[args.device], "logger=none", "data=jsonl", f"data.path={args.data}", "data.eval_size=null",
+            f"model={args.model}", *DEVICE_OVERRIDES[args.device], "logger=none", "data=jsonl",
+            f"data.path={args.data}", "data.eval_size=null",
             "data.eval_fraction=null", f"data.max_length={args.max_length}",
             f"data.max_prompt_length={args.max_prompt_length}", f"data.max_train_pairs={args.pairs * (args.steps + 1)}",
             f"trainer.batch_size={args.pairs}", f"trainer.max_steps={args.steps}", "trainer.eval_every=0",

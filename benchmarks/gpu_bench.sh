@@ -8,6 +8,10 @@
 #     .whl/                                  wheels the GPU image lacks (hydra-core, omegaconf, antlr4, datasets,
 #                                            dill, multiprocess, trl, vaderSentiment), for its Python 3.12
 # then on the GPU machine (device tool: carry .whl and .device):  bash benchmarks/gpu_bench.sh $OUT
+# Usage: bash benchmarks/gpu_bench.sh OUT_DIR [DEVICE] [SCALE] [STAGES]   (DEVICE=cpu SCALE=tiny: a dry run here)
+#   STAGES: any of speed,profile,train,r1d (default all, in that order). Each stage has its own time limit (330,
+#   120, 120, 200 s): pick stages that fit a 10-minute device call. On the 2026-11-29 H200 each arm took ~70 s of
+#   start-up before its first step (imports, two random models built on the host; not broken down).
 set -u
 if [ "${1:-}" = --prepare ]; then
   set -e

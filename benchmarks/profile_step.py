@@ -21,9 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "preference" / "hh_helpful-base_train_sample.jsonl"
+from dpo_speed import DATA, DEVICE_OVERRIDES, REPO  # the same pairs and numerics as the speed table
 
 
 def main() -> None:
@@ -39,8 +37,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
-    device_overrides = (["trainer=gpu", "trainer.gradient_accumulation_steps=1", "trainer.gradient_checkpointing=false"]
-                        if cuda else [])
 
     def clock() -> float:  # wall time after the device's queued work is done
         if cuda:
@@ -53,10 +49,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[
-            f"model={args.model}", *device_overrides, "logger=none", "data=jsonl", f"data.path={args.data}", "data.eval_size=null",
+            f"model={args.model}", *DEVICE_OVERRIDES[args.device], "logger=none", "data=jsonl",
+            f"data.path={args.data}", "data.eval_size=null",
             "data.eval_fraction=null", "data.max_length=256", "data.max_prompt_length=192",
             f"data.max_train_pairs={args.pairs * (args.steps + 3)}", f"trainer.batch_size={args.pairs}",
-            "trainer.eval_every=0", "trainer.save_every=0", "trainer.reference=copy", *args.overrides])
+            "trainer.eval_every=0", "trainer.save_every=0", *args.overrides])
         run = setup(cfg, Path(tmp))
         model, optimizer = run.model, run.optimizer
         phases: dict[str, list[float]] = {"reference forward": [], "policy forward + β + loss": [], "backward": [],
