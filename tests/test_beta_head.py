@@ -183,6 +183,7 @@ def test_clamps_and_nan_input():
         ({"context_net_type": "transformer"}, "beta_head.context_net_type"),
         ({"ppl_transform": "sqrt"}, "beta_head.ppl_transform"),
         ({"normalize": "softmax"}, "beta_head.normalize"),
+        ({"w_param": "exp"}, "beta_head.w_param"),
         ({"mode": "dynamic"}, "beta_head.mode"),
         ({"mode": "fixed", "beta": 0.0}, "beta_head.beta"),
         ({"beta_min": 1.0, "beta_max": 0.5}, "beta_head.beta_min"),
@@ -302,3 +303,54 @@ def test_w_is_one_element_and_loads_from_a_0d_checkpoint():
         prior.w.fill_(0.6)
     assert prior.regularization_loss().shape == () and float(prior.regularization_loss().detach()) == pytest.approx(
         2.0 * math.log(2.0) ** 2)
+
+
+def test_log_w_param_formula_gradient_auto_init_and_prior():
+    """w_param=log trains log w: the same β as a linear w of the same value, the chain-rule gradient
+    d/d(log w) = w · d/dw, auto init through log w, and the prior (log w − log w_init)² on it directly."""
+    linear = BetaHead(BetaHeadConfig(hidden_size=H, w_init=0.07, epsilon=0.3, init_std=0.5))
+    log = BetaHead(BetaHeadConfig(hidden_size=H, w_init=0.07, epsilon=0.3, init_std=0.5, w_param="log"))
+    log.context_net.load_state_dict(linear.context_net.state_dict())
+    assert [n for n, _ in log.named_parameters() if "net" not in n] == ["log_w"] and "w" not in log.state_dict()
+    h, log_ppl = inputs()
+    beta_lin, beta_log = linear(h, log_ppl=log_ppl), log(h, log_ppl=log_ppl)
+    torch.testing.assert_close(beta_log, beta_lin, rtol=1e-6, atol=1e-8)
+    beta_lin.sum().backward()
+    beta_log.sum().backward()
+    torch.testing.assert_close(log.log_w.grad, 0.07 * linear.w.grad, rtol=1e-5, atol=1e-9)
+
+    auto = BetaHead(BetaHeadConfig(hidden_size=H, w_init="auto", target_beta=0.25, epsilon=0.3, w_param="log"))
+    assert auto(h, log_ppl=log_ppl).mean().item() == pytest.approx(0.25, rel=1e-5)
+    w0 = float(auto.current_w().detach())
+    assert float(auto.w_init_value) == pytest.approx(w0, rel=1e-6) and float(auto.log_w.detach()) == pytest.approx(math.log(w0))
+    fresh = BetaHead(BetaHeadConfig(hidden_size=H, w_init="auto", target_beta=0.25, epsilon=0.3, w_param="log"))
+    fresh.load_state_dict(auto.state_dict())  # resume keeps the initialised log w
+    assert bool(fresh.w_initialized) and float(fresh.current_w().detach()) == pytest.approx(w0, rel=1e-6)
+
+    prior = BetaHead(BetaHeadConfig(hidden_size=H, w_init=0.1, w_prior_weight=2.0, w_param="log"))
+    with torch.no_grad():
+        prior.log_w.fill_(math.log(0.4))
+    assert prior.regularization_loss().item() == pytest.approx(2.0 * math.log(4.0) ** 2, rel=1e-5)
+    prior.regularization_loss().backward()
+    assert prior.log_w.grad.item() == pytest.approx(2 * 2.0 * math.log(4.0), rel=1e-5)
+
+
+def test_log_w_param_survives_the_adam_trap_that_sends_linear_w_through_zero():
+    """The trap of scale (module docstring): Adam steps ≈ lr whatever the gradient, so a w of 0.008 (w_init=auto on
+    a random 151k-vocabulary model) pushed down for 20 steps at lr 1e-3 crosses 0 and every β sits at beta_min;
+    under w_param=log the same 20 steps move w by ≈ 2 % of itself."""
+    h, log_ppl = inputs()
+    ends = {}
+    for param in ("linear", "log"):
+        head = BetaHead(BetaHeadConfig(hidden_size=H, w_init=0.008, epsilon=0.0, w_param=param))
+        opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.0)
+        for _ in range(20):
+            opt.zero_grad()
+            head(h, log_ppl=log_ppl).sum().backward()  # a gradient that always asks for a smaller β
+            opt.step()
+        ends[param] = (float(head.current_w().detach()), head(h, log_ppl=log_ppl).detach())
+    w_lin, beta_lin = ends["linear"]
+    assert w_lin < 0 and torch.all(beta_lin == 1e-4)  # clamped at beta_min: no gradient can bring it back
+    w_log, beta_log = ends["log"]
+    assert w_log == pytest.approx(0.008 * math.exp(-20 * 1e-3), rel=1e-3)
+    torch.testing.assert_close(beta_log, w_log * log_ppl, rtol=1e-5, atol=1e-9)

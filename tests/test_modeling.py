@@ -63,6 +63,18 @@ def test_save_load_round_trip(lm, tmp_path):
     assert "from_pretrained" in (tmp_path / "m" / "README.md").read_text()
 
 
+def test_save_load_round_trip_with_log_w(tmp_path):
+    """w_param=log: log w is what the head file holds, it loads back exactly, and the model card gives w itself."""
+    model = AutoModelForCausalLMWithBetaHead.from_pretrained(TINY_CFG, beta_head={**HEAD, "w_param": "log"})
+    model.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLMWithBetaHead.from_pretrained(tmp_path / "m")
+    assert loaded.beta_head.config.w_param == "log"
+    torch.testing.assert_close(loaded.beta_head.log_w, model.beta_head.log_w, atol=0, rtol=0)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    torch.testing.assert_close(loaded.eval()(ids).beta, model.eval()(ids).beta, atol=0, rtol=0)
+    assert "w = 0.05 (trainable, as log w)" in (tmp_path / "m" / "README.md").read_text()
+
+
 def test_beta_of_new_prompts_equals_trainings_beta(lm):
     """β from ``beta()`` (prompts as text, tokenized on the fly) = the β the training forward gave the same
     pairs' prompts (tokenized by the data pipeline, inside prompt + response rows, in a padded batch)."""

@@ -192,6 +192,11 @@ def test_optimizer_groups(pairs_file, tiny_model):
     assert not opt.defaults["fused"]
     cfg.trainer.adamw_fused = True
     assert build_optimizer(DynamicBetaDPOModel(tiny_model, head), cfg.trainer).defaults["fused"]
+    # w_param=log: log w takes w's group (its lr, no weight decay), not the NN's
+    log_head = BetaHead(BetaHeadConfig(hidden_size=64, w_init=0.1, w_param="log"))
+    groups = {g["name"]: g for g in build_optimizer(DynamicBetaDPOModel(tiny_model, log_head), cfg.trainer).param_groups}
+    assert groups["beta_head_w"]["params"] == [log_head.log_w] and groups["beta_head_w"]["weight_decay"] == 0.0
+    assert all(p is not log_head.log_w for p in groups["beta_head"]["params"])
 
 
 def test_nan_guard_skips_and_stops(pairs_file, tmp_path, monkeypatch):

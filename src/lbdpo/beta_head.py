@@ -2,7 +2,8 @@
 
     β(x) = w · T(PPL_πθ(x)) · f(h),     f(h) = 1 + ε · tanh(NN(h))
 
-- ``w``: a scalar, an ``nn.Parameter`` (``w_trainable=True``, default) or a fixed buffer.
+- ``w``: a scalar, an ``nn.Parameter`` (``w_trainable=True``, default) or a fixed buffer. ``w_param=log`` trains
+  log w instead (w = exp(log w) > 0 always; see the known trap below); ``w_param=linear`` (default) trains w itself.
 - ``T``: the perplexity term, ``ppl_transform``:
     ``log_ppl``         T = log PPL(x)              (log-PPL form; default)
     ``ppl``             T = PPL(x)                  (linear-PPL form)
@@ -29,6 +30,13 @@ whenever a pair's margin is positive, so a trainable w drifts upward as the poli
 ``batch_mean`` normalisation and the ``w_prior_weight`` penalty w_prior·(log w − log w_init)² are the
 two remedies offered; the defaults follow the design documents (learnable w, no normalisation).
 
+Second trap, of scale: Adam moves a parameter by about its learning rate per step whatever the gradient's size,
+so a linear w of `w_init=auto` scale (target_beta / mean log PPL: 0.03 on SmolLM2's sentiment prompts, 0.008 for a
+random 151k-vocabulary model) moves by 3–12 % of itself per step at ``beta_head_lr`` = 1e-3, and a run of
+same-signed gradients (negative margins early in training) carries it through 0, where every β sits at
+``beta_min`` with no gradient left. ``w_param=log`` makes the step relative (≈ ``beta_head_lr`` of log w, i.e.
+≈ 0.1 % of w per step at 1e-3, whatever w's scale) and w can never reach 0; raise ``beta_head_lr`` for a faster w.
+
 :class:`DynamicBetaDPOModel`, which wires this head to a policy, lives in :mod:`lbdpo.dpo_model` and is
 importable from here too (``from lbdpo.beta_head import DynamicBetaDPOModel``, the design documents' import).
 
@@ -52,6 +60,7 @@ from .dpo_model import DynamicBetaDPOModel  # re-exported (the design documents'
 PPL_TRANSFORMS = ("log_ppl", "ppl", "none", "inverse_log_ppl")
 NET_TYPES = ("linear", "mlp")
 NORMALIZATIONS = ("none", "batch_mean")
+W_PARAMS = ("linear", "log")
 MODES = ("learnable", "fixed", "beta_dpo")
 
 
@@ -70,6 +79,7 @@ class BetaHeadConfig:
     epsilon: float = 0.1  # f(h) ∈ [1−ε, 1+ε]; must be in [0, 1); 0 gives f ≡ 1
     dropout: float = 0.0  # dropout inside the "mlp" NN
     w_trainable: bool = True  # w is an nn.Parameter (True) or a fixed buffer (False)
+    w_param: str = "linear"  # what the optimizer trains: "linear" (w itself) or "log" (log w; w = exp(log w) > 0)
     w_init: float | str = "auto"  # initial w (> 0), or "auto": set on the first batch so that mean β = target_beta
     target_beta: float = 0.1  # the mean β aimed at by w_init="auto" and by normalize="batch_mean"
     ppl_transform: str = "log_ppl"  # T(PPL): "log_ppl", "ppl", "none", "inverse_log_ppl"
@@ -125,6 +135,8 @@ class BetaHeadConfig:
                 raise ValueError(f"beta_head.w_init={self.w_init!r} must be a number > 0 or 'auto'")
         elif not (0 < float(self.w_init) < torch.finfo(torch.float32).max):  # w is a float32 parameter
             raise ValueError(f"beta_head.w_init={self.w_init!r} must be > 0 and fit in float32 (or 'auto')")
+        if self.w_param not in W_PARAMS:
+            raise ValueError(f"beta_head.w_param={self.w_param!r} must be one of {W_PARAMS}")
         if not float(self.target_beta) > 0:
             raise ValueError(f"beta_head.target_beta={self.target_beta!r} must be > 0")
         if self.ppl_transform not in PPL_TRANSFORMS:
@@ -181,6 +193,7 @@ class BetaHead(nn.Module):
         self.epsilon = float(config.epsilon)
         self.batch_level = BetaDPO(config.beta, config.beta_dpo_alpha, config.beta_dpo_filter,
                                    config.beta_dpo_momentum) if config.mode == "beta_dpo" else None
+        self.log_w = None  # the trained parameter under w_param="log" (then there is no attribute w: see current_w)
         if self.fixed:
             # No parameters: a buffer keeps the β value in checkpoints and on the right device.
             self.register_buffer("w", torch.tensor(float(config.beta)))
@@ -193,7 +206,10 @@ class BetaHead(nn.Module):
         # that Adam scales up to full-size steps, so it is a buffer there.
         # The parameter is 1-D with one element, not 0-d: FSDP2 cannot shard a scalar parameter.
         if config.w_trainable and config.normalize != "batch_mean":
-            self.w = nn.Parameter(torch.tensor([w0]))
+            if config.w_param == "log":
+                self.log_w = nn.Parameter(torch.tensor([math.log(w0)]))
+            else:
+                self.w = nn.Parameter(torch.tensor([w0]))
         else:
             self.register_buffer("w", torch.tensor(w0))
         # The w that w_prior_weight pulls towards; for "auto" it is set with w on the first batch.
@@ -212,9 +228,18 @@ class BetaHead(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written before w became 1-D hold it as a 0-d tensor (and a buffer w is 0-d): same value
         key = prefix + "w"
-        if key in state_dict and state_dict[key].numel() == 1:
+        if key in state_dict and state_dict[key].numel() == 1 and self.log_w is None:
             state_dict[key] = state_dict[key].reshape(self.w.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def current_w(self) -> torch.Tensor:
+        """w as β uses it: the parameter or buffer ``w``, or exp(``log_w``) under ``w_param=log`` (differentiable)."""
+        return torch.exp(self.log_w) if self.log_w is not None else self.w
+
+    @property
+    def _anchor(self) -> torch.Tensor:
+        """A tensor of this head whose device and dtype β takes (w under every setting but ``w_param=log``)."""
+        return self.w_init_value if self.log_w is not None else self.w
 
     # ---------------------------------------------------------------------------------------------
 
@@ -231,7 +256,7 @@ class BetaHead(nn.Module):
 
     def context_factor(self, context_embedding: torch.Tensor) -> torch.Tensor:
         """f(h) = 1 + ε·tanh(NN(h)): (B, H) → (B,), in [1 − ε, 1 + ε]."""
-        h = context_embedding.to(self.w.dtype)
+        h = context_embedding.to(self._anchor.dtype)
         if self.config.detach_hidden:
             h = h.detach()
         if self.epsilon == 0.0:
@@ -251,7 +276,10 @@ class BetaHead(nn.Module):
         if not mean_g > 0:
             raise ValueError(f"beta_head.w_init='auto' cannot be set: mean of T(PPL)·f on the first batch is {mean_g}")
         w = self.config.target_beta / mean_g
-        self.w.copy_(w)
+        if self.log_w is not None:
+            self.log_w.copy_(torch.log(w))
+        else:
+            self.w.copy_(w)
         self.w_init_value.copy_(w)
         self.w_initialized.fill_(True)
 
@@ -281,7 +309,7 @@ class BetaHead(nn.Module):
             if torch.any(ppl <= 0):  # NaN passes through (see the module docstring)
                 raise ValueError("BetaHead.forward: perplexity must be > 0")
             log_ppl = torch.log(ppl)
-        log_ppl = log_ppl.to(device=self.w.device, dtype=torch.float32)
+        log_ppl = log_ppl.to(device=self._anchor.device, dtype=torch.float32)
         batch = log_ppl.shape[0]
 
         if self.fixed:
@@ -308,7 +336,7 @@ class BetaHead(nn.Module):
 
     def combine(self, t: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """β = clamp(w · T · f), normalised to mean target_beta under ``batch_mean``: (B,), (B,) → (B,)."""
-        g = self.w * t * f  # β before normalisation and clamping
+        g = self.current_w() * t * f  # β before normalisation and clamping
         if self.config.normalize == "batch_mean":
             g = self.config.target_beta * g / g.mean()
         return g.clamp(self.config.beta_min, self.config.beta_max)
@@ -316,7 +344,7 @@ class BetaHead(nn.Module):
     def approximate_log_ppl(self, context_embedding: torch.Tensor, log_ppl: torch.Tensor) -> torch.Tensor:
         """ℓ̂ = NN_ppl(LayerNorm(h)): (B, H) → (B,). h is always detached (the approximation never trains the
         policy). On the first finite batch the output bias is shifted so that mean ℓ̂ = mean log PPL."""
-        approx = self.ppl_net(context_embedding.to(self.w.dtype).detach()).squeeze(-1)
+        approx = self.ppl_net(context_embedding.to(self._anchor.dtype).detach()).squeeze(-1)
         if not bool(self.ppl_net_initialized):
             shift = (log_ppl.detach() - approx.detach()).float().mean()
             if dist.is_available() and dist.is_initialized():
@@ -332,15 +360,15 @@ class BetaHead(nn.Module):
     def auxiliary_loss(self, log_ppl: torch.Tensor, log_ppl_approx: torch.Tensor | None) -> torch.Tensor:
         """ppl_approx_loss_weight · mean (ℓ̂ − log PPL)², the exact log PPL detached; 0 without the approximation."""
         if log_ppl_approx is None:
-            return torch.zeros((), device=self.w.device)
+            return torch.zeros((), device=self._anchor.device)
         return self.config.ppl_approx_loss_weight * (log_ppl_approx - log_ppl.detach()).pow(2).mean()
 
     def regularization_loss(self) -> torch.Tensor:
         """w_prior_weight · (log w − log w_init)², a scalar (0 when disabled, fixed or not trainable)."""
         if self.fixed or not self.config.w_trainable or self.config.w_prior_weight == 0:
-            return torch.zeros((), device=self.w.device)
-        w = self.w.clamp(min=1e-12)
-        return self.config.w_prior_weight * ((torch.log(w) - torch.log(self.w_init_value)) ** 2).sum()
+            return torch.zeros((), device=self._anchor.device)
+        log_w = self.log_w if self.log_w is not None else torch.log(self.w.clamp(min=1e-12))
+        return self.config.w_prior_weight * ((log_w - torch.log(self.w_init_value)) ** 2).sum()
 
     def extra_repr(self) -> str:
         c = self.config
@@ -348,7 +376,7 @@ class BetaHead(nn.Module):
             return f"mode={c.mode}, beta={c.beta}"
         return (
             f"ppl_transform={c.ppl_transform}, net={c.context_net_type}, epsilon={c.epsilon}, "
-            f"w_trainable={c.w_trainable}, w_init={c.w_init}, normalize={c.normalize}"
+            f"w_trainable={c.w_trainable}, w_param={c.w_param}, w_init={c.w_init}, normalize={c.normalize}"
         )
 
 

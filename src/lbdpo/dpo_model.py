@@ -287,7 +287,7 @@ class DynamicBetaDPOModel(nn.Module):
             reference_rejected_logps=ref_rejected,
             chosen_rewards=chosen_rewards,
             rejected_rewards=rejected_rewards,
-            w=self.beta_head.w.detach(),
+            w=self.beta_head.current_w().detach(),
             log_ppl_approx=None if stats.log_ppl_approx is None else stats.log_ppl_approx.detach(),
             beta_exact=stats.beta_exact,
             kept=kept,

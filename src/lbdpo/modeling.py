@@ -218,18 +218,19 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
         meta = {"format": "lbdpo-1", "tokenize": dataclasses.asdict(self.tokenize), "base_model": self.base_model,
                 **dict(provenance or {})}
         (directory / LBDPO_CONFIG).write_text(json.dumps(meta, indent=2, default=str))
-        (directory / "README.md").write_text(model_card or self.model_card(w=float(state["w"])))
+        w = state["w"] if "w" in state else torch.exp(state["log_w"])  # gathered above (a DTensor shard under FSDP)
+        (directory / "README.md").write_text(model_card or self.model_card(w=float(w)))
         return directory
 
     def model_card(self, eval_numbers: Mapping[str, float] | None = None, extra: str = "",
                    w: float | None = None) -> str:
         """A short README.md: base model, β configuration, how to load, and the eval numbers given."""
         c = self.beta_head.config
-        w = float(self.beta_head.w.detach()) if w is None else w
+        w = float(self.beta_head.current_w().detach()) if w is None else w
         beta = f"fixed β = {c.beta}" if c.mode == "fixed" else (f"β-DPO, β₀ = {c.beta}, α = {c.beta_dpo_alpha}, "
                                                                  f"filter ρ = {c.beta_dpo_filter}") if c.mode == "beta_dpo" else (
             f"β(x) = w · {c.ppl_transform}(x) · f(h), f = 1 + {c.epsilon}·tanh({c.context_net_type}(h)), "
-            f"w = {w:.4g} ({'trainable' if c.w_trainable else 'fixed'}), normalize={c.normalize}")
+            f"w = {w:.4g} ({('trainable, as log w' if c.w_param == 'log' else 'trainable') if c.w_trainable else 'fixed'}), normalize={c.normalize}")
         lines = ["---", "library_name: transformers", "tags: [lbdpo, dpo]", "---", "",
                  "# Learnable-β DPO policy (lbdpo)", "",
                  f"- base model: `{self.base_model.get('name_or_path') or self.base_model.get('source', 'unknown')}`",

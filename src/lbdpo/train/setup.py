@@ -53,11 +53,11 @@ def apply_lora(policy, lora_cfg: DictConfig):
 
 def build_optimizer(model: DynamicBetaDPOModel, t: DictConfig) -> torch.optim.Optimizer:
     """AdamW with three groups: policy (policy_lr, weight_decay), beta-head NN (beta_head_lr,
-    beta_head_weight_decay), and w (beta_head_lr, no weight decay). ``trainer.adamw_fused``: torch's fused kernel
+    beta_head_weight_decay), and w or log w (beta_head_lr, no weight decay). ``trainer.adamw_fused``: torch's fused kernel
     (one pass per tensor, no parameter-sized temporaries; the same update up to float rounding)."""
     policy_params = [p for p in model.policy_model.parameters() if p.requires_grad]
-    head_w = [p for n, p in model.beta_head.named_parameters() if n == "w"]
-    head_nn = [p for n, p in model.beta_head.named_parameters() if n != "w"]
+    head_w = [p for n, p in model.beta_head.named_parameters() if n in ("w", "log_w")]
+    head_nn = [p for n, p in model.beta_head.named_parameters() if n not in ("w", "log_w")]
     groups = [
         {"name": "policy", "params": policy_params, "lr": float(t.policy_lr), "weight_decay": float(t.weight_decay)},
         {"name": "beta_head", "params": head_nn, "lr": float(t.beta_head_lr),

@@ -141,7 +141,7 @@ def log_step(run: Run, result: StepResult, elapsed: float) -> dict[str, float]:
     metrics = preference_metrics(values) if "losses" in values and values["losses"].isfinite().all() \
         else {"loss": float("nan")}
     metrics.update({
-        "beta_head/w": float(full(run.inner.beta_head.w.detach())),
+        "beta_head/w": float(full(run.inner.beta_head.current_w().detach())),
         **batch_level_metrics(run.inner.beta_head),
         "grad_norm/total": result.grad_norm,
         "grad_norm/beta_head": result.head_grad_norm,
