@@ -169,6 +169,18 @@ def test_fixed_beta_is_constant_and_fixed_w_does_not_move(pairs_file, tmp_path):
     assert len({round(s["beta_head/f_mean"], 9) for s in steps}) > 1, "f still learns"
 
 
+def test_log_w_run_logs_w_and_moves_it_relatively(pairs_file, tmp_path):
+    """beta_head.w_param=log through the whole loop: the logged w is exp(log w), it moves, and each Adam step moves
+    log w by about beta_head_lr (so w by about that fraction of itself), not w by beta_head_lr."""
+    cfg = make_cfg(pairs_file, "beta_head.w_param=log", "beta_head.w_init=0.05", "trainer.beta_head_lr=1e-2",
+                   "trainer.max_steps=4", "trainer.eval_every=0")
+    train(cfg, tmp_path / "logw")
+    steps, _ = read_metrics(tmp_path / "logw")
+    ws = [s["beta_head/w"] for s in steps]
+    assert len(set(ws)) > 1 and all(w > 0 for w in ws)
+    assert all(abs(math.log(w / 0.05)) <= 3e-2 * len(steps) for w in ws)
+
+
 def test_learnable_w_moves_and_group_lrs(default_run):
     steps, _ = read_metrics(default_run[0])
     assert steps[-1]["beta_head/w"] != steps[0]["beta_head/w"]
