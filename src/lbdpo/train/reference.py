@@ -1,8 +1,11 @@
 """``trainer.reference=precompute``: reference log-probs computed once, cached on disk, then the model freed;
 and ``auto``, which picks it when it pays.
 
-The cache key hashes the reference model's config and every token id of the dataset (prompt, chosen,
-rejected), so any change of model, data, chat template or truncation gives a new entry.
+The cache is per pair: one store per reference model (its config hashed) maps each pair's digest (a hash of its
+prompt, chosen and rejected token ids) to its two log-probs, so any change of model, data, chat template or
+truncation is a miss, while the same pairs in another order or another seed's train/eval split are hits: a
+seeded experiment scores its pairs once, not once per seed. Only the missing pairs are scored (in dataset order,
+in batches of ``eval_batch_size``; a value does not depend on its batch-mates beyond float rounding, ~1e-6).
 """
 
 from __future__ import annotations
@@ -43,8 +46,27 @@ def resolve_reference_mode(t: Mapping[str, Any], train_pairs: int, processes: in
     return mode
 
 
+def model_key(model_cfg: Mapping[str, Any]) -> str:
+    """sha256 of the reference model's config (32 hex digits): the name of its per-pair store."""
+    return hashlib.sha256(json.dumps(model_cfg, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def pair_digests(dataset: Dataset) -> list[bytes]:
+    """One 16-byte blake2b digest per pair of its prompt, chosen and rejected token ids (lengths included)."""
+    columns = [dataset[c] for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")]
+    digests = []
+    for ids in zip(*columns):
+        h = hashlib.blake2b(digest_size=16)
+        for part in ids:
+            h.update(len(part).to_bytes(4, "little"))
+            h.update(torch.tensor(part, dtype=torch.int64).numpy().tobytes())
+        digests.append(h.digest())
+    return digests
+
+
 def reference_cache_key(model_cfg: Mapping[str, Any], dataset: Dataset) -> str:
-    """sha256 of the model config and the dataset's token ids."""
+    """sha256 of the model config and the dataset's token ids, in order: the key of the whole-dataset cache files
+    written before the per-pair store (still read, so that such a cache is not scored again)."""
     h = hashlib.sha256(json.dumps(model_cfg, sort_keys=True, default=str).encode())
     for column in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
         for ids in dataset[column]:
@@ -101,24 +123,49 @@ def scoring_threads():
         torch.set_num_threads(before)
 
 
+def _load_store(path: Path) -> dict[bytes, torch.Tensor]:
+    """A per-pair store: {digest: (chosen, rejected) log-probs (2,)}; empty when the file does not exist."""
+    if not path.is_file():
+        return {}
+    saved = torch.load(path)
+    return {bytes(d.tolist()): v for d, v in zip(saved["digests"], saved["values"])}
+
+
+def _save_store(path: Path, store: dict[bytes, torch.Tensor]) -> None:
+    digests = torch.tensor([list(d) for d in store], dtype=torch.uint8).reshape(-1, 16)
+    values = torch.stack(list(store.values())) if store else torch.zeros(0, 2)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # written whole, then renamed: never a partial cache file
+    torch.save({"digests": digests, "values": values}, tmp)
+    Path(tmp).replace(path)
+
+
 def add_reference_columns(score: Callable[[dict], tuple[torch.Tensor, torch.Tensor]], dataset: Dataset,
                           model_cfg: Mapping[str, Any], collator: PreferenceCollator, batch_size: int,
                           device: torch.device, name: str) -> Dataset:
-    """Dataset with ``reference_chosen_logps`` / ``reference_rejected_logps`` columns, from the disk cache
-    when this model + data were seen before."""
-    key = reference_cache_key(model_cfg, dataset)
-    path = cache_dir() / "reference_logps" / f"{key}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Dataset with ``reference_chosen_logps`` / ``reference_rejected_logps`` columns: each pair's from the
+    model's per-pair store when it was scored before (in any order, split or run), the others scored now and added."""
+    folder = cache_dir() / "reference_logps"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{model_key(model_cfg)}.pairs.pt"
+    digests = pair_digests(dataset)
     with scoring_lock(path):  # runs started side by side on a cold cache: one scores, the others wait and read it
-        if path.is_file():
-            values = torch.load(path)
-            log.info("reference log-probs for %s: cache hit %s", name, path)
-        else:
+        store = _load_store(path)
+        missing = [i for i, d in enumerate(digests) if d not in store]
+        changed = bool(missing)
+        legacy = folder / f"{reference_cache_key(model_cfg, dataset)}.pt"
+        if missing and legacy.is_file():  # this very dataset, cached whole by an earlier version
+            store.update(zip(digests, torch.load(legacy)))
+            missing = []
+        if missing:
             with scoring_threads():
-                values = compute_reference_logps(score, dataset, collator, batch_size, device, desc=f"reference {name}")
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # written whole, then renamed: never a partial cache file
-            torch.save(values, tmp)
-            Path(tmp).replace(path)
+                scored = compute_reference_logps(score, dataset.select(missing), collator, batch_size, device,
+                                                 desc=f"reference {name}")
+            store.update(zip((digests[i] for i in missing), scored))
+        if changed:
+            _save_store(path, store)
+        log.info("reference log-probs for %s: %d of %d pairs from the cache %s, %d scored", name,
+                 len(digests) - len(missing), len(digests), path, len(missing))
+    values = torch.stack([store[d] for d in digests]) if digests else torch.zeros(0, 2)
     return (
         dataset.add_column("reference_chosen_logps", values[:, 0].tolist())
         .add_column("reference_rejected_logps", values[:, 1].tolist())
