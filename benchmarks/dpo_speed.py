@@ -39,6 +39,7 @@ LBDPO_ARMS = {  # arm → Hydra overrides on top of the common ones (the default
     "rows": ["beta_head=fixed", *ROWS],  # the forward before packing: the baseline of the speed-ups
     "rows_chunked": ["beta_head=fixed", "trainer.pack_pairs=false", "trainer.logps_chunk_size=1024"],
     "fixed": ["beta_head=fixed"],
+    "fixed_compile": ["beta_head=fixed", "trainer.compile=true"],  # the decoder through torch.compile (inductor)
     "linear": ["beta_head=linear", "beta_head.w_init=0.03"],
     "mlp": ["beta_head=mlp", "beta_head.w_init=0.03"],
     "fixed_precompute": ["beta_head=fixed", "trainer.reference=precompute"],

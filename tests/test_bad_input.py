@@ -58,6 +58,12 @@ def test_bad_option_names_its_key(overrides, message):
         check_config(cfg, overrides)
 
 
+def test_compile_without_a_cpu_compiler_names_the_key(monkeypatch):
+    monkeypatch.setattr("lbdpo.train.checks.shutil.which", lambda name: None)
+    with pytest.raises(ValueError, match=r"trainer\.compile=true on CPU needs a C\+\+ compiler"):
+        check_config(compose_with("trainer.compile=true"), ["trainer.compile=true"])
+
+
 def test_good_options_pass():
     check_config(compose_with("beta_head=mlp", "beta_head.epsilon=0.1"), ["beta_head=mlp", "beta_head.epsilon=0.1"])
 

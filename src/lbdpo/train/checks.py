@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,9 @@ def check_trainer_config(t: DictConfig) -> None:
             0 < number("trainer.malloc_mmap_threshold", t.malloc_mmap_threshold, int) <= MAX_MMAP_THRESHOLD:
         raise ValueError(f"trainer.malloc_mmap_threshold={t.malloc_mmap_threshold} must be in "
                          f"1..{MAX_MMAP_THRESHOLD} bytes (e.g. 131072) or null")
+    if t.get("compile") and t.get("cpu") and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise ValueError("trainer.compile=true on CPU needs a C++ compiler for torch.compile's inductor (g++ or "
+                         "clang++): install one, or set trainer.compile=false")
     if t.lora.enabled:
         if number("trainer.lora.r", t.lora.r, int) < 1 or number("trainer.lora.alpha", t.lora.alpha) <= 0:
             raise ValueError(f"trainer.lora.r={t.lora.r} must be ≥ 1 and trainer.lora.alpha={t.lora.alpha} > 0")

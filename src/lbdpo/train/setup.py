@@ -51,6 +51,14 @@ def apply_lora(policy, lora_cfg: DictConfig):
     return get_peft_model(policy, config)
 
 
+def compile_decoder(model) -> None:
+    """``trainer.compile``: the decoder (embeddings, layers, final norm) compiled in place by ``torch.compile``
+    (inductor; dynamic shapes, since packed rows change length every step). lm_head and the chunked log-probs stay
+    eager; parameter names and checkpoints are unchanged. The first steps pay the compilation."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
+    base.get_decoder().compile(dynamic=True)
+
+
 def build_optimizer(model: DynamicBetaDPOModel, t: DictConfig) -> torch.optim.Optimizer:
     """AdamW with three groups: policy (policy_lr, weight_decay), beta-head NN (beta_head_lr,
     beta_head_weight_decay), and w or log w (beta_head_lr, no weight decay). ``trainer.adamw_fused``: torch's fused kernel
@@ -178,6 +186,10 @@ def build_model_and_data(cfg: DictConfig, accelerator: Accelerator):
         policy.config.use_cache = False
     if t.lora.enabled:
         policy = apply_lora(policy, t.lora)
+    if t.get("compile"):
+        for model in (policy, reference):
+            if model is not None:
+                compile_decoder(model)
     beta_head = build_beta_head(cfg.beta_head, policy_hidden_size(policy))
     lm = AutoModelForCausalLMWithBetaHead(policy, beta_head, tokenizer, tokenize=tokenize_config(cfg.data),
                                           base_model=to_container(cfg.model))
