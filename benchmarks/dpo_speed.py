@@ -43,6 +43,7 @@ LBDPO_ARMS = {  # arm → Hydra overrides on top of the common ones (the default
     "linear": ["beta_head=linear", "beta_head.w_init=0.03"],
     "mlp": ["beta_head=mlp", "beta_head.w_init=0.03"],
     "fixed_precompute": ["beta_head=fixed", "trainer.reference=precompute"],
+    "fixed_precompute_compile": ["beta_head=fixed", "trainer.reference=precompute", "trainer.compile=true"],
     "rows_precompute": ["beta_head=fixed", "trainer.reference=precompute", *ROWS],
     "lora": ["beta_head=fixed", "trainer.lora.enabled=true", "trainer.reference=adapter_disabled",
              "trainer.policy_lr=1e-4"],
@@ -91,7 +92,8 @@ def run_lbdpo(arm: str, args) -> dict:
         train(cfg, tmp)
         lines = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "pairs_per_s" in line][args.skip:]
-    return {"s_per_step": statistics.median(args.pairs / s["pairs_per_s"] for s in steps),
+    return {"steps_s": [round(args.pairs / s["pairs_per_s"], 3) for s in steps],  # each timed step, in order
+            "s_per_step": statistics.median(args.pairs / s["pairs_per_s"] for s in steps),
             "tokens_per_s": statistics.median(s["tokens_per_s"] for s in steps)}
 
 
@@ -131,7 +133,8 @@ def run_trl(arm: str, args) -> dict:
         trainer = DPOTrainer(model=policy, ref_model=reference, args=config, processing_class=tokenizer,
                              train_dataset=datasets.Dataset.from_list(convo), callbacks=[StepTimer()])
         trainer.train()
-    return {"s_per_step": statistics.median(times[args.skip:]), "tokens_per_s": None}
+    return {"steps_s": [round(t, 3) for t in times[args.skip:]], "s_per_step": statistics.median(times[args.skip:]),
+            "tokens_per_s": None}
 
 
 def main() -> None:
