@@ -53,6 +53,8 @@ LBDPO_ARMS = {  # arm → Hydra overrides on top of the common ones (the default
     # fused AdamW (no parameter-sized temporaries in the update)
     "fixed_lowmem": ["beta_head=fixed", *LOWMEM],
     "fixed_precompute_lowmem": ["beta_head=fixed", "trainer.reference=precompute", *LOWMEM],
+    "fixed_lowmem_compile": ["beta_head=fixed", *LOWMEM, "trainer.compile=true"],
+    "fixed_precompute_lowmem_compile": ["beta_head=fixed", "trainer.reference=precompute", *LOWMEM, "trainer.compile=true"],
 }
 TRL_ARMS = {"trl": {}, "trl_precompute": {"precompute_ref_log_probs": True},
             "trl_ckpt": {"gradient_checkpointing": True},
