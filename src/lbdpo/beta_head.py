@@ -31,8 +31,8 @@ whenever a pair's margin is positive, so a trainable w drifts upward as the poli
 two remedies offered; the defaults follow the design documents (learnable w, no normalisation).
 
 Second trap, of scale: Adam moves a parameter by about its learning rate per step whatever the gradient's size,
-so a linear w of `w_init=auto` scale (target_beta / mean log PPL: 0.03 on SmolLM2's sentiment prompts, 0.008 for a
-random 151k-vocabulary model) moves by 3–12 % of itself per step at ``beta_head_lr`` = 1e-3, and a run of
+so a linear w of `w_init=auto` scale (target_beta / mean log PPL: 0.02 on SmolLM2's sentiment prompts, 0.008 for a
+random 151k-vocabulary model) moves by 5–12 % of itself per step at ``beta_head_lr`` = 1e-3, and a run of
 same-signed gradients (negative margins early in training) carries it through 0, where every β sits at
 ``beta_min`` with no gradient left. ``w_param=log`` makes the step relative (≈ ``beta_head_lr`` of log w, i.e.
 ≈ 0.1 % of w per step at 1e-3, whatever w's scale) and w can never reach 0; raise ``beta_head_lr`` for a faster w.
