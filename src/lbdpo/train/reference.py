@@ -152,8 +152,8 @@ def add_reference_columns(score: Callable[[dict], tuple[torch.Tensor, torch.Tens
         store = _load_store(path)
         missing = [i for i, d in enumerate(digests) if d not in store]
         changed = bool(missing)
-        legacy = folder / f"{reference_cache_key(model_cfg, dataset)}.pt"
-        if missing and legacy.is_file():  # this very dataset, cached whole by an earlier version
+        legacy = folder / f"{reference_cache_key(model_cfg, dataset)}.pt" if missing else None  # hashed only on a miss
+        if legacy is not None and legacy.is_file():  # this very dataset, cached whole by an earlier version
             store.update(zip(digests, torch.load(legacy)))
             missing = []
         if missing:
