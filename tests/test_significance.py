@@ -10,8 +10,9 @@ import pytest
 from scipy import stats
 
 from lbdpo.eval.compare import write_comparison
-from lbdpo.eval.significance import (ci_half_width, detectable_difference, frontier_reward, moonshot_table,
-                                     moonshot_verdict, pooled_sd, run_gaps, verdict, welch)
+from lbdpo.eval.significance import (blocked_table, ci_half_width, detectable_difference, frontier_reward,
+                                     moonshot_table, moonshot_verdict, paired, paired_ci_half_width, pooled_sd,
+                                     run_gaps, seed_gaps, verdict, welch)
 from test_plots_compare import fake_run
 
 
@@ -136,6 +137,8 @@ def test_experiment_comparison_names_orders_and_splits_by_domain(tmp_path):
     assert "0.7050 ± 0.0050 | 0.5000 ± 0.0000 | 4.0000 ± 0.0000 | 0.8050 ± 0.0050 | 0.7000 ± 0.0000 | " \
            "8.5000 ± 0.5000" in learn_row
     assert "## Against the best fixed β and β-DPO" in md and "| learn | 2 | -0.1000" in md
+    # seeds read from each run's config: acc learn − fixed is −0.1 at both seeds, a constant difference, no test
+    assert "## The same, blocked by seed" in md and "| learn | 2 | – |" in md
 
 
 def test_verdict_follows_the_decision_rule():
@@ -144,3 +147,72 @@ def test_verdict_follows_the_decision_rule():
     assert verdict({"diff": 0.005, "low": -0.02, "high": 0.03, "p": 0.6}, 0.03) == "matches"
     assert verdict({"diff": 0.005, "low": -0.05, "high": 0.06, "p": 0.8}, 0.03) == "inconclusive"
     assert verdict(None, 0.03) == "–"
+
+
+def test_paired_is_the_textbook_paired_t_test_over_the_shared_seeds():
+    a = {0: 0.80, 1: 0.75, 2: 0.79, 3: 0.70}
+    b = {0: 0.78, 1: 0.74, 2: 0.75, 9: 0.10}  # seed 3 and 9 unpaired: left out
+    d = [0.02, 0.01, 0.04]
+    m = sum(d) / 3
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / 2)
+    t = m / (sd / math.sqrt(3))
+    out = paired(a, b)
+    assert out["diff"] == pytest.approx(m) and out["n_a"] == 3
+    assert out["p"] == pytest.approx(2 * stats.t.sf(abs(t), 2))
+    assert out["p"] == pytest.approx(stats.ttest_rel([0.80, 0.75, 0.79], [0.78, 0.74, 0.75]).pvalue)
+    half = stats.t.ppf(0.975, 2) * sd / math.sqrt(3)
+    assert (out["low"], out["high"]) == pytest.approx((m - half, m + half))
+    assert half == pytest.approx(paired_ci_half_width(sd, 3))
+    assert paired({0: 0.1, 1: 0.3})["diff"] == pytest.approx(0.2)  # one sample against 0
+    assert paired({0: 0.8}, {0: 0.7}) is None and paired({0: 0.8, 1: 0.9}, {0: 0.7, 1: 0.8}) is None
+
+
+def blocked_arms(offsets, lift):
+    """Fixed arms at KL 5 / 20 / 60 and a learnable arm at KL 10, seed s shifting every reward and accuracy by
+    offsets[s]; the learnable arm sits ``lift`` above its own seed's frontier and ``lift`` above the best fixed
+    accuracy, and β-DPO on the frontier at the best fixed accuracy."""
+    def runs(acc, reward, kl, extra=0.0):
+        return [{"values": {"held-out acc": acc + o + extra, "reward": reward + o + extra, "KL": kl}, "seed": s,
+                 "mode": None} for s, o in enumerate(offsets)]
+    fixed = [{"arm": f"fixed_{kl}", "kind": "fixed", "runs": runs(acc, r, kl)}
+             for kl, r, acc in ((5.0, 0.80, 0.78), (20.0, 0.90, 0.80), (60.0, 0.95, 0.76))]
+    on_frontier = 0.80 + 0.10 * math.log(2) / math.log(4)  # at KL 10, between (5, .80) and (20, .90)
+    learn = {"arm": "learn", "kind": "learnable", "runs": runs(0.80, on_frontier, 10.0, lift)}
+    dpo = {"arm": "beta_dpo", "kind": "learnable", "runs": runs(0.80, 0.90, 20.0)}
+    for r in dpo["runs"]:
+        r["mode"] = "beta_dpo"
+    for a in (*fixed, learn, dpo):
+        a["n_seeds"] = len(a["runs"])
+    return fixed, learn, dpo
+
+
+def test_seed_gaps_use_the_frontier_of_the_same_seed():
+    fixed, learn, _ = blocked_arms(offsets=(0.0, 0.1, -0.1), lift=0.02)
+    assert seed_gaps(learn, fixed) == pytest.approx({0: 0.02, 1: 0.02, 2: 0.02})
+    assert seed_gaps(fixed[1], fixed) == pytest.approx({0: 0.0, 1: 0.0, 2: 0.0})  # a fixed run is on its frontier
+    learn["runs"][2]["seed"] = 7  # no fixed run of seed 7: no frontier, no gap
+    assert set(seed_gaps(learn, fixed)) == {0, 1}
+
+
+def test_blocking_by_seed_resolves_what_a_large_seed_effect_hides_from_welch():
+    # seed effects of ±0.05 on every arm alike, the learnable arm 0.015 above the frontier of its own seed (give or
+    # take 0.002) and as accurate as the best fixed β
+    fixed, learn, dpo = blocked_arms(offsets=(0.0, 0.05, -0.05, 0.03), lift=0.0)
+    for r, e in zip(learn["runs"], (0.013, 0.017, 0.015, 0.015)):
+        r["values"]["reward"] += e
+        r["values"]["held-out acc"] += e - 0.015
+    arms = [*fixed, learn, dpo]
+    welch_row = next(line for line in moonshot_table(arms).splitlines() if line.startswith("| learn"))
+    blocked = blocked_table(arms)
+    blocked_row = next(line for line in blocked.splitlines() if line.startswith("| learn"))
+    welch_cells = [c.strip() for c in welch_row.strip("|").split("|")]
+    cells = [c.strip() for c in blocked_row.strip("|").split("|")]
+    assert welch_cells[5].endswith(": inconclusive") and welch_cells[7] == "undecided"  # the seed effect swamps it
+    assert cells[1] == "4" and cells[4].startswith("+0.0150 ± 0.0014 (n=4)")
+    assert cells[5].endswith(": beats") and cells[2].endswith(": matches") and cells[6].endswith(": beats")
+    assert cells[7] == "holds"
+    assert "Power (blocked) — accuracy − best fixed: sd of the per-seed differences" in blocked
+    for a in arms:  # runs without a seed: nothing to pair
+        for r in a["runs"]:
+            r["seed"] = None
+    assert blocked_table(arms) == ""

@@ -27,7 +27,7 @@ import yaml
 
 from ..train.run_logging import is_seed_override, is_sweep_override
 from .plots import plot_frontier, plot_overlaid_curves, read_metrics_jsonl
-from .significance import moonshot_table
+from .significance import blocked_table, moonshot_table
 
 # (column header, where the value comes from, key path)
 COLUMNS = [
@@ -137,6 +137,7 @@ def read_run(run_dir: Path) -> dict | None:
         "beta": _number(_get(config, ("beta_head", "beta"))) if fixed else None,
         "values": values,
         "mode": mode,
+        "seed": _number(_get(config, ("seed",))),  # arms that share a seed share its data order (blocked tests)
         "per_domain": domain_values(eval_json),
         "extra_evals": {path.parent.name[len("eval_"):]: extra_eval_values(path)
                         for path in sorted(run_dir.glob("eval_*/eval.json"))},
@@ -319,6 +320,9 @@ def write_comparison(multirun_dir: Path, out_dir: Path, arm_order: list[str] | N
     tests = moonshot_table(arms)
     if tests:
         md += ["## Against the best fixed β and β-DPO", "", tests, ""]
+    blocked = blocked_table(arms)
+    if blocked:
+        md += ["## The same, blocked by seed (secondary analysis)", "", blocked, ""]
     if outputs["frontier.png"] is None:
         md += ["Frontier figure skipped: no run has both generation KL and reward in eval.json.", ""]
     else:

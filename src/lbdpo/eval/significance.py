@@ -13,6 +13,10 @@ extrapolation). The fixed-β seeds' own gaps measure how far one seed scatters a
 the frontier when its gaps exceed theirs (Welch's t-test, two-sided). With three seeds per arm a test detects only
 large effects: the tables give the difference, its 95 % confidence interval and p next to the verdict of the
 pre-registered rule (report.md §6), and a power note says what the seeds at hand can resolve.
+
+Every arm's seed s shares its data order with every other arm's seed s, so seeds are blocks: :func:`blocked_table`
+repeats the comparisons with paired t-tests over shared seeds and each seed's gap to its own seed's fixed-β frontier
+— a secondary analysis beside the pre-registered Welch rule, not a replacement.
 """
 
 from __future__ import annotations
@@ -150,6 +154,28 @@ def power_note(arms: list[dict], acc_key: str, gaps: Sequence[Sequence[float]], 
     return ("Power — " + "; ".join(parts) + ".") if parts else ""
 
 
+def _best_and_beta_dpo(arms: list[dict], acc_key: str) -> tuple[list[dict], dict | None, dict | None]:
+    """The fixed arms with an accuracy, the best of them by mean accuracy, and the β-DPO arm (mode beta_dpo)."""
+    fixed = [a for a in arms if a["kind"] == "fixed" and _values(a, acc_key)]
+    best = max(fixed, key=lambda a: _mean(_values(a, acc_key))) if fixed else None
+    return fixed, best, next((a for a in arms if a["runs"][0].get("mode") == "beta_dpo"), None)
+
+
+def _gap_cell(gaps: Sequence[float]) -> str:
+    if not gaps:
+        return "outside the fixed-β KL range"
+    return (f"{_mean(gaps):+.4f} ± " + (f"{statistics.pstdev(gaps):.4f}" if len(gaps) > 1 else "–")
+            + f" (n={len(gaps)})")
+
+
+def _verdict_row(a: dict, n: int, gap_cell: str, tests: list, no_dpo_test: bool) -> str:
+    """One table row: the four tests (acc vs best fixed, gap vs fixed, acc vs β-DPO, gap vs β-DPO) and the moonshot."""
+    margins = (ACC_MARGIN, GAP_MARGIN, ACC_MARGIN, GAP_MARGIN)
+    acc_fixed, gap_fixed, acc_dpo, gap_dpo = [_fmt_test(t, m) for t, m in zip(tests, margins)]
+    moonshot = "–" if no_dpo_test else moonshot_verdict(*(verdict(t, m) for t, m in zip(tests, margins)))
+    return f"| {a['arm']} | {n} | {acc_fixed} | {acc_dpo} | {gap_cell} | {gap_fixed} | {gap_dpo} | {moonshot} |"
+
+
 def moonshot_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
     """Markdown: each non-fixed arm against the best fixed β (highest mean accuracy) and against β-DPO (the arm
     whose ``mode`` is beta_dpo), on accuracy and on the frontier gap (against the fixed-β seeds' gaps and against
@@ -157,11 +183,9 @@ def moonshot_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
 
     ``arms``: :func:`lbdpo.eval.compare.group_arms` entries (``arm``, ``kind``, ``runs`` with ``values`` and
     ``mode``). Returns "" when there is no fixed arm to compare with."""
-    fixed = [a for a in arms if a["kind"] == "fixed" and _values(a, acc_key)]
-    if not fixed:
+    fixed, best, beta_dpo = _best_and_beta_dpo(arms, acc_key)
+    if best is None:
         return ""
-    best = max(fixed, key=lambda a: _mean(_values(a, acc_key)))
-    beta_dpo = next((a for a in arms if a["runs"][0].get("mode") == "beta_dpo"), None)
     points = []
     for a in fixed:
         kls, rewards = _values(a, "KL"), _values(a, "reward")
@@ -182,15 +206,95 @@ def moonshot_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
         if a["kind"] == "fixed":
             continue
         acc = _values(a, acc_key)
-        gap_cell = "outside the fixed-β KL range" if not gaps else (
-            f"{_mean(gaps):+.4f} ± " + (f"{statistics.pstdev(gaps):.4f}" if len(gaps) > 1 else "–") + f" (n={len(gaps)})")
         no_dpo_test = beta_dpo is None or a is beta_dpo
-        tests = [(welch(acc, _values(best, acc_key)), ACC_MARGIN), (welch(gaps, fixed_gaps), GAP_MARGIN),
-                 (None if no_dpo_test else welch(acc, _values(beta_dpo, acc_key)), ACC_MARGIN),
-                 (None if no_dpo_test else welch(gaps, dpo_gaps), GAP_MARGIN)]
-        (acc_fixed, gap_fixed, acc_dpo, gap_dpo) = [_fmt_test(t, m) for t, m in tests]
-        moonshot = "–" if no_dpo_test else moonshot_verdict(*(verdict(t, m) for t, m in tests))
-        lines.append(f"| {a['arm']} | {a['n_seeds']} | {acc_fixed} | {acc_dpo} | {gap_cell} | {gap_fixed} | "
-                     f"{gap_dpo} | {moonshot} |")
+        tests = [welch(acc, _values(best, acc_key)), welch(gaps, fixed_gaps),
+                 None if no_dpo_test else welch(acc, _values(beta_dpo, acc_key)),
+                 None if no_dpo_test else welch(gaps, dpo_gaps)]
+        lines.append(_verdict_row(a, a["n_seeds"], _gap_cell(gaps), tests, no_dpo_test))
     note = power_note(arms, acc_key, all_gaps)
     return "\n".join(lines + (["", note] if note else []))
+
+
+# -- blocked by seed: every arm's seed s trains on the same data order, so seeds are blocks --------------------------
+
+def paired(a: dict[int, float], b: dict[int, float] | None = None) -> dict[str, float] | None:
+    """Mean of a[s] − b[s] over the seeds s both have (``b`` None: of a[s], against 0), its 95 % CI and the
+    two-sided p of the paired t-test (t = mean / (sd/√n), n − 1 df); None with fewer than 2 seeds or differences
+    constant up to float rounding. Same keys as :func:`welch`."""
+    seeds = sorted(set(a) if b is None else set(a) & set(b))
+    d = [a[s] - (0.0 if b is None else b[s]) for s in seeds]
+    if len(d) < 2 or max(d) - min(d) <= 1e-12 * max(1.0, max(abs(x) for x in d)):  # constant up to rounding
+        return None
+    result = stats.ttest_1samp(d, 0.0)
+    ci = result.confidence_interval(0.95)
+    return {"diff": sum(d) / len(d), "low": float(ci.low), "high": float(ci.high), "p": float(result.pvalue),
+            "n_a": len(d), "n_b": len(d)}
+
+
+def _by_seed(arm: dict, key: str) -> dict[int, float]:
+    return {int(r["seed"]): r["values"][key] for r in arm["runs"]
+            if r.get("seed") is not None and r["values"].get(key) is not None}
+
+
+def seed_gaps(arm: dict, fixed: list[dict]) -> dict[int, float]:
+    """{seed s: reward − R*_s(KL)} of the arm's runs, R*_s the frontier of the fixed arms' runs of seed s (so a
+    fixed run's own gap is 0); seeds whose KL falls outside that frontier's range are left out."""
+    out = {}
+    for run in arm["runs"]:
+        seed = run.get("seed")
+        points = [(f["values"]["KL"], f["values"]["reward"]) for a in fixed for f in a["runs"]
+                  if f.get("seed") == seed and f["values"].get("KL") is not None
+                  and f["values"].get("reward") is not None]
+        gaps = run_gaps([run], points) if seed is not None else []
+        if gaps:
+            out[int(seed)] = gaps[0]
+    return out
+
+
+def paired_ci_half_width(sd: float, n: int) -> float:
+    """The half-width of the 95 % CI of a mean paired difference over ``n`` seeds (sd ``sd`` of the differences):
+    t_{0.975, n−1} · sd / √n."""
+    return float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
+
+
+def blocked_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
+    """Markdown: :func:`moonshot_table`'s comparisons with seeds as blocks — paired t-tests over the seeds two arms
+    share, and the frontier gap of each seed against the frontier of that seed's fixed-β runs — with a power note
+    from the paired differences. Secondary to the pre-registered Welch rule. "" without fixed arms or seeds."""
+    fixed, best, beta_dpo = _best_and_beta_dpo(arms, acc_key)
+    if best is None or not _by_seed(best, acc_key):
+        return ""
+    lines = ["Every arm's seed s trains on the same data order and samples its generations from the same seed, so "
+             "an arm's seed s is compared with the other arm's seed s: paired t-tests over the seeds both have "
+             "(n − 1 df), the frontier gap against the frontier of the same seed's fixed-β runs (tested against 0). "
+             f"Best fixed β as above: **{best['arm']}**. Not the pre-registered rule (the Welch table above is); "
+             "reported because the seed effect it removes is measured (the power note).", "",
+             f"| arm | paired seeds | acc − best fixed ({best['arm']}) | acc − β-DPO | frontier gap, own seed's "
+             "frontier | gap vs 0 | gap − β-DPO | moonshot |",
+             "|---|---|---|---|---|---|---|---|"]
+    best_acc = _by_seed(best, acc_key)
+    dpo_acc, dpo_gaps = (_by_seed(beta_dpo, acc_key), seed_gaps(beta_dpo, fixed)) if beta_dpo else ({}, {})
+    acc_diffs, gap_lists = [], []
+    for a in arms:
+        if a["kind"] == "fixed":
+            continue
+        acc, gaps = _by_seed(a, acc_key), seed_gaps(a, fixed)
+        no_dpo_test = beta_dpo is None or a is beta_dpo
+        tests = [paired(acc, best_acc), paired(gaps),
+                 None if no_dpo_test else paired(acc, dpo_acc), None if no_dpo_test else paired(gaps, dpo_gaps)]
+        lines.append(_verdict_row(a, len(set(acc) & set(best_acc)), _gap_cell(list(gaps.values())), tests,
+                                  no_dpo_test))
+        acc_diffs.append([acc[s] - best_acc[s] for s in sorted(set(acc) & set(best_acc))])
+        gap_lists.append(list(gaps.values()))
+    parts, n = [], len(best_acc)
+    for name, groups, margin in (("accuracy − best fixed", acc_diffs, ACC_MARGIN), ("frontier gap", gap_lists,
+                                                                                      GAP_MARGIN)):
+        pooled = pooled_sd(groups)
+        if pooled is None:
+            continue
+        sd, df = pooled
+        need = next((k for k in range(2, 201) if paired_ci_half_width(sd, k) <= margin), None)
+        parts.append(f"{name}: sd of the per-seed differences {sd:.4f} (pooled over the arms, {df} df); the 95 % CI "
+                     f"of a mean over {n} seeds is ± {paired_ci_half_width(sd, n):.4f} (*matches* needs ± {margin}: "
+                     f"{need or '> 200'} seeds)")
+    return "\n".join(lines + (["", "Power (blocked) — " + "; ".join(parts) + "."] if parts else []))
