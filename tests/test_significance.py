@@ -211,6 +211,10 @@ def test_blocking_by_seed_resolves_what_a_large_seed_effect_hides_from_welch():
     assert cells[1] == "4" and cells[4].startswith("+0.0150 ± 0.0014 (n=4)")
     assert cells[5].endswith(": beats") and cells[2].endswith(": matches") and cells[6].endswith(": beats")
     assert cells[7] == "holds"
+    for r in learn["runs"]:  # an arm evaluated without generation (experiment 2) has no gap, and says why
+        r["values"]["KL"] = None
+    assert "| learn | 4 | " in blocked_table(arms) and "no reward/KL (no generation)" in blocked_table(arms)
+    assert "no reward/KL (no generation)" in moonshot_table(arms)
     assert "Power (blocked) — accuracy − best fixed: sd of the per-seed differences" in blocked
     for a in arms:  # runs without a seed: nothing to pair
         for r in a["runs"]:

@@ -161,8 +161,11 @@ def _best_and_beta_dpo(arms: list[dict], acc_key: str) -> tuple[list[dict], dict
     return fixed, best, next((a for a in arms if a["runs"][0].get("mode") == "beta_dpo"), None)
 
 
-def _gap_cell(gaps: Sequence[float]) -> str:
+def _gap_cell(gaps: Sequence[float], run: dict) -> str:
+    """mean ± std (n) of an arm's gaps; when it has none, why (``run``: one of its runs)."""
     if not gaps:
+        if run["values"].get("KL") is None or run["values"].get("reward") is None:
+            return "no reward/KL (no generation)"
         return "outside the fixed-β KL range"
     return (f"{_mean(gaps):+.4f} ± " + (f"{statistics.pstdev(gaps):.4f}" if len(gaps) > 1 else "–")
             + f" (n={len(gaps)})")
@@ -210,7 +213,7 @@ def moonshot_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
         tests = [welch(acc, _values(best, acc_key)), welch(gaps, fixed_gaps),
                  None if no_dpo_test else welch(acc, _values(beta_dpo, acc_key)),
                  None if no_dpo_test else welch(gaps, dpo_gaps)]
-        lines.append(_verdict_row(a, a["n_seeds"], _gap_cell(gaps), tests, no_dpo_test))
+        lines.append(_verdict_row(a, a["n_seeds"], _gap_cell(gaps, a["runs"][0]), tests, no_dpo_test))
     note = power_note(arms, acc_key, all_gaps)
     return "\n".join(lines + (["", note] if note else []))
 
@@ -282,7 +285,7 @@ def blocked_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
         no_dpo_test = beta_dpo is None or a is beta_dpo
         tests = [paired(acc, best_acc), paired(gaps),
                  None if no_dpo_test else paired(acc, dpo_acc), None if no_dpo_test else paired(gaps, dpo_gaps)]
-        lines.append(_verdict_row(a, len(set(acc) & set(best_acc)), _gap_cell(list(gaps.values())), tests,
+        lines.append(_verdict_row(a, len(set(acc) & set(best_acc)), _gap_cell(list(gaps.values()), a["runs"][0]), tests,
                                   no_dpo_test))
         acc_diffs.append([acc[s] - best_acc[s] for s in sorted(set(acc) & set(best_acc))])
         gap_lists.append(list(gaps.values()))
