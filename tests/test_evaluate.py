@@ -22,17 +22,21 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A 2-step run whose policy did not move (policy_lr=0): policy == reference."""
-    data = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    return train_run(tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("run"), "trainer.policy_lr=0")
+
+
+def train_run(data_dir, run_dir, *overrides):
+    """A 2-step tiny run on 32 pairs (8 held out) with the given overrides; returns its final checkpoint."""
+    data = data_dir / "pairs.jsonl"
     words = "good fine great bad awful nice poor lovely".split()
     data.write_text("".join(json.dumps({"prompt": f"Say something about {w} thing {i}.", "chosen": f"It is {w}.",
                                         "rejected": "No.", "domain": "a" if i % 2 else "b"}) + "\n"
                             for i, w in enumerate(words * 4)))
-    run_dir = tmp_path_factory.mktemp("run")
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", overrides=[
             "model=tiny_random", "trainer=tiny", "logger=none", "data=jsonl", f"data.path={data}",
             "data.max_length=40", "data.max_prompt_length=24", "data.eval_size=8", "data.eval_fraction=null",
-            "trainer.max_steps=2", "trainer.policy_lr=0", "trainer.eval_every=0", "beta_head.epsilon=0.3"])
+            "trainer.max_steps=2", "trainer.eval_every=0", "beta_head.epsilon=0.3", *overrides])
     train(cfg, run_dir)
     return run_dir / "checkpoints" / "final"
 
@@ -170,3 +174,34 @@ def test_a_mistyped_checkpoint_path_is_not_created(tmp_path):
                          timeout=300)
     assert out.returncode != 0 and "config.yaml is missing: checkpoint= must be a training checkpoint" in out.stderr
     assert not (tmp_path / "no-such-run").exists()
+
+
+def test_reference_log_probs_of_held_out_pairs_come_from_the_store_and_equal_fresh_ones(tmp_path, monkeypatch):
+    import lbdpo.train.reference as reference
+
+    monkeypatch.setenv("LBDPO_CACHE", str(tmp_path / "cache"))
+    # a policy that moved, its reference precomputed: training scores its 8 held-out pairs into the per-pair store
+    (tmp_path / "data").mkdir()
+    ckpt = train_run(tmp_path / "data", tmp_path / "run", "trainer.reference=precompute", "trainer.policy_lr=1e-2")
+    scored, real = [], reference.compute_reference_logps
+    monkeypatch.setattr(reference, "compute_reference_logps",
+                        lambda score, ds, *a, **k: scored.append(len(ds)) or real(score, ds, *a, **k))
+    fast = ("generation.enabled=false", "plots=false")
+    cached = evaluate_checkpoint(eval_cfg(ckpt, tmp_path / "cached", *fast))
+    assert scored == [] and cached["reference_logps"] == "per-pair store"  # all 8 read, none scored
+    fresh = evaluate_checkpoint(eval_cfg(ckpt, tmp_path / "fresh", "reference_cache=false", *fast))
+    assert scored == [] and fresh["reference_logps"] == "scored now"  # the reference model itself, every pair
+    margins = {name: [json.loads(line)["margin"] for line in (tmp_path / name / "eval_pairs.jsonl").open()]
+               for name in ("cached", "fresh")}
+    assert max(abs(m) for m in margins["fresh"]) > 1e-3  # the policy moved: margins are not trivially 0
+    assert margins["cached"] == pytest.approx(margins["fresh"], abs=1e-5)
+    for key in ("own_beta", "common_beta"):
+        for metric, value in fresh["preference"][key].items():
+            assert cached["preference"][key][metric] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, metric)
+    # a store without these pairs (another machine): scored once, then read
+    shutil.rmtree(tmp_path / "cache" / "reference_logps")
+    evaluate_checkpoint(eval_cfg(ckpt, tmp_path / "again", *fast))
+    evaluate_checkpoint(eval_cfg(ckpt, tmp_path / "again", *fast))
+    assert scored == [8]
+    with pytest.raises(ValueError, match="reference_cache='yes' must be true or false"):
+        evaluate_checkpoint(eval_cfg(ckpt, tmp_path / "bad", "reference_cache=yes"))

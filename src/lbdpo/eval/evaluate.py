@@ -19,6 +19,7 @@ from ..data.tokenize import end_of_turn_ids, resolve_prompt_format
 from ..dpo_model import DynamicBetaDPOModel
 from ..models import freeze, load_model, reference_model_config
 from ..modeling import AutoModelForCausalLMWithBetaHead
+from ..train.reference import add_reference_columns
 from .evaluation import (
     generate,
     generation_by_domain,
@@ -91,6 +92,8 @@ def check_options(cfg: DictConfig) -> None:
                              "generation)")
     if cfg.max_pairs is not None and number("max_pairs", cfg.max_pairs, int) < 1:
         raise ValueError(f"max_pairs={cfg.max_pairs} must be ≥ 1 (or null: data.max_eval_pairs)")
+    if not isinstance(cfg.get("reference_cache"), bool):
+        raise ValueError(f"reference_cache={cfg.get('reference_cache')!r} must be true or false")
     if cfg.reference not in ("auto", "none"):
         raise ValueError(f"reference={cfg.reference!r} must be auto (the checkpoint's reference model) or none")
     if not (cfg.device in ("auto", "cpu") or str(cfg.device).startswith("cuda")):
@@ -159,12 +162,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     # ---- preference metrics ------------------------------------------------------------------
     per_pair = None
     if reference is not None:
-        model = DynamicBetaDPOModel(policy, head, ref_model=reference, **forward_options(run_cfg)).eval()
-        pref = preference_eval(model, eval_ds, PreferenceCollator(tokenizer.pad_token_id), int(cfg.batch_size),
-                               float(cfg.common_beta), device)
-        per_pair = pref.pop("per_pair")
+        per_pair = run_preference(cfg, run_cfg, results, policy, head, reference, tokenizer, eval_ds, device)
         write_eval_pairs(per_pair, out_dir / "eval_pairs.jsonl")
-        results.set("preference", pref)
     else:
         results.skip("preference", "needs the reference model")
 
@@ -191,6 +190,21 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     (out_dir / "eval_report.md").write_text(render_report(results.data, samples_path))
     log.info("wrote %s, %s and eval_report.md", results.path, samples_path)
     return results.data
+
+
+def run_preference(cfg, run_cfg, results: Results, policy, head, reference, tokenizer, eval_ds, device) -> dict:
+    """The preference section of eval.json (own and common β, per domain); returns its per-pair lists. Reference
+    log-probs of pairs scored before come from the per-pair store (``reference_cache``), the rest from ``reference``."""
+    model = DynamicBetaDPOModel(policy, head, ref_model=reference, **forward_options(run_cfg)).eval()
+    collator = PreferenceCollator(tokenizer.pad_token_id)
+    if cfg.reference_cache:
+        eval_ds = add_reference_columns(model.reference_logps, eval_ds, to_container(run_cfg.model), collator,
+                                        int(cfg.batch_size), device, name="eval")
+    results.set("reference_logps", "per-pair store" if cfg.reference_cache else "scored now")
+    pref = preference_eval(model, eval_ds, collator, int(cfg.batch_size), float(cfg.common_beta), device)
+    per_pair = pref.pop("per_pair")
+    results.set("preference", pref)
+    return per_pair
 
 
 def write_eval_pairs(per_pair: dict[str, list], path: Path) -> None:
