@@ -172,7 +172,7 @@ def _gap_cell(gaps: Sequence[float], run: dict) -> str:
 
 
 def _verdict_row(a: dict, n: int, gap_cell: str, tests: list, no_dpo_test: bool) -> str:
-    """One table row: the four tests (acc vs best fixed, gap vs fixed, acc vs β-DPO, gap vs β-DPO) and the moonshot."""
+    """One table row: the four tests (acc vs best fixed, gap vs fixed, acc vs β-DPO, gap vs β-DPO), the moonshot."""
     margins = (ACC_MARGIN, GAP_MARGIN, ACC_MARGIN, GAP_MARGIN)
     acc_fixed, gap_fixed, acc_dpo, gap_dpo = [_fmt_test(t, m) for t, m in zip(tests, margins)]
     moonshot = "–" if no_dpo_test else moonshot_verdict(*(verdict(t, m) for t, m in zip(tests, margins)))
@@ -267,11 +267,11 @@ def blocked_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
     fixed, best, beta_dpo = _best_and_beta_dpo(arms, acc_key)
     if best is None or not _by_seed(best, acc_key):
         return ""
-    lines = ["Every arm's seed s trains on the same data order and samples its generations from the same seed, so "
-             "an arm's seed s is compared with the other arm's seed s: paired t-tests over the seeds both have "
-             "(n − 1 df), the frontier gap against the frontier of the same seed's fixed-β runs (tested against 0). "
-             f"Best fixed β as above: **{best['arm']}**. Not the pre-registered rule (the Welch table above is); "
-             "reported because the seed effect it removes is measured (the power note).", "",
+    lines = ["Every arm's seed s trains on the same data order (and holds out the same pairs where the split is "
+             "seeded), so an arm's seed s is compared with the other arm's seed s: paired t-tests over the seeds both "
+             "have (n − 1 df), the frontier gap against the frontier of the same seed's fixed-β runs (tested "
+             f"against 0). Best fixed β as above: **{best['arm']}**. Not the pre-registered rule (the Welch table above is); "
+             "it removes what a seed does to every arm alike.", "",
              f"| arm | paired seeds | acc − best fixed ({best['arm']}) | acc − β-DPO | frontier gap, own seed's "
              "frontier | gap vs 0 | gap − β-DPO | moonshot |",
              "|---|---|---|---|---|---|---|---|"]
