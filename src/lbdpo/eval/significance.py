@@ -270,8 +270,8 @@ def blocked_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
     lines = ["Every arm's seed s trains on the same data order (and holds out the same pairs where the split is "
              "seeded), so an arm's seed s is compared with the other arm's seed s: paired t-tests over the seeds both "
              "have (n − 1 df), the frontier gap against the frontier of the same seed's fixed-β runs (tested "
-             f"against 0). Best fixed β as above: **{best['arm']}**. Not the pre-registered rule (the Welch table above is); "
-             "it removes what a seed does to every arm alike.", "",
+             f"against 0). Best fixed β as above: **{best['arm']}**. Not the pre-registered rule (the Welch table "
+             "above is); it removes what a seed does to every arm alike.", "",
              f"| arm | paired seeds | acc − best fixed ({best['arm']}) | acc − β-DPO | frontier gap, own seed's "
              "frontier | gap vs 0 | gap − β-DPO | moonshot |",
              "|---|---|---|---|---|---|---|---|"]
