@@ -205,3 +205,25 @@ def test_reference_log_probs_of_held_out_pairs_come_from_the_store_and_equal_fre
     assert scored == [8]
     with pytest.raises(ValueError, match="reference_cache='yes' must be true or false"):
         evaluate_checkpoint(eval_cfg(ckpt, tmp_path / "bad", "reference_cache=yes"))
+
+
+def test_reference_generations_are_generated_once_and_equal_fresh_ones(checkpoint, tmp_path, monkeypatch):
+    import lbdpo.eval.evaluate as evaluate
+
+    monkeypatch.setenv("LBDPO_CACHE", str(tmp_path / "cache"))
+    calls, real = [], evaluate.generate
+    monkeypatch.setattr(evaluate, "generate", lambda model, *a, **k: calls.append(k["sample"]) or real(model, *a, **k))
+
+    def samples(name, *overrides):
+        calls.clear()
+        evaluate_checkpoint(eval_cfg(checkpoint, tmp_path / name, "plots=false", *overrides))
+        rows = [json.loads(line) for line in (tmp_path / name / "samples.jsonl").open()]
+        return len(calls), [(r["reference_greedy"], r["reference_sample"]) for r in rows]
+
+    n_first, first = samples("first")
+    n_second, second = samples("second")
+    n_fresh, fresh = samples("fresh", "reference_cache=false")
+    assert (n_first, n_second, n_fresh) == (4, 2, 4)  # the second run generates for the policy only
+    assert first == second == fresh  # the reference's continuations read back are the ones generated
+    assert samples("longer", "generation.max_new_tokens=9")[0] == 4  # other settings: generated anew
+    assert samples("other_seed", "seed=1")[0] == 4

@@ -19,7 +19,7 @@ from ..data.tokenize import end_of_turn_ids, resolve_prompt_format
 from ..dpo_model import DynamicBetaDPOModel
 from ..models import freeze, load_model, reference_model_config
 from ..modeling import AutoModelForCausalLMWithBetaHead
-from ..train.reference import add_reference_columns
+from ..train.reference import add_reference_columns, cached_generations
 from .evaluation import (
     generate,
     generation_by_domain,
@@ -171,8 +171,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     samples_path = out_dir / "samples.jsonl"
     if cfg.generation.enabled and reference is not None:
         try:
-            run_generation(cfg, results, policy, reference, tokenizer, eval_ds, data_cfg, device, samples_path,
-                           reward_fn)
+            run_generation(cfg, run_cfg, results, policy, reference, tokenizer, eval_ds, data_cfg, device,
+                           samples_path, reward_fn)
         except Exception as err:
             results.skip("generation", f"{type(err).__name__}: {err}")
             log.debug(traceback.format_exc())
@@ -216,8 +216,8 @@ def write_eval_pairs(per_pair: dict[str, list], path: Path) -> None:
             f.write(json.dumps({**row, "correct": per_pair["margin"][i] > 0}) + "\n")
 
 
-def run_generation(cfg, results: Results, policy, reference, tokenizer, eval_ds, data_cfg, device, samples_path,
-                   reward_fn: Callable | None):
+def run_generation(cfg, run_cfg, results: Results, policy, reference, tokenizer, eval_ds, data_cfg, device,
+                   samples_path, reward_fn: Callable | None):
     """Greedy and sampled continuations of policy and reference; reward, win rate and MC KL when possible."""
     g = cfg.generation
     seen, prompts, texts, domains = set(), [], [], []
@@ -236,8 +236,15 @@ def run_generation(cfg, results: Results, policy, reference, tokenizer, eval_ds,
     gen = {}
     for who, model in (("policy", policy), ("reference", reference)):
         for mode in ("greedy", "sample"):
-            gen[f"{who}_{mode}"] = generate(model, prompts, tokenizer.pad_token_id, eos, sample=mode == "sample",
-                                            seed=int(cfg.seed), **common)
+            def make(model=model, mode=mode):
+                return generate(model, prompts, tokenizer.pad_token_id, eos, sample=mode == "sample",
+                                seed=int(cfg.seed), **common)
+            if who == "reference" and cfg.reference_cache:  # the same in every run of an experiment: once
+                gen[f"{who}_{mode}"] = cached_generations(
+                    make, to_container(run_cfg.model), prompts=prompts, mode=mode, seed=int(cfg.seed), eos=eos,
+                    pad=tokenizer.pad_token_id, max_new_tokens=int(g.max_new_tokens), batch_size=int(g.batch_size))
+            else:
+                gen[f"{who}_{mode}"] = make()
     decoded = {k: [tokenizer.decode(ids, skip_special_tokens=True) for ids in v] for k, v in gen.items()}
     section: dict[str, Any] = {"num_prompts": len(prompts), "max_new_tokens": int(g.max_new_tokens)}
     # KL(π‖πref) on the policy's own samples: log π − log πref of each sampled continuation

@@ -6,6 +6,9 @@ prompt, chosen and rejected token ids) to its two log-probs, so any change of mo
 truncation is a miss, while the same pairs in another order or another seed's train/eval split are hits: a
 seeded experiment scores its pairs once, not once per seed. Only the missing pairs are scored (in dataset order,
 in batches of ``eval_batch_size``; a value does not depend on its batch-mates beyond float rounding, ~1e-6).
+
+:func:`cached_generations` keeps the reference's continuations for ``evaluate.py`` the same way: every run of an
+experiment generates from the same reference, prompts and sampling seed, so they are generated once.
 """
 
 from __future__ import annotations
@@ -170,3 +173,23 @@ def add_reference_columns(score: Callable[[dict], tuple[torch.Tensor, torch.Tens
         dataset.add_column("reference_chosen_logps", values[:, 0].tolist())
         .add_column("reference_rejected_logps", values[:, 1].tolist())
     )
+
+
+def cached_generations(generate: Callable[[], list[list[int]]], model_cfg: Mapping[str, Any],
+                       **settings: Any) -> list[list[int]]:
+    """The reference model's continuations (token ids per prompt) for these ``settings`` (prompts, greedy or
+    sampled, seed, lengths, batch size, stop ids: everything ``generate`` depends on), from
+    ``<cache>/reference_generations/`` when generated before, else ``generate()`` — then stored. Keyed by the model
+    config (:func:`model_key`) and the settings; a sampled continuation read back is the one a fresh call drew
+    with that seed (bitwise when thread count and hardware match; else an equally valid draw)."""
+    key = hashlib.sha256(json.dumps([model_key(model_cfg), settings], sort_keys=True, default=str).encode())
+    path = cache_dir() / "reference_generations" / f"{key.hexdigest()[:32]}.json"
+    if path.is_file():
+        log.info("reference generations read from %s", path)
+        return json.loads(path.read_text())
+    out = generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # written whole, then renamed
+    tmp.write_text(json.dumps(out))
+    tmp.replace(path)
+    return out
