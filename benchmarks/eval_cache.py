@@ -41,8 +41,8 @@ def same_numbers(a: Path, b: Path) -> bool:
     pa, pb = ea["preference"]["common_beta"], eb["preference"]["common_beta"]
     close = all(abs(pa[k] - pb[k]) <= 1e-5 * max(1.0, abs(pb[k])) for k in pb)
     if (a / "samples.jsonl").is_file():
-        ra, rb = ([(r["reference_greedy"], r["reference_sample"]) for r in map(json.loads, (d / "samples.jsonl").open())]
-                  for d in (a, b))
+        ra, rb = ([(r["reference_greedy"], r["reference_sample"])
+                   for r in map(json.loads, (d / "samples.jsonl").open())] for d in (a, b))
         close = close and ra == rb
     return close
 
