@@ -11,8 +11,8 @@ from scipy import stats
 
 from lbdpo.eval.compare import write_comparison
 from lbdpo.eval.significance import (blocked_table, ci_half_width, detectable_difference, frontier_reward,
-                                     moonshot_table, moonshot_verdict, paired, paired_ci_half_width, pooled_sd,
-                                     run_gaps, seed_gaps, verdict, welch)
+                                     moonshot_table, moonshot_verdict, pair_bootstrap, paired, paired_ci_half_width,
+                                     pooled_sd, run_gaps, seed_gaps, verdict, welch)
 from test_plots_compare import fake_run
 
 
@@ -220,3 +220,32 @@ def test_blocking_by_seed_resolves_what_a_large_seed_effect_hides_from_welch():
         for r in a["runs"]:
             r["seed"] = None
     assert blocked_table(arms) == ""
+
+
+def test_pair_bootstrap_resamples_the_pairs_both_arms_share():
+    same = [[True, False, True, True]] * 2
+    assert pair_bootstrap(same, same) == {"diff": 0.0, "low": 0.0, "high": 0.0, "pairs": 4}
+    n, k = 400, 100  # a ranks 100 more of 400 pairs right than b, in both of its runs
+    a = [[True] * n] * 2
+    b = [[i >= k for i in range(n)], [i >= k for i in range(n)]]
+    t = pair_bootstrap(a, b, reps=4000)
+    p = k / n
+    half = 1.96 * math.sqrt(p * (1 - p) / n)  # the normal approximation of a proportion's interval
+    assert t["diff"] == pytest.approx(p) and t["low"] < p < t["high"]
+    assert (t["high"] - t["low"]) / 2 == pytest.approx(half, rel=0.1)
+    # seeds are averaged first: b's two runs disagreeing on a pair make it half right there
+    half_right = pair_bootstrap([[True, True]], [[True, False], [False, True]])
+    assert half_right["diff"] == pytest.approx(0.5)
+    assert pair_bootstrap(a, [[True] * 3]) is None and pair_bootstrap([], b) is None  # other pairs, no run
+
+
+def test_pair_sampling_note_reads_each_runs_per_pair_file(tmp_path):
+    for name, mode, right in (("fixed_b01", "fixed", 6), ("learn", "learnable", 8)):
+        for seed in (0, 1):
+            fake_run(tmp_path, f"{name}__seed-{seed}", name, seed, mode, right / 8, 0.1, kl=5.0, reward=0.9)
+            with open(tmp_path / f"{name}__seed-{seed}" / "eval_pairs.jsonl", "w") as f:
+                for i in range(8):
+                    f.write(json.dumps({"domain": "x", "margin": 1.0, "correct": i < right}) + "\n")
+    write_comparison(tmp_path, tmp_path / "cmp")
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "Held-out pairs as a sample" in md and "learn − fixed_b01 +0.2500 [" in md

@@ -27,7 +27,7 @@ import yaml
 
 from ..train.run_logging import is_seed_override, is_sweep_override
 from .plots import plot_frontier, plot_overlaid_curves, read_metrics_jsonl
-from .significance import blocked_table, moonshot_table
+from .significance import blocked_table, moonshot_table, pair_sampling_note
 
 # (column header, where the value comes from, key path)
 COLUMNS = [
@@ -98,6 +98,17 @@ def find_eval_json(run_dir: Path) -> Path | None:
     return None
 
 
+def read_pairs_correct(eval_json_path: Path | None) -> list[bool] | None:
+    """Whether each held-out pair was ranked right (Δ > 0), from the ``eval_pairs.jsonl`` beside ``eval.json``."""
+    path = eval_json_path.parent / "eval_pairs.jsonl" if eval_json_path is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return [bool(json.loads(line)["correct"]) for line in path.read_text().splitlines() if line.strip()]
+    except (json.JSONDecodeError, KeyError):
+        return None
+
+
 def read_run(run_dir: Path) -> dict | None:
     """Arm, label, metric values and β-head mode of one run dir (None when it has no ``metrics.jsonl``).
 
@@ -138,6 +149,7 @@ def read_run(run_dir: Path) -> dict | None:
         "values": values,
         "mode": mode,
         "seed": _number(_get(config, ("seed",))),  # arms that share a seed share its data order (blocked tests)
+        "pairs_correct": read_pairs_correct(eval_json_path),
         "per_domain": domain_values(eval_json),
         "extra_evals": {path.parent.name[len("eval_"):]: extra_eval_values(path)
                         for path in sorted(run_dir.glob("eval_*/eval.json"))},
@@ -323,6 +335,9 @@ def write_comparison(multirun_dir: Path, out_dir: Path, arm_order: list[str] | N
     blocked = blocked_table(arms)
     if blocked:
         md += ["## The same, blocked by seed (secondary analysis)", "", blocked, ""]
+    sampling = pair_sampling_note(arms)
+    if sampling:
+        md += [sampling, ""]
     if outputs["frontier.png"] is None:
         md += ["Frontier figure skipped: no run has both generation KL and reward in eval.json.", ""]
     else:

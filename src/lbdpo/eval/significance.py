@@ -301,3 +301,49 @@ def blocked_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
                      f"of a mean over {n} seeds is ± {paired_ci_half_width(sd, n):.4f} (*matches* needs ± {margin}: "
                      f"{need or '> 200'} seeds)")
     return "\n".join(lines + (["", "Power (blocked) — " + "; ".join(parts) + "."] if parts else []))
+
+
+# -- the held-out pairs as a sample: how much of an accuracy difference is the choice of test pairs -----------------
+
+def pair_bootstrap(a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]], reps: int = 2000,
+                   seed: int = 0) -> dict[str, float] | None:
+    """Accuracy of arm a − arm b on the same held-out pairs, and the 2.5/97.5 percentiles of that difference over
+    ``reps`` resamplings of the pairs (with replacement, the same pairs for both arms; each arm's runs fixed).
+
+    ``a``, ``b``: per run, per pair, whether the pair was ranked right; every run of both arms over the same pairs
+    in the same order. None when an arm has no run or the runs' pair counts differ."""
+    import numpy as np
+
+    if not a or not b or len({len(r) for r in (*a, *b)}) != 1:
+        return None
+    d = np.asarray(a, dtype=float).mean(0) - np.asarray(b, dtype=float).mean(0)  # (pairs,) seed-averaged
+    draws = np.random.default_rng(seed).integers(0, len(d), size=(reps, len(d)))
+    means = d[draws].mean(1)
+    return {"diff": float(d.mean()), "low": float(np.percentile(means, 2.5)),
+            "high": float(np.percentile(means, 97.5)), "pairs": len(d)}
+
+
+def pair_sampling_note(arms: list[dict], acc_key: str = "held-out acc") -> str:
+    """One paragraph: for each non-fixed arm, the bootstrap interval of its accuracy difference to the best fixed β
+    and to β-DPO from resampling the held-out pairs alone (:func:`pair_bootstrap`): the uncertainty that a larger
+    test set would shrink, against the seed-to-seed one of the tables above. "" without per-pair files."""
+    _, best, beta_dpo = _best_and_beta_dpo(arms, acc_key)
+    if best is None:
+        return ""
+
+    def correct(arm):
+        return [r["pairs_correct"] for r in arm["runs"] if r.get("pairs_correct")]
+
+    cells = []
+    for a in arms:
+        if a["kind"] == "fixed":
+            continue
+        for other in (best, beta_dpo):
+            t = pair_bootstrap(correct(a), correct(other)) if other is not None and other is not a else None
+            if t is not None:
+                cells.append(f"{a['arm']} − {other['arm']} {t['diff']:+.4f} [{t['low']:+.4f}, {t['high']:+.4f}]")
+    if not cells:
+        return ""
+    return ("Held-out pairs as a sample (each arm's accuracy averaged over its seeds, the pairs resampled 2,000 "
+            "times, seeds fixed; `significance.pair_bootstrap`): " + "; ".join(cells) + ". Compare "
+            "them with the seed intervals above: the wider of the two is what limits a verdict.")
