@@ -227,3 +227,31 @@ def test_reference_generations_are_generated_once_and_equal_fresh_ones(checkpoin
     assert first == second == fresh  # the reference's continuations read back are the ones generated
     assert samples("longer", "generation.max_new_tokens=9")[0] == 4  # other settings: generated anew
     assert samples("other_seed", "seed=1")[0] == 4
+
+
+def test_reference_generations_started_side_by_side_are_generated_once(tmp_path, monkeypatch):
+    # Two evaluations that reach the same reference generations at once (the runner's --jobs 2): one generates
+    # while the other waits on the lock, then reads what the first wrote.
+    import threading
+    import time
+
+    from lbdpo.train.reference import cached_generations
+
+    monkeypatch.setenv("LBDPO_CACHE", str(tmp_path / "cache"))
+    calls, results = [], {}
+
+    def generate():
+        calls.append(threading.get_ident())
+        time.sleep(0.3)  # long enough for the other thread to reach the lock while this one holds it
+        return [[1, 2, 3], [4, 5]]
+
+    def evaluate(name):
+        results[name] = cached_generations(generate, {"name_or_path": "m"}, prompts=[[7], [8]], sample=True, seed=0)
+
+    threads = [threading.Thread(target=evaluate, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert results["a"] == results["b"] == [[1, 2, 3], [4, 5]]

@@ -184,12 +184,14 @@ def cached_generations(generate: Callable[[], list[list[int]]], model_cfg: Mappi
     with that seed (bitwise when thread count and hardware match; else an equally valid draw)."""
     key = hashlib.sha256(json.dumps([model_key(model_cfg), settings], sort_keys=True, default=str).encode())
     path = cache_dir() / "reference_generations" / f"{key.hexdigest()[:32]}.json"
-    if path.is_file():
-        log.info("reference generations read from %s", path)
-        return json.loads(path.read_text())
-    out = generate()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # written whole, then renamed
-    tmp.write_text(json.dumps(out))
-    tmp.replace(path)
+    with scoring_lock(path):  # evaluations started side by side (runner --jobs N): one generates, the others read
+        if path.is_file():
+            log.info("reference generations read from %s", path)
+            return json.loads(path.read_text())
+        with scoring_threads():
+            out = generate()
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # written whole, then renamed
+        tmp.write_text(json.dumps(out))
+        tmp.replace(path)
     return out
