@@ -255,3 +255,39 @@ def test_reference_generations_started_side_by_side_are_generated_once(tmp_path,
         t.join()
     assert len(calls) == 1
     assert results["a"] == results["b"] == [[1, 2, 3], [4, 5]]
+
+
+def test_samples_per_prompt_averages_over_k_samples_and_keeps_the_first_draws(checkpoint, tmp_path, monkeypatch):
+    # generation.samples_per_prompt=2: each prompt sampled twice (prompt list repeated), reward and KL over all 12
+    # samples; with num_prompts a multiple of batch_size the first 6 samples are exactly the ones k = 1 draws.
+    import lbdpo.eval.evaluate as evaluate
+
+    drawn, scored, real = [], [], evaluate.generate
+    monkeypatch.setattr(evaluate, "generate",
+                        lambda model, rows, *a, **k: (out := real(model, rows, *a, **k), k["sample"] and drawn.append(out))[0])
+    monkeypatch.setattr(evaluate, "resolve_reward_fn",
+                        lambda *a: lambda texts: scored.append(list(texts)) or [float(len(t)) for t in texts])
+
+    def run(name, k):
+        drawn.clear(), scored.clear()
+        evaluate_checkpoint(eval_cfg(checkpoint, tmp_path / name, "plots=false", "reference_cache=false",
+                                     "generation.batch_size=3", f"generation.samples_per_prompt={k}"))
+        rows = [json.loads(line) for line in (tmp_path / name / "samples.jsonl").open()]
+        return json.loads((tmp_path / name / "eval.json").read_text())["generation"], rows, list(drawn), list(scored)
+
+    gen1, rows1, drawn1, _ = run("one", 1)
+    gen2, rows2, drawn2, scored2 = run("two", 2)
+    assert [len(d) for d in drawn1] == [6, 6] and [len(d) for d in drawn2] == [12, 12]  # policy, reference
+    assert drawn2[0][:6] == drawn1[0] and drawn2[1][:6] == drawn1[1]
+    assert (gen2["num_prompts"], gen2["samples_per_prompt"], gen2["kl"]["n"]) == (6, 2, 12)
+    assert gen2["kl"]["mean"] == pytest.approx(0.0, abs=1e-5)  # policy == reference
+    policy_texts = scored2[1]  # scored in the order policy greedy, policy sample, reference greedy, reference sample
+    assert len(policy_texts) == 12 and len(scored2[0]) == 6
+    assert gen2["reward"]["policy_mean"] == pytest.approx(sum(map(len, policy_texts)) / 12)
+    assert gen2["reward"]["n"] == 12 and sum(d["n"] for d in gen2["per_domain"].values()) == 12
+    assert len(rows2) == 6 and [r["policy_sample"] for r in rows2] == policy_texts[:6]
+    for i, row in enumerate(rows2):  # each prompt's value: the mean of its two samples
+        assert row["reward_policy_sample"] == pytest.approx((len(policy_texts[i]) + len(policy_texts[i + 6])) / 2)
+    assert [r["policy_sample"] for r in rows1] == policy_texts[:6]
+    with pytest.raises(ValueError, match="generation.samples_per_prompt=0 must be ≥ 1"):
+        evaluate_checkpoint(eval_cfg(checkpoint, tmp_path / "bad", "plots=false", "generation.samples_per_prompt=0"))

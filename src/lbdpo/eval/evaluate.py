@@ -86,7 +86,8 @@ def check_options(cfg: DictConfig) -> None:
     """The evaluation's own options, before anything loads (one line naming the key)."""
     from ..train.checks import number
 
-    for key in ("batch_size", "generation.num_prompts", "generation.max_new_tokens", "generation.batch_size"):
+    for key in ("batch_size", "generation.num_prompts", "generation.samples_per_prompt", "generation.max_new_tokens",
+                "generation.batch_size"):
         if number(key, OmegaConf.select(cfg, key), int) < 1:
             raise ValueError(f"{key}={OmegaConf.select(cfg, key)} must be ≥ 1 (generation.enabled=false skips "
                              "generation)")
@@ -218,8 +219,13 @@ def write_eval_pairs(per_pair: dict[str, list], path: Path) -> None:
 
 def run_generation(cfg, run_cfg, results: Results, policy, reference, tokenizer, eval_ds, data_cfg, device,
                    samples_path, reward_fn: Callable | None):
-    """Greedy and sampled continuations of policy and reference; reward, win rate and MC KL when possible."""
+    """Greedy and sampled continuations of policy and reference; reward, win rate and MC KL when possible.
+
+    With ``generation.samples_per_prompt`` = k > 1 each prompt is sampled k times (the prompt list repeated k times;
+    when N is a multiple of ``generation.batch_size`` the first N samples are the ones k = 1 draws): reward, win rate and KL average over all N·k samples (same
+    estimand, less sampling noise); samples.jsonl keeps the first sample's text and each prompt's mean over its k."""
     g = cfg.generation
+    k = int(g.samples_per_prompt)
     seen, prompts, texts, domains = set(), [], [], []
     for row in eval_ds:
         key = tuple(row["prompt_input_ids"])
@@ -236,33 +242,37 @@ def run_generation(cfg, run_cfg, results: Results, policy, reference, tokenizer,
     gen = {}
     for who, model in (("policy", policy), ("reference", reference)):
         for mode in ("greedy", "sample"):
-            def make(model=model, mode=mode):
-                return generate(model, prompts, tokenizer.pad_token_id, eos, sample=mode == "sample",
+            rows = prompts * k if mode == "sample" else prompts  # greedy is deterministic: once per prompt
+            def make(model=model, mode=mode, rows=rows):
+                return generate(model, rows, tokenizer.pad_token_id, eos, sample=mode == "sample",
                                 seed=int(cfg.seed), **common)
             if who == "reference" and cfg.reference_cache:  # the same in every run of an experiment: once
                 gen[f"{who}_{mode}"] = cached_generations(
-                    make, to_container(run_cfg.model), prompts=prompts, mode=mode, seed=int(cfg.seed), eos=eos,
+                    make, to_container(run_cfg.model), prompts=rows, mode=mode, seed=int(cfg.seed), eos=eos,
                     pad=tokenizer.pad_token_id, max_new_tokens=int(g.max_new_tokens), batch_size=int(g.batch_size))
             else:
                 gen[f"{who}_{mode}"] = make()
-    decoded = {k: [tokenizer.decode(ids, skip_special_tokens=True) for ids in v] for k, v in gen.items()}
-    section: dict[str, Any] = {"num_prompts": len(prompts), "max_new_tokens": int(g.max_new_tokens)}
+    decoded = {key: [tokenizer.decode(ids, skip_special_tokens=True) for ids in v] for key, v in gen.items()}
+    section: dict[str, Any] = {"num_prompts": len(prompts), "samples_per_prompt": k,
+                               "max_new_tokens": int(g.max_new_tokens)}
     # KL(π‖πref) on the policy's own samples: log π − log πref of each sampled continuation
-    pol = sample_logps(policy, prompts, gen["policy_sample"], tokenizer.pad_token_id, int(g.batch_size), device)
-    ref = sample_logps(reference, prompts, gen["policy_sample"], tokenizer.pad_token_id, int(g.batch_size), device)
+    pol = sample_logps(policy, prompts * k, gen["policy_sample"], tokenizer.pad_token_id, int(g.batch_size), device)
+    ref = sample_logps(reference, prompts * k, gen["policy_sample"], tokenizer.pad_token_id, int(g.batch_size), device)
     section["kl"] = kl_estimate(pol, ref)
-    per_prompt: dict[str, list[float]] = {"kl": (pol - ref).tolist()}  # one value per prompt, in samples.jsonl
+    per_sample: dict[str, list[float]] = {"kl": (pol - ref).tolist()}  # N·k values, the k blocks one after another
     if reward_fn is not None:
-        per_prompt.update({f"reward_{k}": reward_fn(v) for k, v in decoded.items()})
-        section["reward"] = reward_comparison(per_prompt["reward_policy_sample"], per_prompt["reward_reference_sample"])
-        section["reward_greedy"] = reward_comparison(per_prompt["reward_policy_greedy"],
-                                                     per_prompt["reward_reference_greedy"])
-    section["per_domain"] = generation_by_domain(domains, per_prompt["kl"], per_prompt.get("reward_policy_sample"),
-                                                 per_prompt.get("reward_reference_sample"))
+        per_sample.update({f"reward_{key}": reward_fn(v) for key, v in decoded.items()})
+        section["reward"] = reward_comparison(per_sample["reward_policy_sample"], per_sample["reward_reference_sample"])
+        section["reward_greedy"] = reward_comparison(per_sample["reward_policy_greedy"],
+                                                     per_sample["reward_reference_greedy"])
+    section["per_domain"] = generation_by_domain(domains * k, per_sample["kl"], per_sample.get("reward_policy_sample"),
+                                                 per_sample.get("reward_reference_sample"))
+    n = len(prompts)
+    per_prompt = {key: [sum(v[i::n]) / len(v[i::n]) for i in range(n)] for key, v in per_sample.items()}
     with open(samples_path, "w") as f:
         for i, prompt in enumerate(texts):
-            f.write(json.dumps({"prompt": prompt, "domain": domains[i], **{k: v[i] for k, v in decoded.items()},
-                                **{k: v[i] for k, v in per_prompt.items()}}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({"prompt": prompt, "domain": domains[i], **{key: v[i] for key, v in decoded.items()},
+                                **{key: v[i] for key, v in per_prompt.items()}}, ensure_ascii=False) + "\n")
     results.set("generation", section)
     if reward_fn is None:
         results.skip("reward", "the eval data has no ground-truth reward (set reward= or reward_model=)")
@@ -311,7 +321,8 @@ def render_report(data: dict[str, Any], samples_path: Path) -> str:
         lines.append("")
     gen = data.get("generation")
     if gen:
-        lines += ["## Generation", "", f"{gen['num_prompts']} held-out prompts, ≤ {gen['max_new_tokens']} new tokens; "
+        lines += ["## Generation", "", f"{gen['num_prompts']} held-out prompts × {gen.get('samples_per_prompt', 1)} "
+                  f"samples, ≤ {gen['max_new_tokens']} new tokens; "
                   f"samples side by side in `{samples_path.name}`.", ""]
         kl = gen.get("kl")
         if kl:

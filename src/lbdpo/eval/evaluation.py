@@ -130,7 +130,8 @@ def reward_comparison(policy_rewards: Sequence[float], reference_rewards: Sequen
 
 def generation_by_domain(domains: Sequence[str], kl: Sequence[float], policy_rewards: Sequence[float] | None,
                          reference_rewards: Sequence[float] | None) -> dict[str, dict[str, Any]]:
-    """Per domain: the number of prompts, mean KL and (with rewards) :func:`reward_comparison` of its prompts."""
+    """Per domain: the number of values (its prompts × samples per prompt), mean KL and (with rewards)
+    :func:`reward_comparison` of its samples."""
     out = {}
     for domain in sorted(set(domains)):
         idx = [i for i, d in enumerate(domains) if d == domain]
