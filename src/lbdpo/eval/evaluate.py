@@ -222,8 +222,9 @@ def run_generation(cfg, run_cfg, results: Results, policy, reference, tokenizer,
     """Greedy and sampled continuations of policy and reference; reward, win rate and MC KL when possible.
 
     With ``generation.samples_per_prompt`` = k > 1 each prompt is sampled k times (the prompt list repeated k times;
-    when N is a multiple of ``generation.batch_size`` the first N samples are the ones k = 1 draws): reward, win rate and KL average over all N·k samples (same
-    estimand, less sampling noise); samples.jsonl keeps the first sample's text and each prompt's mean over its k."""
+    when N is a multiple of ``generation.batch_size`` the first N samples are the ones k = 1 draws): reward, win rate
+    and KL average over all N·k samples (same estimand, less sampling noise; the KL's sem treats them as independent);
+    samples.jsonl keeps the first sample's text and each prompt's mean over its k."""
     g = cfg.generation
     k = int(g.samples_per_prompt)
     seen, prompts, texts, domains = set(), [], [], []
