@@ -5,9 +5,9 @@ continuations, on which reward and the KL estimate are computed, are drawn anew;
 of reward and KL across these evaluation seeds is pure measurement noise; the spread across training seeds (the
 experiment's other runs of the same arm, from their ``eval.json``, all evaluated at seed 0) is training noise plus
 that measurement noise. With ``--results``, the frontier gap too (reward − R*(KL), R* from the fixed arms' mean
-(KL, reward) over their seeds, as in compare.md's Welch test). If the two are of the same size, more generations per run (``generation.num_prompts``, up to
-every held-out prompt) or samples (``generation.samples_per_prompt``) shrink the frontier gap's error more cheaply
-than more training seeds; ``--samples-per-prompt k`` measures the noise left with k samples.
+(KL, reward) over their seeds, as in compare.md's Welch test). If the two are of the same size, more prompts
+(``generation.num_prompts``) or samples (``generation.samples_per_prompt``) per evaluation shrink the frontier gap's
+error more cheaply than more training seeds; ``--samples-per-prompt k`` measures the noise left with k samples.
 
     python benchmarks/eval_noise.py outputs/experiments/sentiment_v1/fixed_b03__seed-4 \\
         outputs/experiments/sentiment_v1/learn_design__seed-4 --seeds 1 2 3 4 5 6 7 --results results/sentiment_v1
@@ -41,8 +41,7 @@ def evaluate(run: Path, out: Path, seed: int, num_prompts: int, samples_per_prom
     subprocess.run([sys.executable, str(REPO / "evaluate.py"), f"checkpoint={run / 'checkpoints' / 'final'}",
                     f"output_dir={out}", f"seed={seed}", "max_pairs=16", "plots=false",
                     f"generation.num_prompts={num_prompts}", f"generation.samples_per_prompt={samples_per_prompt}"],
-                   check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return generation_numbers(out / "eval.json")
 
 
