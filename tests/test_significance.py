@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from lbdpo.eval.compare import write_comparison
-from lbdpo.eval.significance import (blocked_table, ci_half_width, detectable_difference, frontier_reward,
+from lbdpo.eval.significance import (_fmt_test, blocked_table, ci_half_width, detectable_difference, frontier_reward,
                                      moonshot_table, moonshot_verdict, pair_bootstrap, paired, paired_ci_half_width,
                                      pooled_sd, run_gaps, seed_gaps, verdict, welch)
 from test_plots_compare import fake_run
@@ -139,6 +139,48 @@ def test_experiment_comparison_names_orders_and_splits_by_domain(tmp_path):
     assert "## Against the best fixed β and β-DPO" in md and "| learn | 2 | -0.1000" in md
     # seeds read from each run's config: acc learn − fixed is −0.1 at both seeds, a constant difference, no test
     assert "## The same, blocked by seed" in md and "| learn | 2 | – |" in md
+
+
+def test_accuracy_per_domain_and_set_tested_against_best_fixed_and_beta_dpo(tmp_path):
+    """Experiment-2-like runs (no generation): held-out pairs of two domains, an extra set of two test files. The
+    per-domain and per-set tables show acc and the margin at the common β; every one of those accuracies is tested
+    with the same Welch test as the main one, against the best fixed β chosen on the main accuracy."""
+    accs = {}
+    for name, mode, base in (("fixed_a", "fixed", 0.60), ("fixed_b", "fixed", 0.55), ("dpo", "beta_dpo", 0.50),
+                             ("learn", "learnable", 0.58)):
+        for seed in (0, 1, 2):
+            run = f"{name}__seed-{seed}"
+            fake_run(tmp_path, run, name, seed, mode, base + 0.01 * seed, 0.1, kl=1.0, reward=0.0)
+            path = tmp_path / run / "eval.json"
+            data = json.loads(path.read_text())
+            del data["generation"]
+            data["preference"]["per_domain"] = {
+                d: {"common_beta": {"rewards/accuracies": base + k + 0.02 * seed * k,
+                                    "rewards/margins": 0.1 * k + seed}} for k, d in ((0.1, "en"), (0.2, "zh"))}
+            path.write_text(json.dumps(data))
+            (tmp_path / run / "eval_test").mkdir()
+            test = {"preference": {"common_beta": {"rewards/accuracies": base + 0.05, "rewards/margins": 1.0},
+                                   "per_domain": {d: {"common_beta": {"rewards/accuracies": base - k + 0.03 * seed,
+                                                                      "rewards/margins": k}}
+                                                  for k, d in ((0.01, "online"), (0.02, "rejection"))}}}
+            (tmp_path / run / "eval_test" / "eval.json").write_text(json.dumps(test))
+            accs.setdefault(name, []).append(base - 0.02 + 0.03 * seed)  # its "test rejection" accuracy
+    write_comparison(tmp_path, tmp_path / "cmp")
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    per_domain = md.split("## Per domain")[1].split("##")[0]
+    assert "| arm | en acc | en margin | zh acc | zh margin |" in per_domain  # no reward/KL columns: none recorded
+    assert "| learn | 0.6820 ± 0.0016 | 1.0100 ± 0.8165 |" in per_domain  # en: 0.58 + 0.1 + 0.002 s; margin 0.01 + s
+    other = md.split("## Other evaluation sets")[1].split("##")[0]
+    assert "| arm | test acc | test margin | test online acc | test online margin | test rejection acc |" in other
+    table = md.split("## Accuracy per domain and evaluation set")[1]
+    assert "Best fixed β: **fixed_a**" in table
+    assert "| test rejection | fixed_a | 3 | 0.6100 ± 0.0245 | – | – |" in table  # 0.58 + 0.03 s
+    row = next(line for line in table.splitlines() if line.startswith("| test rejection | learn |"))
+    assert _fmt_test(welch(accs["learn"], accs["fixed_a"]), 0.03) in row
+    assert _fmt_test(welch(accs["learn"], accs["dpo"]), 0.03) in row
+    measures = {line.split("|")[1].strip() for line in table.splitlines()
+                if line.startswith("| ") and not line.startswith("| measure")}
+    assert measures == {"held-out en", "held-out zh", "test", "test online", "test rejection"}
 
 
 def test_verdict_follows_the_decision_rule():

@@ -10,8 +10,9 @@ seeds that have it (ddof=0, as in :mod:`lbdpo.metrics`; "–" as the std with on
 none). Metrics: the last logged ``eval/rewards/accuracies``, ``eval/rewards/margins``, ``eval/loss`` and
 ``beta_head/w`` of ``metrics.jsonl``, and from ``eval.json`` (run dir, else ``checkpoints/final/``) the
 held-out accuracy (at the common β, which is the accuracy at any β), the policy's mean reward, its win rate over
-the reference and the KL. Below the table: the same per domain, and each non-fixed arm tested against the best
-fixed β and β-DPO (:mod:`lbdpo.eval.significance`). Run folders named ``<arm>__seed-<S>`` (an experiment's, see
+the reference and the KL. Below the table: the same per domain, the extra evaluation sets (``eval_<name>/``, whole
+and per domain), each non-fixed arm tested against the best fixed β and β-DPO (:mod:`lbdpo.eval.significance`), and
+the same test for every per-domain and per-set accuracy. Run folders named ``<arm>__seed-<S>`` (an experiment's, see
 :mod:`lbdpo.experiment`) are grouped by that arm name.
 """
 
@@ -27,7 +28,7 @@ import yaml
 
 from ..train.run_logging import is_seed_override, is_sweep_override
 from .plots import plot_frontier, plot_overlaid_curves, read_metrics_jsonl
-from .significance import blocked_table, moonshot_table, pair_sampling_note
+from .significance import accuracy_table, blocked_table, moonshot_table, pair_sampling_note
 
 # (column header, where the value comes from, key path)
 COLUMNS = [
@@ -137,7 +138,7 @@ def read_run(run_dir: Path) -> dict | None:
             values[header] = _number(_get(eval_json, key))
     mode = _get(config, ("beta_head", "mode"))
     fixed = mode == "fixed"
-    return {
+    run = {
         "run": run_dir.name,
         "label": " ".join(overrides) or run_dir.name,
         "arm": arm_name(overrides, run_dir.name),
@@ -154,23 +155,47 @@ def read_run(run_dir: Path) -> dict | None:
         "extra_evals": {path.parent.name[len("eval_"):]: extra_eval_values(path)
                         for path in sorted(run_dir.glob("eval_*/eval.json"))},
     }
+    run["accuracies"] = accuracy_measures(run)
+    return run
 
 
 def extra_eval_values(path: Path) -> dict[str, float | None]:
-    """Held-out accuracy and the margin at the common β of an extra evaluation set (``eval_<name>/eval.json``)."""
+    """Accuracy and the margin at the common β of an extra evaluation set (``eval_<name>/eval.json``): ``acc`` and
+    ``margin`` over all its pairs, and ``<domain> acc`` / ``<domain> margin`` when its pairs come from two or more
+    domains (e.g. HH's online and rejection-sampled test files)."""
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError:
         return {}
     common = _get(data, ("preference", "common_beta")) or {}
-    return {"acc": _number(common.get("rewards/accuracies")), "margin": _number(common.get("rewards/margins"))}
+    out = {"acc": _number(common.get("rewards/accuracies")), "margin": _number(common.get("rewards/margins"))}
+    domains = _get(data, ("preference", "per_domain")) or {}
+    for domain, d in sorted(domains.items()) if len(domains) > 1 else ():
+        out[f"{domain} acc"] = _number(_get(d, ("common_beta", "rewards/accuracies")))
+        out[f"{domain} margin"] = _number(_get(d, ("common_beta", "rewards/margins")))
+    return out
+
+
+def accuracy_measures(run: dict) -> dict[str, float]:
+    """Every held-out accuracy of one run beside the main one, by name: ``held-out <domain>`` for each domain of the
+    held-out pairs (when there are two or more), ``<set>`` and ``<set> <domain>`` for each extra evaluation set."""
+    out = {}
+    domains = run.get("per_domain", {})
+    for domain in sorted(domains) if len(domains) > 1 else ():
+        out[f"held-out {domain}"] = domains[domain].get("acc")
+    for name, values in sorted(run.get("extra_evals", {}).items()):
+        out[name] = values.get("acc")
+        out.update({f"{name} {k[:-len(' acc')]}": v for k, v in values.items() if k.endswith(" acc")})
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def domain_values(eval_json: dict) -> dict[str, dict[str, float | None]]:
-    """domain → held-out accuracy (``acc``), policy reward and KL of that domain's prompts (from eval.json)."""
+    """domain → held-out accuracy (``acc``) and margin at the common β (``margin``), policy reward and KL of that
+    domain's prompts (from eval.json)."""
     out: dict[str, dict[str, float | None]] = {}
     for domain, d in (_get(eval_json, ("preference", "per_domain")) or {}).items():
         out.setdefault(domain, {})["acc"] = _number(_get(d, ("common_beta", "rewards/accuracies")))
+        out[domain]["margin"] = _number(_get(d, ("common_beta", "rewards/margins")))
     for domain, d in (_get(eval_json, ("generation", "per_domain")) or {}).items():
         out.setdefault(domain, {}).update(reward=_number(_get(d, ("reward", "policy_mean"))),
                                           KL=_number(_get(d, ("kl",))))
@@ -249,33 +274,40 @@ def frontier_points(arms: list[dict]) -> list[dict]:
     return points
 
 
+def _nested_table(arms: list[dict], field: str, columns: list[tuple[str, str]]) -> str:
+    """Markdown: per arm, mean ± std over seeds of ``run[field][group][key]`` for each (group, key) column that some
+    run has; "" when none has any."""
+    present = [(g, k) for g, k in columns
+               if any(r.get(field, {}).get(g, {}).get(k) is not None for a in arms for r in a["runs"])]
+    if not present:
+        return ""
+    header = ["arm", *(f"{g} {k}" for g, k in present)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for a in arms:
+        cells = [fmt_mean_std(*mean_std([r.get(field, {}).get(g, {}).get(k) for r in a["runs"]])) for g, k in present]
+        lines.append("| " + " | ".join([a["arm"], *cells]) + " |")
+    return "\n".join(lines)
+
+
 def per_domain_table(arms: list[dict]) -> str:
-    """Markdown: per arm and domain, held-out accuracy, reward and KL (mean ± std over seeds); "" without domains."""
+    """Markdown: per arm and domain, held-out accuracy, margin at the common β, reward and KL (mean ± std over
+    seeds; columns no run has are left out); "" without two domains."""
     domains = sorted({d for a in arms for r in a["runs"] for d in r.get("per_domain", {})})
     if len(domains) < 2:
         return ""
-    keys = ("acc", "reward", "KL")
-    header = ["arm", *(f"{d} {k}" for d in domains for k in keys)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for a in arms:
-        cells = [fmt_mean_std(*mean_std([r.get("per_domain", {}).get(d, {}).get(k) for r in a["runs"]]))
-                 for d in domains for k in keys]
-        lines.append("| " + " | ".join([a["arm"], *cells]) + " |")
-    return "\n".join(lines)
+    return _nested_table(arms, "per_domain", [(d, k) for d in domains for k in ("acc", "margin", "reward", "KL")])
 
 
 def extra_evals_table(arms: list[dict]) -> str:
-    """Markdown: per arm and extra evaluation set, accuracy and margin at the common β; "" when there is none."""
-    names = sorted({n for a in arms for r in a["runs"] for n in r.get("extra_evals", {})})
-    if not names:
-        return ""
-    header = ["arm", *(f"{n} {k}" for n in names for k in ("acc", "margin @ common β"))]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    """Markdown: per arm and extra evaluation set, accuracy and margin at the common β, over the whole set and per
+    domain of it; "" when there is none."""
+    keys: dict[str, list[str]] = {}  # set → its keys in first-seen order ("acc", "margin", then per domain)
     for a in arms:
-        cells = [fmt_mean_std(*mean_std([r.get("extra_evals", {}).get(n, {}).get(k) for r in a["runs"]]))
-                 for n in names for k in ("acc", "margin")]
-        lines.append("| " + " | ".join([a["arm"], *cells]) + " |")
-    return "\n".join(lines)
+        for r in a["runs"]:
+            for name, values in r.get("extra_evals", {}).items():
+                keys.setdefault(name, [])
+                keys[name] += [k for k in values if k not in keys[name]]
+    return _nested_table(arms, "extra_evals", [(n, k) for n in sorted(keys) for k in keys[n]])
 
 
 def markdown_table(arms: list[dict]) -> str:
@@ -323,12 +355,14 @@ def write_comparison(multirun_dir: Path, out_dir: Path, arm_order: list[str] | N
     md = [f"# Comparison of {shown_path(multirun_dir)}", "", table, "", *notes, ""]
     by_domain = per_domain_table(arms)
     if by_domain:
-        md += ["## Per domain", "", by_domain, "", "acc: held-out pairs of the domain; reward, KL: its generation "
-               "prompts (eval.json per_domain; runs evaluated before it was recorded show –).", ""]
+        md += ["## Per domain", "", by_domain, "", "acc, margin (at the common β): held-out pairs of the domain; "
+               "reward, KL: its generation prompts (eval.json per_domain; runs evaluated before it was recorded "
+               "show –).", ""]
     extra = extra_evals_table(arms)
     if extra:
-        md += ["## Other evaluation sets", "", extra, "", "Each set's eval.json (an experiment's `eval_<name>/`); "
-               "the margin at the common β compares runs on one scale.", ""]
+        md += ["## Other evaluation sets", "", extra, "", "Each set's eval.json (an experiment's `eval_<name>/`), "
+               "over all its pairs and per domain of them; the margin is at the common β, which compares runs on "
+               "one scale.", ""]
     tests = moonshot_table(arms)
     if tests:
         md += ["## Against the best fixed β and β-DPO", "", tests, ""]
@@ -338,6 +372,9 @@ def write_comparison(multirun_dir: Path, out_dir: Path, arm_order: list[str] | N
     sampling = pair_sampling_note(arms)
     if sampling:
         md += [sampling, ""]
+    by_set = accuracy_table(arms)
+    if by_set:
+        md += ["## Accuracy per domain and evaluation set, against the best fixed β and β-DPO", "", by_set, ""]
     if outputs["frontier.png"] is None:
         md += ["Frontier figure skipped: no run has both generation KL and reward in eval.json.", ""]
     else:

@@ -218,6 +218,39 @@ def moonshot_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
     return "\n".join(lines + (["", note] if note else []))
 
 
+def accuracy_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
+    """Markdown: every accuracy beside the main held-out one (each run's ``accuracies``: per domain of the held-out
+    pairs, each extra evaluation set and its domains), per arm mean ± std over seeds, and each non-fixed arm's Welch
+    test against the best fixed β (chosen on the main held-out accuracy, as in :func:`moonshot_table`) and against
+    β-DPO. A secondary analysis: many measures, no correction for multiple comparisons. "" when no run has one."""
+    _, best, beta_dpo = _best_and_beta_dpo(arms, acc_key)
+    measures = list(dict.fromkeys(m for a in arms for r in a["runs"] for m in r.get("accuracies", {})))
+    if best is None or not measures:
+        return ""
+
+    def values(arm, measure):
+        return [r["accuracies"][measure] for r in arm["runs"] if r.get("accuracies", {}).get(measure) is not None]
+
+    lines = [f"Best fixed β: **{best['arm']}** (by the main held-out accuracy, as above, for every row). Cells: "
+             f"mean difference [95 % CI], Welch p over seeds and the rule's verdict (matches: CI within "
+             f"±{ACC_MARGIN}). Secondary: {len(measures)} measures, no correction for multiple comparisons.", "",
+             f"| measure | arm | seeds | accuracy | − best fixed ({best['arm']}) | − β-DPO |", "|---|---|---|---|---|---|"]
+    for measure in measures:
+        for a in arms:
+            own = values(a, measure)
+            if not own:
+                continue
+            mean = _mean(own)
+            spread = f"{statistics.pstdev(own):.4f}" if len(own) > 1 else "–"
+            tests = ["–", "–"]
+            if a["kind"] != "fixed":
+                tests[0] = _fmt_test(welch(own, values(best, measure)), ACC_MARGIN)
+                if beta_dpo is not None and a is not beta_dpo:
+                    tests[1] = _fmt_test(welch(own, values(beta_dpo, measure)), ACC_MARGIN)
+            lines.append(f"| {measure} | {a['arm']} | {len(own)} | {mean:.4f} ± {spread} | {tests[0]} | {tests[1]} |")
+    return "\n".join(lines)
+
+
 # -- blocked by seed: every arm's seed s trains on the same data order, so seeds are blocks --------------------------
 
 def paired(a: dict[int, float], b: dict[int, float] | None = None) -> dict[str, float] | None:
