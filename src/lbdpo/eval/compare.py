@@ -64,11 +64,7 @@ def _get(tree, path: tuple[str, ...]):
 
 def _last(lines: list[dict], key: str) -> float | None:
     """The value of ``key`` in the last line that logged it as a finite number."""
-    for line in reversed(lines):
-        value = _number(line.get(key))
-        if value is not None:
-            return value
-    return None
+    return next((v for v in (_number(line.get(key)) for line in reversed(lines)) if v is not None), None)
 
 
 def _read_yaml(path: Path):
@@ -93,10 +89,8 @@ def arm_name(overrides: list[str], run_name: str) -> str:
 
 def find_eval_json(run_dir: Path) -> Path | None:
     """``eval.json`` of a run: in the run dir first, else in ``checkpoints/final/``; None when neither."""
-    for candidate in (run_dir / "eval.json", run_dir / "checkpoints" / "final" / "eval.json"):
-        if candidate.is_file():
-            return candidate
-    return None
+    return next((c for c in (run_dir / "eval.json", run_dir / "checkpoints" / "final" / "eval.json") if c.is_file()),
+                None)
 
 
 def read_pairs_correct(eval_json_path: Path | None) -> list[bool] | None:
@@ -179,10 +173,8 @@ def extra_eval_values(path: Path) -> dict[str, float | None]:
 def accuracy_measures(run: dict) -> dict[str, float]:
     """Every held-out accuracy of one run beside the main one, by name: ``held-out <domain>`` for each domain of the
     held-out pairs (when there are two or more), ``<set>`` and ``<set> <domain>`` for each extra evaluation set."""
-    out = {}
     domains = run.get("per_domain", {})
-    for domain in sorted(domains) if len(domains) > 1 else ():
-        out[f"held-out {domain}"] = domains[domain].get("acc")
+    out = {f"held-out {d}": domains[d].get("acc") for d in sorted(domains)} if len(domains) > 1 else {}
     for name, values in sorted(run.get("extra_evals", {}).items()):
         out[name] = values.get("acc")
         out.update({f"{name} {k[:-len(' acc')]}": v for k, v in values.items() if k.endswith(" acc")})
@@ -301,13 +293,9 @@ def per_domain_table(arms: list[dict]) -> str:
 def extra_evals_table(arms: list[dict]) -> str:
     """Markdown: per arm and extra evaluation set, accuracy and margin at the common β, over the whole set and per
     domain of it; "" when there is none."""
-    keys: dict[str, list[str]] = {}  # set → its keys in first-seen order ("acc", "margin", then per domain)
-    for a in arms:
-        for r in a["runs"]:
-            for name, values in r.get("extra_evals", {}).items():
-                keys.setdefault(name, [])
-                keys[name] += [k for k in values if k not in keys[name]]
-    return _nested_table(arms, "extra_evals", [(n, k) for n in sorted(keys) for k in keys[n]])
+    seen = dict.fromkeys((n, k) for a in arms for r in a["runs"] for n, values in r.get("extra_evals", {}).items()
+                         for k in values)  # each set's keys in first-seen order: acc, margin, then per domain
+    return _nested_table(arms, "extra_evals", sorted(seen, key=lambda column: column[0]))
 
 
 def markdown_table(arms: list[dict]) -> str:
