@@ -45,6 +45,12 @@ def test_summary_statistics_have_their_known_values():
     assert saturated["beta/zh"] < saturated["beta/mean"] < saturated["beta/en"]  # the mean over both domains
     by_domain = summarize(pair_rows(20, saturated=False, rng=rng))
     assert by_domain["f_domain_share"] == pytest.approx(1.0) and by_domain["f_std"] == pytest.approx(0.05, abs=0.01)
+    assert (by_domain["f/en"], by_domain["f_min/en"], by_domain["f_max/en"]) == pytest.approx((1.05, 1.05, 1.05))
+    assert by_domain["f/zh"] == pytest.approx(0.95)
+    mixed = [{**r, "f": 0.9 + 0.1 * i} for i, r in enumerate(rows[:3])] if (rows := [
+        {"domain": "en", "log_ppl": 1.0 + i, "beta": 0.1, "margin": 0.0} for i in range(3)]) else []
+    spread = summarize(mixed)  # one domain, f 0.9 / 1.0 / 1.1: its mean and range
+    assert (spread["f/en"], spread["f_min/en"], spread["f_max/en"]) == pytest.approx((1.0, 0.9, 1.1))
     assert abs(by_domain["rho_beta_margin"]) < 0.3  # margins drawn independently of β
     assert between_domain_share([1.0, 3.0, 1.0, 3.0], ["a", "b", "a", "b"]) == pytest.approx(1.0)
     assert between_domain_share([1.0, 3.0, 3.0, 1.0], ["a", "a", "b", "b"]) == pytest.approx(0.0)
@@ -80,7 +86,14 @@ def test_report_groups_seeds_by_arm_and_skips_runs_without_pairs(tmp_path, capsy
     assert "0.0200 ± 0.0000 → 0.5200 ± 0.5000" in rows[1]  # w first → last over the two seeds
     assert "(steps 1–4)" in md and "(steps 13–16)" in md and "fixed" not in md
     assert md.count("| β mean | β en | β zh |") == 2  # both tables: overall mean β (drift), then per domain
-    assert (tmp_path / "compare" / "dynamics.md").is_file()
+    per_run = [line for line in md.split("### Per run")[1].splitlines() if line.startswith("| ") and "__seed-" in line]
+    assert [line.split(" | ")[0] for line in per_run] == [
+        "| saturated__seed-0", "| saturated__seed-1", "| learn__seed-0", "| learn__seed-1"]  # every seed, in order
+    assert per_run[2].startswith("| learn__seed-0 | 0.0200 → 0.0200 |") and "| 0.0200 → 1.0200 |" in per_run[3]
+    assert "1.050 [1.050, 1.050]" in per_run[2] and "0.950 [0.950, 0.950]" in per_run[2]  # f per domain
+    share, rho = per_run[2].rstrip(" |").split(" | ")[-2:]
+    assert share == "1.000" and float(rho) > 0.8  # f is the domain; en has the higher log PPL and the higher f
+    assert "1.100 [1.100, 1.100]" in per_run[0] and per_run[0].endswith("| – | – |")  # saturated: no variance
     assert (tmp_path / "compare" / "dynamics.png").read_bytes()[:4] == b"\x89PNG"
     for run in ("learn__seed-0", "learn__seed-1", "saturated__seed-0", "saturated__seed-1"):
         (tmp_path / run / "pairs.jsonl").unlink()

@@ -75,6 +75,9 @@ def summarize(rows: list[dict]) -> dict[str, float | None]:
     domains = [str(r.get("domain")) for r in rows]
     for d in sorted(set(domains)):
         out[f"beta/{d}"] = float(np.mean([b for b, x in zip(col["beta"], domains) if x == d]))
+    for d in sorted(set(domains)) if "f" in col else ():  # where f sits per domain: a bound, or spread
+        f_d = [f for f, x in zip(col["f"], domains) if x == d]
+        out[f"f/{d}"], out[f"f_min/{d}"], out[f"f_max/{d}"] = float(np.mean(f_d)), min(f_d), max(f_d)
     out["beta/mean"] = float(np.mean(col["beta"]))
     out["beta/cv"] = float(np.std(col["beta"]) / np.mean(col["beta"])) if np.mean(col["beta"]) > 0 else None
     out["f_std"] = float(np.std(col["f"])) if "f" in col else None
@@ -171,6 +174,18 @@ def dynamics_report(by_arm: dict[str, list[tuple[Path, dict]]], windows: int,
             lo, hi, _ = runs[0]["windows"][which]
             cells = [_fmt([r["windows"][which][2].get(k) for r in runs]) for k in keys]
             md.append(f"| {arm} | {label} (steps {lo}–{hi}) | " + " | ".join(cells) + " |")
+    md += ["", "### Per run: β and f by domain on the held-out pairs at the end", "",
+           "f by domain: mean [min, max]; each seed on its own (a seed-dependent f is hidden by the mean ± std above).",
+           "", "| run | w first → last | β mean | " + " | ".join(f"β {d} | f {d}" for d in domains)
+           + " | f: domain share | ρ(f, log PPL) |", "|" + "---|" * (2 * len(domains) + 5)]
+    for arm in arms:
+        for run_dir, r in by_arm[arm]:
+            h = r["held_out"]
+            cells = [f"{_fmt([h.get(f'beta/{d}')])} | " + (f"{h[f'f/{d}']:.3f} [{h[f'f_min/{d}']:.3f}, "
+                     f"{h[f'f_max/{d}']:.3f}]" if f"f/{d}" in h else "–") for d in domains]
+            md.append(f"| {run_dir.name} | {_fmt([r['w_first']], 4)} → {_fmt([r['w_last']], 4)} | "
+                      f"{_fmt([h.get('beta/mean')])} | " + " | ".join(cells) + f" | {_fmt([h.get('f_domain_share')])} | "
+                      f"{_fmt([h.get('rho_f_logppl')])} |")
     return "\n".join(md)
 
 
