@@ -47,9 +47,8 @@ def test_summary_statistics_have_their_known_values():
     assert by_domain["f_domain_share"] == pytest.approx(1.0) and by_domain["f_std"] == pytest.approx(0.05, abs=0.01)
     assert (by_domain["f/en"], by_domain["f_min/en"], by_domain["f_max/en"]) == pytest.approx((1.05, 1.05, 1.05))
     assert by_domain["f/zh"] == pytest.approx(0.95)
-    mixed = [{**r, "f": 0.9 + 0.1 * i} for i, r in enumerate(rows[:3])] if (rows := [
-        {"domain": "en", "log_ppl": 1.0 + i, "beta": 0.1, "margin": 0.0} for i in range(3)]) else []
-    spread = summarize(mixed)  # one domain, f 0.9 / 1.0 / 1.1: its mean and range
+    spread = summarize([{"domain": "en", "log_ppl": 1.0 + i, "beta": 0.1, "margin": 0.0, "f": 0.9 + 0.1 * i}
+                        for i in range(3)])  # one domain, f 0.9 / 1.0 / 1.1: its mean and range
     assert (spread["f/en"], spread["f_min/en"], spread["f_max/en"]) == pytest.approx((1.0, 0.9, 1.1))
     assert abs(by_domain["rho_beta_margin"]) < 0.3  # margins drawn independently of β
     assert between_domain_share([1.0, 3.0, 1.0, 3.0], ["a", "b", "a", "b"]) == pytest.approx(1.0)
@@ -94,6 +93,7 @@ def test_report_groups_seeds_by_arm_and_skips_runs_without_pairs(tmp_path, capsy
     share, rho = per_run[2].rstrip(" |").split(" | ")[-2:]
     assert share == "1.000" and float(rho) > 0.8  # f is the domain; en has the higher log PPL and the higher f
     assert "1.100 [1.100, 1.100]" in per_run[0] and per_run[0].endswith("| – | – |")  # saturated: no variance
+    assert (tmp_path / "compare" / "dynamics.md").is_file()
     assert (tmp_path / "compare" / "dynamics.png").read_bytes()[:4] == b"\x89PNG"
     for run in ("learn__seed-0", "learn__seed-1", "saturated__seed-0", "saturated__seed-1"):
         (tmp_path / run / "pairs.jsonl").unlink()
