@@ -9,7 +9,7 @@
 #                                            dill, multiprocess, trl, vaderSentiment), for its Python 3.12
 # then on the GPU machine (device tool: carry .whl and .device):  bash benchmarks/gpu_bench.sh $OUT
 # Usage: bash benchmarks/gpu_bench.sh OUT_DIR [DEVICE] [SCALE] [STAGES]   (DEVICE=cpu SCALE=tiny: a dry run here)
-#   STAGES: any of speed,profile,train,r1d,compile (default the first four, in that order). Each stage has its own
+#   STAGES: any of speed,profile,train,r1d,compile,arms (default the first four, in that order). Each stage has its own
 #   time limit (330, 120, 120, 200, 300 s): pick stages that fit a 10-minute device call. `compile` times the packed
 #   step against the padded rows (pack_pairs=false) and torch.compile (trainer.compile=true), next to TRL. On the 2026-11-29 H200 each arm took ~70 s of
 #   start-up before its first step (imports, two random models built on the host; not broken down).
@@ -73,3 +73,6 @@ fi
 on r1d && bench r1d15b_8x384 200 --model $m15 --arms trl,fixed --max-length 384 --max-prompt-length 256
 # 5. whether the packed forward or eager kernels are what is slow on the device: padded rows, compiled decoder
 on compile && bench qwen05b_compile 300 --model $m05 --arms trl,fixed,rows,fixed_compile
+# 6. any arms of dpo_speed.py on Qwen2.5-0.5B's architecture: ARMS (comma-separated) within ARMS_LIMIT seconds; each
+#    arm's result reaches $out/qwen05b_arms.err as it finishes, so a cut call keeps the arms that ran
+on arms && bench qwen05b_arms "${ARMS_LIMIT:-380}" --model $m05 --arms "${ARMS:-trl,fixed,rows,fixed_compile}"
