@@ -40,6 +40,12 @@ LBDPO_ARMS = {  # arm → Hydra overrides on top of the common ones (the default
     "rows_chunked": ["beta_head=fixed", "trainer.pack_pairs=false", "trainer.logps_chunk_size=1024"],
     "fixed": ["beta_head=fixed"],
     "fixed_compile": ["beta_head=fixed", "trainer.compile=true"],  # the decoder through torch.compile (inductor)
+    # GPU: the packed rows' width rounded to 8 (trainer=gpu's pad_to_multiple_of, the default since 2026-12-04),
+    # not rounded (every batch a new shape), rounded to 64 (few shapes); and SDPA's cuDNN backend switched off
+    # (it builds a plan per new shape: RESULTS.md, "On a GPU")
+    "fixed_unrounded": ["beta_head=fixed", "trainer.pad_to_multiple_of=null"],
+    "fixed_pad64": ["beta_head=fixed", "trainer.pad_to_multiple_of=64"],
+    "fixed_no_cudnn_sdp": ["beta_head=fixed"],
     "linear": ["beta_head=linear", "beta_head.w_init=0.03"],
     "mlp": ["beta_head=mlp", "beta_head.w_init=0.03"],
     "fixed_precompute": ["beta_head=fixed", "trainer.reference=precompute"],
@@ -82,6 +88,10 @@ def run_lbdpo(arm: str, args) -> dict:
 
     from lbdpo.train.trainer import train
 
+    if arm == "fixed_no_cudnn_sdp":
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)  # SDPA picks flash / memory-efficient / math instead
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[
             f"model={args.model}", *DEVICE_OVERRIDES[args.device], "logger=none", "data=jsonl",

@@ -75,4 +75,4 @@ on r1d && bench r1d15b_8x384 200 --model $m15 --arms trl,fixed --max-length 384 
 on compile && bench qwen05b_compile 300 --model $m05 --arms trl,fixed,rows,fixed_compile
 # 6. any arms of dpo_speed.py on Qwen2.5-0.5B's architecture: ARMS (comma-separated) within ARMS_LIMIT seconds; each
 #    arm's result reaches $out/qwen05b_arms.err as it finishes, so a cut call keeps the arms that ran
-on arms && bench qwen05b_arms "${ARMS_LIMIT:-380}" --model $m05 --arms "${ARMS:-trl,fixed,rows,fixed_compile}"
+on arms && bench qwen05b_arms "${ARMS_LIMIT:-420}" --model $m05 --arms "${ARMS:-trl,fixed,fixed_pad64,fixed_no_cudnn_sdp}"

@@ -100,15 +100,18 @@ def test_unsupported_architectures_fall_back(tiny_model, caplog):
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_packed_pairs_forward_matches_the_standard_forward(tiny_model, tiny_model_and_tokenizer, padding_side):
+@pytest.mark.parametrize("pad_to_multiple_of", [None, 16])
+def test_packed_pairs_forward_matches_the_standard_forward(tiny_model, tiny_model_and_tokenizer, padding_side,
+                                                           pad_to_multiple_of):
     """Each pair one packed segment [prompt | chosen | rejected] (prompt computed once, no padding between pairs):
     same per-pair values and the same gradients as one forward over every prompt + response row; unequal prompt
-    and response lengths."""
+    and response lengths; rows rounded up to a multiple (trainer.pad_to_multiple_of) or not."""
     from conftest import random_pairs
 
     tok = tiny_model_and_tokenizer[1]
     pairs = random_pairs(5, len(tok), seed=4, prompt_range=(2, 11), response_range=(1, 8))
-    assert_same_as_standard_forward(tiny_model, tok, padding_side, pairs, pack_pairs=True, logps_chunk_size=5)
+    assert_same_as_standard_forward(tiny_model, tok, padding_side, pairs, pack_pairs=True, logps_chunk_size=5,
+                                    pad_to_multiple_of=pad_to_multiple_of)
 
 
 def test_packed_pairs_under_activation_checkpointing(tiny_model, tiny_model_and_tokenizer):

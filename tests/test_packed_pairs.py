@@ -49,10 +49,19 @@ def test_short_pairs_share_a_row_and_never_see_each_other():
     assert not mask[4:, :4].any() and mask[4:, 4:].any()
 
 
+def test_rows_rounded_up_to_a_multiple_are_padding_only():
+    prompts, chosen, rejected = [torch.tensor([1, 2, 3])] * 2, [torch.tensor([6])] * 2, [torch.tensor([10, 11])] * 2
+    packed = pack_pairs(prompts, chosen, rejected, pad_token_id=0, multiple_of=16)  # 6 + 6 tokens → one row of 16
+    assert packed.input_ids.shape == (1, 16) and packed.offsets.tolist() == [[0, 0], [0, 6]]
+    assert packed.pair[0, 12:].eq(-1).all() and packed.input_ids[0, 12:].eq(0).all()
+    assert pack_pairs(prompts, chosen, rejected, multiple_of=8).input_ids.shape == (2, 8)  # rows of 8: one pair each
+
+
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("score_prompt", [True, False])
+@pytest.mark.parametrize("multiple_of", [None, 16])  # trainer.pad_to_multiple_of: extra padding columns
 def test_token_logps_and_h_match_one_sequence_at_a_time(tiny_model, tiny_model_and_tokenizer, padding_side,
-                                                        score_prompt):
+                                                        score_prompt, multiple_of):
     from conftest import random_pairs
 
     tok = tiny_model_and_tokenizer[1]
@@ -60,7 +69,7 @@ def test_token_logps_and_h_match_one_sequence_at_a_time(tiny_model, tiny_model_a
     batch = PreferenceCollator(tok.pad_token_id, padding_side)(pairs)
     n, mask = len(pairs), batch["attention_mask"]
     token_lp, h = packed_pair_token_logps(tiny_model, batch["input_ids"], mask, batch["prompt_lengths"],
-                                          chunk_size=7, score_prompt=score_prompt)
+                                          chunk_size=7, score_prompt=score_prompt, multiple_of=multiple_of)
     assert token_lp.shape == (2 * n, batch["input_ids"].shape[1] - 1)
     for i, pair in enumerate(pairs):
         prompt = pair["prompt_input_ids"]

@@ -143,6 +143,8 @@ class DynamicBetaDPOModel(nn.Module):
             segments packed without padding (:mod:`lbdpo.packed_pairs`; implies chunked log-probs,
             ``logps_chunk_size`` or 1024 positions). Decoders that cannot take a custom 4D mask fall back to one
             row per response with one log line.
+        pad_to_multiple_of: with ``pack_pairs``, the packed rows' length rounded up to a multiple of this (None:
+            the longest segment), as the collator rounds unpacked rows; padding, so no number changes.
     """
 
     def __init__(
@@ -154,6 +156,7 @@ class DynamicBetaDPOModel(nn.Module):
         ref_from_disabled_adapter: bool = False,
         logps_chunk_size: int | None = None,
         pack_pairs: bool = False,
+        pad_to_multiple_of: int | None = None,
     ):
         super().__init__()
         if beta_head is None:  # an AutoModelForCausalLMWithBetaHead: its policy and head
@@ -168,6 +171,7 @@ class DynamicBetaDPOModel(nn.Module):
         self.ref_from_disabled_adapter = ref_from_disabled_adapter
         self.logps_chunk_size = int(logps_chunk_size) if logps_chunk_size else None
         self.pack_pairs = bool(pack_pairs)
+        self.pad_to_multiple_of = int(pad_to_multiple_of) if pad_to_multiple_of else None
         if self.pack_pairs and not self.logps_chunk_size:
             self.logps_chunk_size = 1024
         if self.logps_chunk_size and (why := chunking_unsupported(policy_model)):
@@ -223,7 +227,7 @@ class DynamicBetaDPOModel(nn.Module):
         n = prompt_lengths.shape[0]
         if self.pack_pairs:
             return packed_pair_token_logps(model, input_ids, attention_mask, prompt_lengths, self.logps_chunk_size,
-                                           score_prompt=score_prompt)
+                                           score_prompt=score_prompt, multiple_of=self.pad_to_multiple_of)
         if not self.logps_chunk_size:
             out = forward_model(model, input_ids, attention_mask, output_hidden_states=score_prompt)
             token_lp, hidden = token_logps(out.logits, input_ids), out.hidden_states[-1] if score_prompt else None

@@ -71,10 +71,16 @@ class PackedPairs:
 
 
 def pack_pairs(prompts: list[torch.Tensor], chosen: list[torch.Tensor], rejected: list[torch.Tensor],
-               pad_token_id: int = 0) -> PackedPairs:
-    """Pack B pairs (1-D token tensors) into rows as long as the longest segment, first fit by decreasing length."""
+               pad_token_id: int = 0, multiple_of: int | None = None) -> PackedPairs:
+    """Pack B pairs (1-D token tensors) into rows as long as the longest segment, first fit by decreasing length.
+
+    ``multiple_of`` rounds the row length up (``trainer.pad_to_multiple_of``): fewer distinct shapes for a GPU's
+    per-shape kernel plans and compiled graphs; the extra columns are padding, which changes no number.
+    """
     lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
     capacity = max(lengths)
+    if multiple_of:
+        capacity = -(-capacity // multiple_of) * multiple_of
     rows: list[int] = []  # free positions left in each row
     offsets = [(0, 0)] * len(lengths)
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -116,7 +122,7 @@ def packing_unsupported(model) -> str | None:
 
 def packed_pair_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             prompt_lengths: torch.Tensor, chunk_size: int, score_prompt: bool = True,
-                            pad_token_id: int = 0):
+                            pad_token_id: int = 0, multiple_of: int | None = None):
     """Token log-probs (2B, T − 1) float32 (0 off the scored positions) and h (B, H) (None without
     ``score_prompt``), each prompt computed once and no padding between pairs.
 
@@ -127,6 +133,7 @@ def packed_pair_token_logps(model, input_ids: torch.Tensor, attention_mask: torc
         prompt_lengths: (B,) prompt tokens of each pair (the same in its two rows).
         chunk_size: positions per lm_head chunk.
         score_prompt: also the prompt tokens 2..m that log PPL(x) averages (False for a reference).
+        multiple_of: round the packed rows' length up to a multiple of this (:func:`pack_pairs`).
     """
     n, device = prompt_lengths.shape[0], input_ids.device
     # The layout (which token goes where) is per-pair Python bookkeeping: done on host copies, so an accelerator
@@ -138,7 +145,7 @@ def packed_pair_token_logps(model, input_ids: torch.Tensor, attention_mask: torc
         if not torch.equal(rows[i][:p], rows[n + i][:p]):
             raise ValueError(f"pair {i}: its chosen and rejected rows do not start with the same {p} prompt tokens")
     packed = pack_pairs([rows[i][:p] for i, p in enumerate(lengths)], [rows[i][p:] for i, p in enumerate(lengths)],
-                        [rows[n + i][p:] for i, p in enumerate(lengths)], pad_token_id)  # on the host
+                        [rows[n + i][p:] for i, p in enumerate(lengths)], pad_token_id, multiple_of)  # on the host
     offsets, packed = packed.offsets, packed.to(device)
     dtype = None if model.config._attn_implementation == "sdpa" else torch.float32
     hidden = model.get_decoder()(input_ids=packed.input_ids, attention_mask=packed.attention_mask(dtype),

@@ -66,7 +66,8 @@ def pick_device(name: str) -> torch.device:
 def forward_options(run_cfg: DictConfig) -> dict[str, Any]:
     """The training run's forward (packed pairs, chunked log-probs: same values as the plain one, tested)."""
     t = run_cfg.get("trainer") or {}
-    return {"pack_pairs": bool(t.get("pack_pairs", True)), "logps_chunk_size": t.get("logps_chunk_size")}
+    return {"pack_pairs": bool(t.get("pack_pairs", True)), "logps_chunk_size": t.get("logps_chunk_size"),
+            "pad_to_multiple_of": t.get("pad_to_multiple_of")}
 
 
 def load_reference(cfg: DictConfig, run_cfg: DictConfig, vocab_size: int, device: torch.device, results: Results):

@@ -206,7 +206,8 @@ def build_model_and_data(cfg: DictConfig, accelerator: Accelerator):
         reference.to(accelerator.device)
     model = DynamicBetaDPOModel(lm, ref_model=reference, label_smoothing=float(t.label_smoothing),
                                 ref_from_disabled_adapter=t.reference == "adapter_disabled",
-                                logps_chunk_size=t.get("logps_chunk_size"), pack_pairs=bool(t.get("pack_pairs")))
+                                logps_chunk_size=t.get("logps_chunk_size"), pack_pairs=bool(t.get("pack_pairs")),
+                                pad_to_multiple_of=t.get("pad_to_multiple_of"))
     model.reference_mode = mode  # what the banner reports
     if mode == "precompute":
         with accelerator.main_process_first():
