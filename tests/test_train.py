@@ -519,26 +519,36 @@ def test_ppl_approx_head_trains_and_logs(pairs_file, tmp_path, capsys):
 
 @pytest.mark.parametrize("reference", ["copy", "precompute"])
 def test_chunked_and_packed_runs_match_the_full_logits_run(pairs_file, tmp_path, reference, monkeypatch):
-    """Whole runs: the packed default (rows rounded up to a multiple: ``trainer.pad_to_multiple_of`` reaches the
-    packing) and chunked log-probs give the one-row-per-response full-logits run's losses, margins, β and log PPL,
-    with the reference as a copy or precomputed (through the same path)."""
-    runs = {}
-    arms = {"full": ["trainer.pack_pairs=false", "trainer.logps_chunk_size=null"],
-            "chunked": ["trainer.pack_pairs=false", "trainer.logps_chunk_size=16"],
-            # packed rows rounded up to a multiple of 16 (the GPU config's pad_to_multiple_of): padding only
-            "packed": ["trainer.pack_pairs=true", "trainer.logps_chunk_size=16", "trainer.pad_to_multiple_of=16"]}
+    """Whole runs: the packed default and chunked log-probs give the one-row-per-response full-logits run's
+    losses, margins, β and log PPL, with the reference as a copy or precomputed (through the same path); with the
+    copy also packed rows rounded up to a multiple (``trainer.pad_to_multiple_of`` reaches the packing)."""
     import lbdpo.packed_pairs as packed_pairs
 
-    widths, pack = [], packed_pairs.pack_pairs  # the packed rows' width of every forward
-    monkeypatch.setattr(packed_pairs, "pack_pairs", lambda *a, **k: widths.append(pack(*a, **k)) or widths[-1])
+    runs, widths = {}, {}  # widths: the packed rows' width of every forward, per arm
+    arms = {"full": ["trainer.pack_pairs=false", "trainer.logps_chunk_size=null"],
+            "chunked": ["trainer.pack_pairs=false", "trainer.logps_chunk_size=16"],
+            "packed": ["trainer.pack_pairs=true", "trainer.logps_chunk_size=16"]}
+    if reference == "copy":  # padding columns only (the GPU config rounds to 8)
+        arms["packed_rounded"] = [*arms["packed"], "trainer.pad_to_multiple_of=16"]
+    pack = packed_pairs.pack_pairs
+
+    def recording_pack(*args, **kwargs):
+        packed = pack(*args, **kwargs)
+        widths[arm].append(packed.input_ids.shape[1])
+        return packed
+
+    monkeypatch.setattr(packed_pairs, "pack_pairs", recording_pack)
     for arm, overrides in arms.items():
+        widths[arm] = []
         monkeypatch.setenv("LBDPO_CACHE", str(tmp_path / arm / "cache"))  # each arm computes its own reference
         cfg = make_cfg(pairs_file, *overrides, "trainer.max_steps=3", "trainer.eval_every=3",
                        f"trainer.reference={reference}")
         train(cfg, tmp_path / arm)
         runs[arm] = read_metrics(tmp_path / arm)
-    assert widths and all(p.input_ids.shape[1] % 16 == 0 for p in widths)  # only the packed arm packs
-    for arm in ("chunked", "packed"):
+    assert not widths["full"] and not widths["chunked"] and widths["packed"]
+    if reference == "copy":
+        assert all(w % 16 == 0 for w in widths["packed_rounded"]) and widths["packed_rounded"] != widths["packed"]
+    for arm in arms.keys() - {"full"}:
         for key in ("loss", "rewards/margins", "beta/mean", "log_ppl/mean"):
             assert [s[key] for s in runs[arm][0]] == pytest.approx([s[key] for s in runs["full"][0]], abs=1e-5), key
         assert runs[arm][1][-1]["eval/loss"] == pytest.approx(runs["full"][1][-1]["eval/loss"], abs=1e-5)
