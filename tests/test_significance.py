@@ -90,6 +90,25 @@ def test_moonshot_holds_for_an_arm_as_accurate_as_the_best_fixed_above_the_front
     assert cells[7] == "holds"
 
 
+def test_a_fixed_arm_with_one_seed_is_not_the_best_while_another_has_more():
+    """Mid-experiment: a fixed β with one finished seed, however high, is one draw and cannot be tested against; the
+    best is chosen among the fixed arms with two or more seeds, and the table says which arm waits."""
+    jitter = (-0.004, 0.0, 0.004)
+    three = arm("fixed_b03", "fixed", [{"held-out acc": 0.56 + j} for j in jitter])
+    one = arm("fixed_b01", "fixed", [{"held-out acc": 0.70}])
+    learn = arm("learn", "learnable", [{"held-out acc": 0.58 + j} for j in jitter])
+    table = moonshot_table([one, three, learn])
+    assert "Best fixed β by held-out accuracy: **fixed_b03** (not eligible until a second seed: fixed_b01)" in table
+    row = [c.strip() for c in next(l for l in table.splitlines() if l.startswith("| learn")).strip("|").split("|")]
+    assert row[2].startswith("+0.0200")  # tested against fixed_b03, not against fixed_b01's single 0.70
+    one["runs"].append({"values": {"held-out acc": 0.71}, "mode": "fixed"})  # its second seed lands: now eligible
+    table = moonshot_table([one, three, learn])
+    assert "Best fixed β by held-out accuracy: **fixed_b01**." in table
+    # when no fixed arm has two seeds yet, the best of the one-seed arms is still named
+    assert "**fixed_b01**" in moonshot_table([arm("fixed_b01", "fixed", [{"held-out acc": 0.7}]),
+                                              arm("fixed_b03", "fixed", [{"held-out acc": 0.6}]), learn])
+
+
 def test_moonshot_verdict_needs_every_condition():
     assert moonshot_verdict("matches", "beats", "beats", "inconclusive") == "holds"
     assert moonshot_verdict("beats", "matches", "matches", "beats") == "holds"

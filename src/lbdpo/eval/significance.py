@@ -155,9 +155,14 @@ def power_note(arms: list[dict], acc_key: str, gaps: Sequence[Sequence[float]], 
 
 
 def _best_and_beta_dpo(arms: list[dict], acc_key: str) -> tuple[list[dict], dict | None, dict | None]:
-    """The fixed arms with an accuracy, the best of them by mean accuracy, and the β-DPO arm (mode beta_dpo)."""
+    """The fixed arms with an accuracy, the best of them by mean accuracy, and the β-DPO arm (mode beta_dpo).
+
+    While an experiment is under way, a fixed arm with one finished seed is not eligible as the best when another
+    has two or more: one seed is one draw (the seed-to-seed sd is as large as the arms' differences), and nothing
+    can be tested against it."""
     fixed = [a for a in arms if a["kind"] == "fixed" and _values(a, acc_key)]
-    best = max(fixed, key=lambda a: _mean(_values(a, acc_key))) if fixed else None
+    eligible = [a for a in fixed if len(_values(a, acc_key)) >= 2] or fixed
+    best = max(eligible, key=lambda a: _mean(_values(a, acc_key))) if eligible else None
     return fixed, best, next((a for a in arms if a["runs"][0].get("mode") == "beta_dpo"), None)
 
 
@@ -196,7 +201,10 @@ def moonshot_table(arms: list[dict], acc_key: str = "held-out acc") -> str:
             points.append((_mean(kls), _mean(rewards)))
     fixed_gaps = [g for a in fixed for g in run_gaps(a["runs"], points)]
     dpo_gaps = run_gaps(beta_dpo["runs"], points) if beta_dpo else []
-    lines = [f"Best fixed β by held-out accuracy: **{best['arm']}**. Cells: mean difference [95 % CI], Welch p over "
+    waiting = [a["arm"] for a in fixed if a is not best and len(_values(a, acc_key)) < 2 <= len(_values(best, acc_key))]
+    lines = [f"Best fixed β by held-out accuracy: **{best['arm']}**"
+             + (f" (not eligible until a second seed: {', '.join(waiting)})" if waiting else "")
+             + ". Cells: mean difference [95 % CI], Welch p over "
              f"seeds and the verdict of report.md's rule (matches: CI within ±{ACC_MARGIN} accuracy, ±{GAP_MARGIN} "
              "reward); frontier gap = reward − fixed-β frontier at the run's KL (mean ± std over seeds), compared "
              "with the fixed-β seeds' gaps and with β-DPO's; moonshot: holds = matches or beats the best fixed β on "
