@@ -39,6 +39,10 @@ LBDPO_ARMS = {  # arm → Hydra overrides on top of the common ones (the default
     "rows": ["beta_head=fixed", *ROWS],  # the forward before packing: the baseline of the speed-ups
     "rows_chunked": ["beta_head=fixed", "trainer.pack_pairs=false", "trainer.logps_chunk_size=1024"],
     "fixed": ["beta_head=fixed"],
+    # packed segments: rows under one block mask (the GPU default) against one row with attention per segment (the
+    # CPU default: trainer.packed_attention=auto)
+    "fixed_block_mask": ["beta_head=fixed", "trainer.packed_attention=block_mask"],
+    "fixed_segments": ["beta_head=fixed", "trainer.packed_attention=segments"],
     "fixed_compile": ["beta_head=fixed", "trainer.compile=true"],  # the decoder through torch.compile (inductor)
     # GPU: the packed rows' width rounded to 8 (trainer=gpu's pad_to_multiple_of, the default since 2026-12-04),
     # not rounded (every batch a new shape), rounded to 64 (few shapes); and SDPA's cuDNN backend switched off
@@ -49,6 +53,8 @@ LBDPO_ARMS = {  # arm → Hydra overrides on top of the common ones (the default
     "linear": ["beta_head=linear", "beta_head.w_init=0.03"],
     "mlp": ["beta_head=mlp", "beta_head.w_init=0.03"],
     "fixed_precompute": ["beta_head=fixed", "trainer.reference=precompute"],
+    "fixed_precompute_block_mask": ["beta_head=fixed", "trainer.reference=precompute",
+                                    "trainer.packed_attention=block_mask"],
     "fixed_precompute_compile": ["beta_head=fixed", "trainer.reference=precompute", "trainer.compile=true"],
     "rows_precompute": ["beta_head=fixed", "trainer.reference=precompute", *ROWS],
     "lora": ["beta_head=fixed", "trainer.lora.enabled=true", "trainer.reference=adapter_disabled",
@@ -58,6 +64,8 @@ LBDPO_ARMS = {  # arm → Hydra overrides on top of the common ones (the default
     # least memory: + freed activations returned to the OS (glibc mmap threshold pinned), 256-position lm_head chunks,
     # fused AdamW (no parameter-sized temporaries in the update)
     "fixed_lowmem": ["beta_head=fixed", *LOWMEM],
+    "fixed_precompute_lowmem_block_mask": ["beta_head=fixed", "trainer.reference=precompute", *LOWMEM,
+                                           "trainer.packed_attention=block_mask"],
     "fixed_precompute_lowmem": ["beta_head=fixed", "trainer.reference=precompute", *LOWMEM],
     "fixed_lowmem_compile": ["beta_head=fixed", *LOWMEM, "trainer.compile=true"],
     "fixed_precompute_lowmem_compile": ["beta_head=fixed", "trainer.reference=precompute", *LOWMEM, "trainer.compile=true"],

@@ -99,23 +99,29 @@ def test_unsupported_architectures_fall_back(tiny_model, caplog):
     assert model.logps_chunk_size is None and "final_logit_softcapping" in caplog.text
 
 
+@pytest.mark.parametrize("packed_attention", ["block_mask", "segments"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("pad_to_multiple_of", [None, 16])
 def test_packed_pairs_forward_matches_the_standard_forward(tiny_model, tiny_model_and_tokenizer, padding_side,
-                                                           pad_to_multiple_of):
+                                                           pad_to_multiple_of, packed_attention):
     """Each pair one packed segment [prompt | chosen | rejected] (prompt computed once, no padding between pairs):
     same per-pair values and the same gradients as one forward over every prompt + response row; unequal prompt
-    and response lengths; rows rounded up to a multiple (trainer.pad_to_multiple_of) or not."""
+    and response lengths; rows rounded up to a multiple (trainer.pad_to_multiple_of) or not; rows under a block
+    mask or one row with attention per segment (trainer.packed_attention; policy and reference both switched)."""
     from conftest import random_pairs
 
     tok = tiny_model_and_tokenizer[1]
     pairs = random_pairs(5, len(tok), seed=4, prompt_range=(2, 11), response_range=(1, 8))
     assert_same_as_standard_forward(tiny_model, tok, padding_side, pairs, pack_pairs=True, logps_chunk_size=5,
-                                    pad_to_multiple_of=pad_to_multiple_of)
+                                    pad_to_multiple_of=pad_to_multiple_of, packed_attention=packed_attention)
 
 
-def test_packed_pairs_under_activation_checkpointing(tiny_model, tiny_model_and_tokenizer):
-    """Packing needs no KV cache, so it stays on when activations are recomputed in backward."""
+@pytest.mark.parametrize("packed_attention", ["block_mask", "segments"])
+def test_packed_pairs_under_activation_checkpointing(tiny_model, tiny_model_and_tokenizer, packed_attention):
+    """Packing needs no KV cache, so it stays on when activations are recomputed in backward (the segments, a
+    keyword argument of the decoder, reach the recomputed layers too)."""
+    import copy
+
     from conftest import random_pairs
     from lbdpo.beta_head import BetaHead, BetaHeadConfig
     from lbdpo.data import PreferenceCollator
@@ -123,15 +129,19 @@ def test_packed_pairs_under_activation_checkpointing(tiny_model, tiny_model_and_
 
     tok = tiny_model_and_tokenizer[1]
     batch = PreferenceCollator(tok.pad_token_id)(random_pairs(3, len(tok), seed=5))
-    plain = DynamicBetaDPOModel(tiny_model, BetaHead(BetaHeadConfig(mode="fixed")), tiny_model)(batch)
+    plain_model = copy.deepcopy(tiny_model).train()
+    plain = DynamicBetaDPOModel(plain_model, BetaHead(BetaHeadConfig(mode="fixed")), tiny_model)(batch)
+    plain.loss.backward()
     tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tiny_model.train()
-    model = DynamicBetaDPOModel(tiny_model, BetaHead(BetaHeadConfig(mode="fixed")), tiny_model, pack_pairs=True)
+    model = DynamicBetaDPOModel(tiny_model, BetaHead(BetaHeadConfig(mode="fixed")), copy.deepcopy(tiny_model),
+                                pack_pairs=True, packed_attention=packed_attention)
     out = model(batch)
     out.loss.backward()
     assert model.pack_pairs
     torch.testing.assert_close(out.policy_chosen_logps, plain.policy_chosen_logps, atol=1e-5, rtol=1e-5)
-    assert next(tiny_model.parameters()).grad is not None
+    for (name, p), q in zip(tiny_model.named_parameters(), plain_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_packing_falls_back_for_decoders_without_custom_masks(tiny_model, caplog):
@@ -144,8 +154,11 @@ def test_packing_falls_back_for_decoders_without_custom_masks(tiny_model, caplog
     assert "flash_attention_2" in caplog.text and "one row per response" in caplog.text
 
 
-def test_packed_pairs_with_lora_and_the_adapter_disabled_reference(tiny_model, tiny_model_and_tokenizer):
+@pytest.mark.parametrize("packed_attention", ["block_mask", "segments"])
+def test_packed_pairs_with_lora_and_the_adapter_disabled_reference(tiny_model, tiny_model_and_tokenizer,
+                                                                   packed_attention):
     """LoRA policy (peft-wrapped), reference = the same model with its adapter off: packed = standard."""
+    from lbdpo.packed_pairs import SEGMENT_ATTENTION
     import copy
 
     from peft import LoraConfig, get_peft_model
@@ -163,8 +176,10 @@ def test_packed_pairs_with_lora_and_the_adapter_disabled_reference(tiny_model, t
     outs = []
     for share in (False, True):
         model = DynamicBetaDPOModel(copy.deepcopy(peft_model), BetaHead(BetaHeadConfig(mode="fixed")),
-                                    ref_from_disabled_adapter=True, pack_pairs=share)
+                                    ref_from_disabled_adapter=True, pack_pairs=share, packed_attention=packed_attention)
         assert model.pack_pairs == share
+        switched = model.policy_model.config._attn_implementation == SEGMENT_ATTENTION
+        assert switched == (share and packed_attention == "segments")
         outs.append(model(batch).per_pair())
     for key in ("losses", "policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "log_ppl"):
         torch.testing.assert_close(outs[1][key], outs[0][key], atol=1e-5, rtol=1e-5, msg=key)

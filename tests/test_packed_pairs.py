@@ -1,13 +1,25 @@
-"""Packed pairs ([prompt | chosen | rejected] segments, block mask, no padding) against brute force: every
-sequence run alone, unpadded, through the model's own forward and logits."""
+"""Packed pairs ([prompt | chosen | rejected] segments; rows under a block mask, or one row with attention per
+segment) against brute force: every sequence run alone, unpadded, through the model's own forward and logits."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 from lbdpo.data import PreferenceCollator
-from lbdpo.packed_pairs import CHOSEN, PROMPT, REJECTED, pack_pairs, packed_pair_token_logps
+from lbdpo.packed_pairs import (CHOSEN, PROMPT, REJECTED, SEGMENT_ATTENTION, pack_pairs, packed_pair_token_logps,
+                                use_segment_attention)
+
+LAYOUTS = ["block_mask", "segments"]  # trainer.packed_attention
+
+
+def with_layout(model, layout: str):
+    """``model`` switched to attention per segment (one row, no padding) for ``segments``; as it is otherwise."""
+    if layout == "segments":
+        assert use_segment_attention(model) is None and model.config._attn_implementation == SEGMENT_ATTENTION
+    return model
 
 
 def brute_force(model, prompt: list[int], response: list[int]):
@@ -49,6 +61,39 @@ def test_short_pairs_share_a_row_and_never_see_each_other():
     assert not mask[4:, :4].any() and mask[4:, 4:].any()
 
 
+def test_one_row_layout_and_its_segments_are_the_blocks_of_the_mask():
+    prompts = [torch.tensor([1, 2, 3]), torch.tensor([4, 5])]
+    chosen = [torch.tensor([6]), torch.tensor([7, 8, 9, 13])]
+    rejected = [torch.tensor([10, 11]), torch.tensor([12])]
+    packed = pack_pairs(prompts, chosen, rejected, pad_token_id=0, multiple_of=16, one_row=True)
+    # longest segment first, back to back, then padding to 16
+    assert packed.input_ids.tolist() == [[4, 5, 7, 8, 9, 13, 12, 1, 2, 3, 6, 10, 11, 0, 0, 0]]
+    assert packed.offsets.tolist() == [[0, 7], [0, 0]]
+    segments, mask = packed.segments(), packed.attention_mask()
+    assert [(s, e) for s, e, _ in segments] == [(0, 7), (7, 13), (13, 16)]
+    covered = torch.zeros_like(mask)
+    for s, e, block in segments:
+        assert block.shape == (1, 1, e - s, e - s) and torch.equal(block, mask[:, :, s:e, s:e])
+        covered[:, :, s:e, s:e] = True
+    assert not mask[~covered].any()  # nothing allowed outside the blocks
+    with pytest.raises(ValueError, match="one-row"):
+        pack_pairs(prompts, chosen, rejected).segments()
+
+
+def test_segment_attention_is_switched_on_only_where_it_applies(tiny_model):
+    plain = copy.deepcopy(tiny_model)
+    eager = copy.deepcopy(tiny_model)
+    eager.config._attn_implementation = "eager"
+    assert "eager" in use_segment_attention(eager)
+    assert use_segment_attention(tiny_model) is None and use_segment_attention(tiny_model) is None  # idempotent
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert plain.config._attn_implementation == "sdpa"
+    # an unpacked forward (padded rows, no segments) is sdpa's own
+    torch.testing.assert_close(tiny_model(input_ids=ids, attention_mask=mask).logits,
+                               plain(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
+
+
 def test_rows_rounded_up_to_a_multiple_are_padding_only():
     prompts, chosen, rejected = [torch.tensor([1, 2, 3])] * 2, [torch.tensor([6])] * 2, [torch.tensor([10, 11])] * 2
     packed = pack_pairs(prompts, chosen, rejected, pad_token_id=0, multiple_of=16)  # 6 + 6 tokens → one row of 16
@@ -57,14 +102,17 @@ def test_rows_rounded_up_to_a_multiple_are_padding_only():
     assert pack_pairs(prompts, chosen, rejected, multiple_of=8).input_ids.shape == (2, 8)  # rows of 8: one pair each
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("score_prompt", [True, False])
 @pytest.mark.parametrize("multiple_of", [None, 16])  # trainer.pad_to_multiple_of: extra padding columns
 def test_token_logps_and_h_match_one_sequence_at_a_time(tiny_model, tiny_model_and_tokenizer, padding_side,
-                                                        score_prompt, multiple_of):
+                                                        score_prompt, multiple_of, layout):
     from conftest import random_pairs
 
     tok = tiny_model_and_tokenizer[1]
+    brute_model = copy.deepcopy(tiny_model)  # brute force: the model as loaded (sdpa)
+    with_layout(tiny_model, layout)
     pairs = random_pairs(6, len(tok), seed=11, prompt_range=(2, 12), response_range=(1, 9))
     batch = PreferenceCollator(tok.pad_token_id, padding_side)(pairs)
     n, mask = len(pairs), batch["attention_mask"]
@@ -74,7 +122,7 @@ def test_token_logps_and_h_match_one_sequence_at_a_time(tiny_model, tiny_model_a
     for i, pair in enumerate(pairs):
         prompt = pair["prompt_input_ids"]
         for row, response in ((i, pair["chosen_input_ids"]), (n + i, pair["rejected_input_ids"])):
-            want, want_h = brute_force(tiny_model, prompt, response)
+            want, want_h = brute_force(brute_model, prompt, response)
             got = token_lp[row][scored_entries(mask[row])]  # the row's tokens 1.. in order
             first = 0 if score_prompt and row < n else len(prompt) - 1  # prompt tokens scored on chosen rows only
             torch.testing.assert_close(got[first:], want[first:], atol=1e-5, rtol=1e-5)
@@ -85,10 +133,9 @@ def test_token_logps_and_h_match_one_sequence_at_a_time(tiny_model, tiny_model_a
     assert (h is None) == (not score_prompt)
 
 
-def test_gradients_match_one_sequence_at_a_time(tiny_model, tiny_model_and_tokenizer):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradients_match_one_sequence_at_a_time(tiny_model, tiny_model_and_tokenizer, layout):
     """d(Σ weighted log-probs)/dθ through the packed forward = the same sum over unpadded sequences."""
-    import copy
-
     from conftest import random_pairs
 
     tok = tiny_model_and_tokenizer[1]
@@ -97,7 +144,7 @@ def test_gradients_match_one_sequence_at_a_time(tiny_model, tiny_model_and_token
     n, mask = len(pairs), batch["attention_mask"]
     weights = torch.randn(batch["input_ids"].shape[0], batch["input_ids"].shape[1] - 1,
                           generator=torch.Generator().manual_seed(0))
-    packed_model, brute_model = tiny_model, copy.deepcopy(tiny_model)
+    packed_model, brute_model = with_layout(copy.deepcopy(tiny_model), layout), tiny_model
     token_lp, h = packed_pair_token_logps(packed_model, batch["input_ids"], mask, batch["prompt_lengths"], 5)
     ((token_lp * weights).sum() + h.square().sum()).backward()
     total = 0

@@ -379,6 +379,26 @@ def test_fused_adamw_gives_the_same_run(default_run, pairs_file, tmp_path):
         assert [s[key] for s in steps] == pytest.approx([s[key] for s in reference], abs=1e-5), key
 
 
+def test_block_mask_and_per_segment_attention_give_the_same_run(default_run, pairs_file, tmp_path, capsys):
+    """trainer.packed_attention: the default on CPU (auto) is one row per batch with attention per segment; rows
+    under one block mask give the same run (policy, reference copy and evaluations)."""
+    from lbdpo.dpo_model import resolve_packed_attention
+
+    assert make_cfg(pairs_file).trainer.packed_attention == "auto"
+    assert resolve_packed_attention("auto", torch.device("cpu")) == "segments"
+    assert resolve_packed_attention("auto", "cuda") == "block_mask"
+    assert resolve_packed_attention("auto", "cpu", compiled=True) == "block_mask"
+    assert resolve_packed_attention("segments", "cuda") == "segments"
+    cfg = make_cfg(pairs_file, "trainer.max_steps=6", "trainer.eval_every=3", "trainer.packed_attention=block_mask")
+    train(cfg, tmp_path)
+    assert "rows under a block mask" in capsys.readouterr().out  # the banner's "forward" row
+    steps, evals = read_metrics(tmp_path)
+    reference, reference_evals = read_metrics(default_run[0])
+    for key in ("loss", "beta_head/w", "rewards/margins", "log_ppl/mean"):
+        assert [s[key] for s in steps] == pytest.approx([s[key] for s in reference], abs=1e-5), key
+    assert [e["eval/loss"] for e in evals] == pytest.approx([e["eval/loss"] for e in reference_evals], abs=1e-5)
+
+
 def test_compiled_decoder_gives_the_same_run(default_run, pairs_file, tmp_path, monkeypatch):
     """trainer.compile=true: the policy's and the reference's decoders go through torch.compile, and the first
     step's loss, log PPL, margins and gradient norm equal the eager run's up to float rounding (fused kernels

@@ -40,7 +40,7 @@ from .logprobs import (
 )
 from .losses import dpo_loss, logratio_margin
 from .metrics import preference_metrics
-from .packed_pairs import packed_pair_token_logps, packing_unsupported
+from .packed_pairs import SEGMENT_ATTENTION, packed_pair_token_logps, packing_unsupported, use_segment_attention
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,14 @@ class DPOOutput:
         return {k: getattr(self, k).detach() for k in PER_PAIR_KEYS if getattr(self, k) is not None}
 
 
+def resolve_packed_attention(option: str | None, device: torch.device | str, compiled: bool = False) -> str:
+    """``trainer.packed_attention``; auto (or None) = ``segments`` on CPU (one row without padding: less work),
+    ``block_mask`` on accelerators (fewer kernel launches) and under torch.compile (benchmarks/RESULTS.md)."""
+    if option not in (None, "auto"):
+        return option
+    return "segments" if torch.device(device).type == "cpu" and not compiled else "block_mask"
+
+
 class DynamicBetaDPOModel(nn.Module):
     """Policy + :class:`BetaHead` (+ optional frozen reference) for Learnable-β DPO.
 
@@ -145,6 +153,9 @@ class DynamicBetaDPOModel(nn.Module):
             row per response with one log line.
         pad_to_multiple_of: with ``pack_pairs``, the packed rows' length rounded up to a multiple of this (None:
             the longest segment), as the collator rounds unpacked rows; padding, so no number changes.
+        packed_attention: with ``pack_pairs``, ``block_mask`` (rows under one 4D mask: few kernels) or
+            ``segments`` (one row without padding, attention per segment: less work; switches the policy and
+            reference to :data:`lbdpo.packed_pairs.SEGMENT_ATTENTION`, or falls back with one log line). Same numbers.
     """
 
     def __init__(
@@ -157,6 +168,7 @@ class DynamicBetaDPOModel(nn.Module):
         logps_chunk_size: int | None = None,
         pack_pairs: bool = False,
         pad_to_multiple_of: int | None = None,
+        packed_attention: str = "block_mask",
     ):
         super().__init__()
         if beta_head is None:  # an AutoModelForCausalLMWithBetaHead: its policy and head
@@ -180,6 +192,19 @@ class DynamicBetaDPOModel(nn.Module):
         if self.pack_pairs and (why := packing_unsupported(policy_model)):
             log.warning("pack_pairs: %s; using one row per response (chunked log-probs)", why)
             self.pack_pairs = False
+        if packed_attention not in ("block_mask", "segments"):
+            raise ValueError(f"packed_attention={packed_attention!r} must be block_mask or segments")
+        if self.pack_pairs and packed_attention == "segments":
+            for model in (policy_model, ref_model):
+                if model is not None and (why := use_segment_attention(model)):
+                    log.warning("packed_attention=segments: %s; that model packs rows under a block mask", why)
+
+    def describe_forward(self) -> str:
+        """E.g. ``packed pairs, attention per segment``: which forward the policy runs (the run's banner)."""
+        if self.pack_pairs:
+            per_segment = self.policy_model.config._attn_implementation == SEGMENT_ATTENTION
+            return "packed pairs, " + ("attention per segment (one row)" if per_segment else "rows under a block mask")
+        return "one row per response, " + ("chunked log-probs" if self.logps_chunk_size else "full logits")
 
     @property
     def ref_model(self) -> nn.Module | None:

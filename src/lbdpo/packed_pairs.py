@@ -6,11 +6,20 @@ every row to the longest. Here each pair becomes one segment
 
     [prompt (p tokens) | chosen (c) | rejected (r)]      positions 0..p−1 | p..p+c−1 | p..p+r−1
 
-and the segments are packed first-fit-decreasing into rows as long as the longest segment. One 4D attention
-mask makes this exactly the standard computation: a token attends to the earlier tokens of its own segment,
-except that rejected tokens do not see the chosen ones (query q, key k: same pair, k ≤ q, and k is a prompt
-token or in q's own part). With the positions above, every prompt and response token gets the hidden state it
-gets in its own unpadded row.
+and a token attends to the earlier tokens of its own segment, except that rejected tokens do not see the
+chosen ones (query q, key k: same pair, k ≤ q, and k is a prompt token or in q's own part). With the positions
+above, every prompt and response token gets the hidden state it gets in its own unpadded row. Two layouts, the
+same numbers:
+
+- block mask (``sdpa``/``eager`` attention): segments packed first-fit-decreasing into rows as long as the
+  longest segment, one attention call over the rows under a 4D mask. Few kernels (the GPU default), but the
+  rows' padding (~18 % of positions on HH) goes through every layer, and attention scores every (query, key)
+  of a row, masked or not.
+- per segment (:data:`SEGMENT_ATTENTION`, switched on by :func:`use_segment_attention`; the CPU default): all
+  segments back to back in one row, no padding; the linear layers see real tokens only, and attention runs
+  once per segment under that segment's own mask (:func:`segment_attention`). 1.25× faster decoder forward +
+  backward than the block mask on HH batches on CPU (``benchmarks/RESULTS.md``); a loop of small calls, so
+  more kernel launches on a GPU.
 
 Log-probs are then computed for the scored tokens only, from the hidden state that predicts each — the
 previous token of its part, or the prompt's last token for a response's first token — in chunks of lm_head
@@ -25,11 +34,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .chunked_logps import ChunkedTokenLogps
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # the part of a segment a token belongs to
-MASK_ATTENTION = ("eager", "sdpa")  # attention implementations that apply a custom 4D mask as given
+SEGMENT_ATTENTION = "lbdpo_segments"  # sdpa, one call per packed segment (registered with transformers below)
+MASK_ATTENTION = ("eager", "sdpa", SEGMENT_ATTENTION)  # implementations that apply a custom 4D mask as given
+
+
+def allowed_keys(pair: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """(R, 1, C, C) bool from ``pair``, ``part`` (R, C): query q may attend to key k — same pair, k ≤ q, and k a
+    prompt token or in q's own part; padding (pair −1) attends to itself, so no query row is empty."""
+    c = pair.shape[1]
+    q_pair, k_pair = pair[:, :, None], pair[:, None, :]
+    q_part, k_part = part[:, :, None], part[:, None, :]
+    causal = torch.ones(c, c, dtype=torch.bool, device=pair.device).tril()
+    allowed = (q_pair == k_pair) & causal & ((k_part == PROMPT) | (k_part == q_part))
+    allowed |= torch.eye(c, dtype=torch.bool, device=pair.device)
+    return allowed[:, None]
 
 
 @dataclass
@@ -54,31 +79,35 @@ class PackedPairs:
     def attention_mask(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(R, 1, C, C): True (or 0.0) where query q may attend to key k, False (or the dtype's min) elsewhere.
 
-        Same pair, k ≤ q, and k a prompt token or in q's own part; padding attends to itself only (so no
-        query row is empty). ``dtype`` None gives a bool mask (sdpa), a float dtype an additive one (eager).
+        The rule of :func:`allowed_keys`. ``dtype`` None gives a bool mask (sdpa), a float dtype an additive one
+        (eager).
         """
-        c = self.pair.shape[1]
-        q_pair, k_pair = self.pair[:, :, None], self.pair[:, None, :]
-        q_part, k_part = self.part[:, :, None], self.part[:, None, :]
-        causal = torch.ones(c, c, dtype=torch.bool, device=self.pair.device).tril()
-        allowed = (q_pair == k_pair) & causal & ((k_part == PROMPT) | (k_part == q_part))
-        allowed |= torch.eye(c, dtype=torch.bool, device=self.pair.device)
-        allowed = allowed[:, None]
+        allowed = allowed_keys(self.pair, self.part)
         if dtype is None:
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
 
+    def segments(self) -> list[tuple[int, int, torch.Tensor]]:
+        """For a one-row packing: (start, end, (1, 1, L, L) bool mask) of each segment and of the trailing padding,
+        in column order — the blocks of :meth:`attention_mask` off which every entry is False."""
+        if self.pair.shape[0] != 1:
+            raise ValueError(f"segments() needs a one-row packing, got {self.pair.shape[0]} rows")
+        pair = self.pair[0].cpu()
+        bounds = [0, *((pair[1:] != pair[:-1]).nonzero().squeeze(-1) + 1).tolist(), pair.shape[0]]
+        return [(s, e, allowed_keys(self.pair[:, s:e], self.part[:, s:e])) for s, e in zip(bounds[:-1], bounds[1:])]
+
 
 def pack_pairs(prompts: list[torch.Tensor], chosen: list[torch.Tensor], rejected: list[torch.Tensor],
-               pad_token_id: int = 0, multiple_of: int | None = None) -> PackedPairs:
-    """Pack B pairs (1-D token tensors) into rows as long as the longest segment, first fit by decreasing length.
+               pad_token_id: int = 0, multiple_of: int | None = None, one_row: bool = False) -> PackedPairs:
+    """Pack B pairs (1-D token tensors) into rows as long as the longest segment, first fit by decreasing length
+    (``one_row``: all segments back to back in a single row, for :func:`segment_attention`).
 
     ``multiple_of`` rounds the row length up (``trainer.pad_to_multiple_of``): fewer distinct shapes for a GPU's
     per-shape kernel plans and compiled graphs; the extra columns are padding, which changes no number.
     """
     lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
-    capacity = max(lengths)
+    capacity = sum(lengths) if one_row else max(lengths)
     if multiple_of:
         capacity = -(-capacity // multiple_of) * multiple_of
     rows: list[int] = []  # free positions left in each row
@@ -104,6 +133,43 @@ def pack_pairs(prompts: list[torch.Tensor], chosen: list[torch.Tensor], rejected
         pair[row, seg] = i
         part[row, seg] = torch.tensor([PROMPT] * p + [CHOSEN] * c + [REJECTED] * r, device=device)
     return PackedPairs(input_ids, position_ids, pair, part, torch.tensor(offsets, dtype=torch.long, device=device))
+
+
+def segment_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, segments: list | None = None, **kwargs):
+    """The attention of :data:`SEGMENT_ATTENTION`: with ``segments`` (:meth:`PackedPairs.segments`, passed by
+    :func:`packed_pair_token_logps` through the decoder's keyword arguments), sdpa over each segment alone under
+    its own mask; without (any other forward: unpacked rows, generation), sdpa itself.
+
+    query (1, heads, C, D), key and value (1, kv_heads, C, D) → ((1, C, heads, D), None), as sdpa.
+    """
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outputs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], mask, **kwargs)[0]
+               for s, e, mask in segments]
+    return torch.cat(outputs, dim=1), None
+
+
+AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)  # the masks of its unpacked forwards: sdpa's
+
+
+def use_segment_attention(model) -> str | None:
+    """Switch ``model`` (a transformers causal LM, or a peft one) to :data:`SEGMENT_ATTENTION`, so its packed
+    forwards run one row without padding; None when done (or already), else why it cannot (it stays as it was).
+    Nothing else changes: its other forwards are sdpa's, and the setting is not saved with the model's config."""
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attn == SEGMENT_ATTENTION:
+        return None
+    if attn != "sdpa":
+        return f"its attention implementation is {attn!r}, not 'sdpa'"
+    if why := packing_unsupported(model):
+        return why
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the transformers model
+    if not base._can_set_attn_implementation():
+        return f"{type(base).__name__} cannot switch its attention implementation (not on transformers' AttentionInterface)"
+    base.set_attn_implementation(SEGMENT_ATTENTION)
+    return None
 
 
 def packing_unsupported(model) -> str | None:
@@ -134,6 +200,9 @@ def packed_pair_token_logps(model, input_ids: torch.Tensor, attention_mask: torc
         chunk_size: positions per lm_head chunk.
         score_prompt: also the prompt tokens 2..m that log PPL(x) averages (False for a reference).
         multiple_of: round the packed rows' length up to a multiple of this (:func:`pack_pairs`).
+
+    The layout follows the model: one row, attention per segment, when its implementation is
+    :data:`SEGMENT_ATTENTION` (:func:`use_segment_attention`); else rows under one block mask.
     """
     n, device = prompt_lengths.shape[0], input_ids.device
     # The layout (which token goes where) is per-pair Python bookkeeping: done on host copies, so an accelerator
@@ -144,12 +213,17 @@ def packed_pair_token_logps(model, input_ids: torch.Tensor, attention_mask: torc
     for i, p in enumerate(lengths):
         if not torch.equal(rows[i][:p], rows[n + i][:p]):
             raise ValueError(f"pair {i}: its chosen and rejected rows do not start with the same {p} prompt tokens")
+    attn = model.config._attn_implementation
     packed = pack_pairs([rows[i][:p] for i, p in enumerate(lengths)], [rows[i][p:] for i, p in enumerate(lengths)],
-                        [rows[n + i][p:] for i, p in enumerate(lengths)], pad_token_id, multiple_of)  # on the host
+                        [rows[n + i][p:] for i, p in enumerate(lengths)], pad_token_id, multiple_of,
+                        one_row=attn == SEGMENT_ATTENTION)  # on the host
     offsets, packed = packed.offsets, packed.to(device)
-    dtype = None if model.config._attn_implementation == "sdpa" else torch.float32
-    hidden = model.get_decoder()(input_ids=packed.input_ids, attention_mask=packed.attention_mask(dtype),
-                                 position_ids=packed.position_ids, use_cache=False).last_hidden_state  # (R, C, H)
+    if attn == SEGMENT_ATTENTION:  # the decoder builds (and segment_attention ignores) a mask of its own
+        masks = {"attention_mask": None, "segments": packed.segments()}
+    else:
+        masks = {"attention_mask": packed.attention_mask(None if attn == "sdpa" else torch.float32)}
+    hidden = model.get_decoder()(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                                 **masks).last_hidden_state  # (R, C, H)
     width = hidden.shape[1]
 
     predictor, dest_row, dest_col = [], [], []  # flat packed index of the predicting position; (row, col − 1) entry

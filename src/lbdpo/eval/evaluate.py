@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..build import build_datasets, to_container
 from ..data.collator import PreferenceCollator
 from ..data.tokenize import end_of_turn_ids, resolve_prompt_format
-from ..dpo_model import DynamicBetaDPOModel
+from ..dpo_model import DynamicBetaDPOModel, resolve_packed_attention
 from ..models import freeze, load_model, reference_model_config
 from ..modeling import AutoModelForCausalLMWithBetaHead
 from ..train.reference import add_reference_columns, cached_generations
@@ -63,11 +63,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def forward_options(run_cfg: DictConfig) -> dict[str, Any]:
-    """The training run's forward (packed pairs, chunked log-probs: same values as the plain one, tested)."""
+def forward_options(run_cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """The training run's forward (packed pairs, chunked log-probs: same values as the plain one, tested), its
+    packed attention resolved for this device."""
     t = run_cfg.get("trainer") or {}
     return {"pack_pairs": bool(t.get("pack_pairs", True)), "logps_chunk_size": t.get("logps_chunk_size"),
-            "pad_to_multiple_of": t.get("pad_to_multiple_of")}
+            "pad_to_multiple_of": t.get("pad_to_multiple_of"),
+            "packed_attention": resolve_packed_attention(t.get("packed_attention"), device)}
 
 
 def load_reference(cfg: DictConfig, run_cfg: DictConfig, vocab_size: int, device: torch.device, results: Results):
@@ -197,7 +199,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
 def run_preference(cfg, run_cfg, results: Results, policy, head, reference, tokenizer, eval_ds, device) -> dict:
     """The preference section of eval.json (own and common β, per domain); returns its per-pair lists. Reference
     log-probs of pairs scored before come from the per-pair store (``reference_cache``), the rest from ``reference``."""
-    model = DynamicBetaDPOModel(policy, head, ref_model=reference, **forward_options(run_cfg)).eval()
+    model = DynamicBetaDPOModel(policy, head, ref_model=reference, **forward_options(run_cfg, device)).eval()
     collator = PreferenceCollator(tokenizer.pad_token_id)
     if cfg.reference_cache:
         eval_ds = add_reference_columns(model.reference_logps, eval_ds, to_container(run_cfg.model), collator,

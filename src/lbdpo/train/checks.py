@@ -78,6 +78,11 @@ def check_trainer_config(t: DictConfig) -> None:
             0 < number("trainer.malloc_mmap_threshold", t.malloc_mmap_threshold, int) <= MAX_MMAP_THRESHOLD:
         raise ValueError(f"trainer.malloc_mmap_threshold={t.malloc_mmap_threshold} must be in "
                          f"1..{MAX_MMAP_THRESHOLD} bytes (e.g. 131072) or null")
+    if t.get("packed_attention", "auto") not in ("auto", "segments", "block_mask"):
+        raise ValueError(f"trainer.packed_attention={t.packed_attention!r} must be auto, segments or block_mask")
+    if t.get("packed_attention") == "segments" and t.get("compile"):
+        raise ValueError("trainer.packed_attention=segments with trainer.compile=true: its per-segment loop would "
+                         "recompile the decoder for every batch; set trainer.packed_attention=block_mask (or auto)")
     if t.get("compile") and t.get("cpu") and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         raise ValueError("trainer.compile=true on CPU needs a C++ compiler for torch.compile's inductor (g++ or "
                          "clang++): install one, or set trainer.compile=false")

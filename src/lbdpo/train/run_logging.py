@@ -221,6 +221,7 @@ def print_banner(cfg: DictConfig, model, data_report: dict[str, Any], total_step
         total, trainable = count_params(module)
         table.add_row(f"params: {name}", f"{trainable:,} trainable / {total:,}")
     table.add_row("processes", distributed)
+    table.add_row("forward", model.describe_forward())
     table.add_row("schedule", f"{total_steps} steps × {pairs_per_step} pairs, policy_lr={t.policy_lr}, "
                               f"beta_head_lr={t.beta_head_lr}, reference={getattr(model, 'reference_mode', t.reference)}")
     console.print(table)

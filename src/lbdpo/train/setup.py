@@ -26,7 +26,7 @@ from ..build import (
 )
 from ..beta_head import BetaHeadConfig
 from ..data.collator import PreferenceCollator
-from ..dpo_model import DynamicBetaDPOModel
+from ..dpo_model import DynamicBetaDPOModel, resolve_packed_attention
 from ..modeling import AutoModelForCausalLMWithBetaHead
 from .checkpoint import TrainerState, load_trainer_state, resolve_resume_path
 from .checks import check_config, check_resume_matches
@@ -207,7 +207,9 @@ def build_model_and_data(cfg: DictConfig, accelerator: Accelerator):
     model = DynamicBetaDPOModel(lm, ref_model=reference, label_smoothing=float(t.label_smoothing),
                                 ref_from_disabled_adapter=t.reference == "adapter_disabled",
                                 logps_chunk_size=t.get("logps_chunk_size"), pack_pairs=bool(t.get("pack_pairs")),
-                                pad_to_multiple_of=t.get("pad_to_multiple_of"))
+                                pad_to_multiple_of=t.get("pad_to_multiple_of"),
+                                packed_attention=resolve_packed_attention(t.get("packed_attention"), accelerator.device,
+                                                                          compiled=bool(t.get("compile"))))
     model.reference_mode = mode  # what the banner reports
     if mode == "precompute":
         with accelerator.main_process_first():
