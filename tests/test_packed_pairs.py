@@ -94,6 +94,22 @@ def test_segment_attention_is_switched_on_only_where_it_applies(tiny_model):
                                plain(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
 
 
+def test_a_decoder_that_drops_the_segments_is_refused(tiny_model, tiny_model_and_tokenizer, monkeypatch):
+    """If a decoder's layers do not forward keyword arguments to attention, the one row would be attended as one
+    sequence across pairs: refused, not silently wrong."""
+    from conftest import random_pairs
+
+    tok = tiny_model_and_tokenizer[1]
+    batch = PreferenceCollator(tok.pad_token_id)(random_pairs(2, len(tok), seed=3))
+    with_layout(tiny_model, "segments")
+    for layer in tiny_model.get_decoder().layers:
+        forward = layer.self_attn.forward
+        monkeypatch.setattr(layer.self_attn, "forward",
+                            lambda *a, _f=forward, segments=None, **k: _f(*a, **k))  # drops the keyword
+    with pytest.raises(RuntimeError, match="did not pass the packed segments"):
+        packed_pair_token_logps(tiny_model, batch["input_ids"], batch["attention_mask"], batch["prompt_lengths"], 8)
+
+
 def test_rows_rounded_up_to_a_multiple_are_padding_only():
     prompts, chosen, rejected = [torch.tensor([1, 2, 3])] * 2, [torch.tensor([6])] * 2, [torch.tensor([10, 11])] * 2
     packed = pack_pairs(prompts, chosen, rejected, pad_token_id=0, multiple_of=16)  # 6 + 6 tokens → one row of 16

@@ -145,11 +145,13 @@ def segment_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     """
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    _segment_calls[0] += 1
     outputs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], mask, **kwargs)[0]
                for s, e, mask in segments]
     return torch.cat(outputs, dim=1), None
 
 
+_segment_calls = [0]  # calls that got segments: a decoder that drops the keyword would attend across pairs
 AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
 AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)  # the masks of its unpacked forwards: sdpa's
 
@@ -222,8 +224,12 @@ def packed_pair_token_logps(model, input_ids: torch.Tensor, attention_mask: torc
         masks = {"attention_mask": None, "segments": packed.segments()}
     else:
         masks = {"attention_mask": packed.attention_mask(None if attn == "sdpa" else torch.float32)}
+    calls = _segment_calls[0]
     hidden = model.get_decoder()(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
                                  **masks).last_hidden_state  # (R, C, H)
+    if "segments" in masks and _segment_calls[0] == calls:
+        raise RuntimeError(f"{type(model).__name__}'s layers did not pass the packed segments to their attention "
+                           "(its tokens would attend across pairs): set trainer.packed_attention=block_mask")
     width = hidden.shape[1]
 
     predictor, dest_row, dest_col = [], [], []  # flat packed index of the predicting position; (row, col − 1) entry
