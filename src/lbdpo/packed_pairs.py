@@ -13,13 +13,13 @@ same numbers:
 
 - block mask (``sdpa``/``eager`` attention): segments packed first-fit-decreasing into rows as long as the
   longest segment, one attention call over the rows under a 4D mask. Few kernels (the GPU default), but the
-  rows' padding (~18 % of positions on HH) goes through every layer, and attention scores every (query, key)
+  rows' padding (16 % of positions on HH, ``benchmarks/packing_stats.py``) goes through every layer, and attention scores every (query, key)
   of a row, masked or not.
 - per segment (:data:`SEGMENT_ATTENTION`, switched on by :func:`use_segment_attention`; the CPU default): all
   segments back to back in one row, no padding; the linear layers see real tokens only, and attention runs
-  once per segment under that segment's own mask (:func:`segment_attention`). 1.25× faster decoder forward +
-  backward than the block mask on HH batches on CPU (``benchmarks/RESULTS.md``); a loop of small calls, so
-  more kernel launches on a GPU.
+  once per segment under that segment's own mask (:func:`segment_attention`). A training step on HH on CPU
+  1.19× faster than the block mask with a reference copy, 1.09× with it precomputed (``benchmarks/RESULTS.md``);
+  a loop of small calls, so more kernel launches on a GPU.
 
 Log-probs are then computed for the scored tokens only, from the hidden state that predicts each — the
 previous token of its part, or the prompt's last token for a response's first token — in chunks of lm_head
