@@ -3,8 +3,8 @@
     python benchmarks/packing_stats.py                    # 40 HH batches of 8 pairs, max_length 256 (dpo_speed.py's)
     python benchmarks/packing_stats.py --batches 100 --pairs 4 --data <pairs.jsonl>
 
-Tokenizes the pairs through the real pipeline (SmolLM2's chat template, prompt ≤ 192 tokens), collates batches as
-training does, and packs each with :func:`lbdpo.packed_pairs.pack_pairs` three ways: one padded row per response
+Tokenizes the pairs through the real pipeline (SmolLM2's chat template, prompt ≤ 192 tokens), takes them in
+batches of ``--pairs``, and packs each with :func:`lbdpo.packed_pairs.pack_pairs` three ways: one padded row per response
 (the standard forward: every prompt twice), rows under one block mask (``trainer.packed_attention=block_mask``),
 and one row with attention per segment (``segments``). Prints, per batch on average: positions through the linear
 layers, real tokens, padding, and attention cells (query × key pairs scored by SDPA: a row's C² under a dense
@@ -17,6 +17,7 @@ import argparse
 import statistics
 from pathlib import Path
 
+import torch
 from dpo_speed import DATA, REPO, model_config
 
 
@@ -32,7 +33,6 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
 
     from lbdpo.build import build_datasets
-    from lbdpo.data import PreferenceCollator
     from lbdpo.models import load_tokenizer
     from lbdpo.packed_pairs import pack_pairs
 
@@ -43,24 +43,19 @@ def main() -> None:
             f"data.max_length={args.max_length}", f"data.max_prompt_length={args.max_prompt_length}",
             f"data.max_train_pairs={args.batches * args.pairs}"])
     train_ds = build_datasets(cfg.data, tokenizer, seed=0)[0]
-    collate = PreferenceCollator(tokenizer.pad_token_id)
     stats: dict[str, list[float]] = {}
     for b in range(len(train_ds) // args.pairs):
-        batch = collate([train_ds[i] for i in range(b * args.pairs, (b + 1) * args.pairs)])
-        ids, mask, lengths = batch["input_ids"], batch["attention_mask"].bool(), batch["prompt_lengths"].tolist()
-        n = len(lengths)
-        rows = [ids[r, mask[r]] for r in range(2 * n)]
-        parts = ([rows[i][:p] for i, p in enumerate(lengths)], [rows[i][p:] for i, p in enumerate(lengths)],
-                 [rows[n + i][p:] for i, p in enumerate(lengths)])
-        real = sum(len(r) for r in rows) - sum(lengths)  # distinct tokens: each prompt once
+        pairs = train_ds.select(range(b * args.pairs, (b + 1) * args.pairs))
+        parts = [[torch.tensor(ids) for ids in pairs[f"{key}_input_ids"]] for key in ("prompt", "chosen", "rejected")]
+        n, width = args.pairs, max(len(p) + max(len(c), len(r)) for p, c, r in zip(*parts))  # padded rows: 2n × width
         block, flat = pack_pairs(*parts), pack_pairs(*parts, one_row=True)
-        segment_cells = sum((e - s) ** 2 for s, e, _ in flat.segments())
-        for key, value in (("rows: positions", ids.numel()), ("rows: attention cells", 2 * n * ids.shape[1] ** 2),
+        for key, value in (("rows: positions", 2 * n * width), ("rows: attention cells", 2 * n * width ** 2),
                            ("block mask: positions", block.input_ids.numel()),
                            ("block mask: rows", block.input_ids.shape[0]),
                            ("block mask: attention cells", block.input_ids.shape[0] * block.input_ids.shape[1] ** 2),
                            ("segments: positions", flat.input_ids.numel()),
-                           ("segments: attention cells", segment_cells), ("real tokens (prompt once)", real)):
+                           ("segments: attention cells", sum((e - s) ** 2 for s, e, _ in flat.segments())),
+                           ("real tokens (prompt once)", int((flat.pair >= 0).sum()))):
             stats.setdefault(key, []).append(value)
     mean = {k: statistics.mean(v) for k, v in stats.items()}
     real = mean["real tokens (prompt once)"]

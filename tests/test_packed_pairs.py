@@ -86,6 +86,7 @@ def test_segment_attention_is_switched_on_only_where_it_applies(tiny_model):
     eager.config._attn_implementation = "eager"
     assert "eager" in use_segment_attention(eager)
     assert use_segment_attention(tiny_model) is None and use_segment_attention(tiny_model) is None  # idempotent
+    assert tiny_model.config._attn_implementation == SEGMENT_ATTENTION
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     assert plain.config._attn_implementation == "sdpa"

@@ -124,6 +124,9 @@ class DPOOutput:
         return {k: getattr(self, k).detach() for k in PER_PAIR_KEYS if getattr(self, k) is not None}
 
 
+PACKED_ATTENTION = ("segments", "block_mask")  # trainer.packed_attention's layouts (and auto)
+
+
 def resolve_packed_attention(option: str | None, device: torch.device | str, compiled: bool = False) -> str:
     """``trainer.packed_attention``; auto (or None) = ``segments`` on CPU (one row without padding: less work),
     ``block_mask`` on accelerators (fewer kernel launches) and under torch.compile (benchmarks/RESULTS.md)."""
@@ -192,8 +195,8 @@ class DynamicBetaDPOModel(nn.Module):
         if self.pack_pairs and (why := packing_unsupported(policy_model)):
             log.warning("pack_pairs: %s; using one row per response (chunked log-probs)", why)
             self.pack_pairs = False
-        if packed_attention not in ("block_mask", "segments"):
-            raise ValueError(f"packed_attention={packed_attention!r} must be block_mask or segments")
+        if packed_attention not in PACKED_ATTENTION:
+            raise ValueError(f"packed_attention={packed_attention!r} must be one of {PACKED_ATTENTION}")
         if self.pack_pairs and packed_attention == "segments":
             for model in (policy_model, ref_model):
                 if model is not None and (why := use_segment_attention(model)):

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..beta_head import BetaHeadConfig
 from ..build import data_sources, to_container, tokenize_config
+from ..dpo_model import PACKED_ATTENTION
 from ..models import _DTYPES
 from .host_memory import MAX_MMAP_THRESHOLD
 
@@ -78,7 +79,7 @@ def check_trainer_config(t: DictConfig) -> None:
             0 < number("trainer.malloc_mmap_threshold", t.malloc_mmap_threshold, int) <= MAX_MMAP_THRESHOLD:
         raise ValueError(f"trainer.malloc_mmap_threshold={t.malloc_mmap_threshold} must be in "
                          f"1..{MAX_MMAP_THRESHOLD} bytes (e.g. 131072) or null")
-    if t.get("packed_attention", "auto") not in ("auto", "segments", "block_mask"):
+    if t.get("packed_attention", "auto") not in ("auto", *PACKED_ATTENTION):
         raise ValueError(f"trainer.packed_attention={t.packed_attention!r} must be auto, segments or block_mask")
     if t.get("packed_attention") == "segments" and t.get("compile"):
         raise ValueError("trainer.packed_attention=segments with trainer.compile=true: its per-segment loop would "
