@@ -32,12 +32,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "preference" / "hh_helpful-base_train_sample.jsonl"
-ROWS = ["trainer.pack_pairs=false", "trainer.logps_chunk_size=null"]  # one padded row per response, full logits
+ROWS = ["trainer.forward=rows", "trainer.logps_chunk_size=null"]  # one padded row per response, full logits
 LOWMEM = ["trainer.gradient_checkpointing=true", "trainer.malloc_mmap_threshold=131072", "trainer.logps_chunk_size=256",
           "trainer.adamw_fused=true"]
 LBDPO_ARMS = {  # arm → Hydra overrides on top of the common ones (the defaults pack pairs, chunked log-probs)
     "rows": ["beta_head=fixed", *ROWS],  # the forward before packing: the baseline of the speed-ups
-    "rows_chunked": ["beta_head=fixed", "trainer.pack_pairs=false", "trainer.logps_chunk_size=1024"],
+    "rows_chunked": ["beta_head=fixed", "trainer.forward=rows", "trainer.logps_chunk_size=1024"],
     "fixed": ["beta_head=fixed"],
     # packed segments: rows under one block mask (the GPU default) against one row with attention per segment (the
     # CPU default: trainer.packed_attention=auto)

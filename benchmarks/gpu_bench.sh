@@ -11,7 +11,7 @@
 # Usage: bash benchmarks/gpu_bench.sh OUT_DIR [DEVICE] [SCALE] [STAGES]   (DEVICE=cpu SCALE=tiny: a dry run here)
 #   STAGES: any of speed,profile,train,r1d,compile,arms (default the first four, in that order). Each stage has its own
 #   time limit (330, 120, 120, 200, 300 s): pick stages that fit a 10-minute device call. `compile` times the packed
-#   step against the padded rows (pack_pairs=false) and torch.compile (trainer.compile=true), next to TRL. On the 2026-11-29 H200 each arm took ~70 s of
+#   step against the padded rows (trainer.forward=rows) and torch.compile (trainer.compile=true), next to TRL. On the 2026-11-29 H200 each arm took ~70 s of
 #   start-up before its first step (imports, two random models built on the host; not broken down).
 set -u
 if [ "${1:-}" = --prepare ]; then

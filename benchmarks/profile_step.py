@@ -1,7 +1,7 @@
 """Where a Learnable-β DPO training step spends its time and memory, on the same HH pairs as ``dpo_speed.py``.
 
     python benchmarks/profile_step.py                                   # today's defaults
-    python benchmarks/profile_step.py trainer.pack_pairs=false          # any Hydra override of the run
+    python benchmarks/profile_step.py trainer.forward=rows          # any Hydra override of the run
     python benchmarks/profile_step.py --device cuda --model random_qwen2_5_0_5b --steps 5   # a GPU, bf16 autocast
 
 Builds the run through the real set-up (``lbdpo.train.setup``), takes the first micro-batches, and times the

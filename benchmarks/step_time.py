@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--reference", choices=["copy", "precompute"], default="copy")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--chunk", type=int, default=0, help="logps_chunk_size (0: 1024 packed, full logits with --rows)")
-    parser.add_argument("--rows", action="store_true", help="one padded row per response (pack_pairs=false)")
+    parser.add_argument("--rows", action="store_true", help="one padded row per response (trainer.forward=rows)")
     parser.add_argument("--sweep", action="store_true", help="scaling table over --sweep-lengths × --sweep-pairs")
     parser.add_argument("--sweep-lengths", default="128,256,512,1024")
     parser.add_argument("--sweep-pairs", default="1,4")
@@ -52,7 +52,8 @@ def main() -> None:
     policy, tok = load_model_and_tokenizer(MODELS[args.model])
     ref = freeze(load_model(MODELS[args.model], vocab_size=len(tok))) if args.reference == "copy" else None
     head = BetaHead(BetaHeadConfig(hidden_size=hidden_size_of(policy), w_init=0.05))
-    model = DynamicBetaDPOModel(policy, head, ref, logps_chunk_size=args.chunk or None, pack_pairs=not args.rows).train()
+    model = DynamicBetaDPOModel(policy, head, ref, logps_chunk_size=args.chunk or None,
+                                forward="rows" if args.rows else "packed").train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     g = torch.Generator().manual_seed(0)
 

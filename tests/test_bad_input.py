@@ -12,7 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO_ROOT
-from lbdpo.cli import raised_by_lbdpo
+from lbdpo.cli import one_line_errors
+from lbdpo.errors import LbdpoError
 from lbdpo.data.loading import load_mixture, train_eval_split
 from lbdpo.train.checks import check_config, number
 
@@ -109,12 +110,36 @@ def test_eval_split_that_leaves_nothing_names_the_keys(files):
         train_eval_split(ds, eval_size=4)
 
 
-def test_only_lbdpo_raises_are_one_line():
-    with pytest.raises(ValueError) as ours:
+def test_only_lbdpo_errors_are_one_line(capsys):
+    """A deliberate error (LbdpoError) ends in one line and exit 2; a bug inside lbdpo — a shape mismatch raised by a
+    torch op called from lbdpo code, or a ValueError from a tuple unpacking — keeps its exception and traceback."""
+    with pytest.raises(LbdpoError) as ours:
         number("trainer.batch_size", "x", int)
-    with pytest.raises(ValueError) as library:
-        int("x")
-    assert raised_by_lbdpo(ours.value) and not raised_by_lbdpo(library.value)
+    with pytest.raises(SystemExit) as exit_:
+        with one_line_errors():
+            raise ours.value
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: trainer.batch_size")
+
+    import torch
+
+    from lbdpo.losses import dpo_loss
+
+    with pytest.raises(RuntimeError, match="size of tensor"):  # (3,) against (2,): torch's own error, not ours
+        with one_line_errors():
+            dpo_loss(torch.zeros(3), torch.zeros(2), torch.zeros(3), torch.zeros(3), 0.1)
+    with pytest.raises(ValueError, match="too many values to unpack") as bug:
+        with one_line_errors():
+            a, b = (1, 2, 3)  # noqa: F841
+    assert not isinstance(bug.value, LbdpoError)
+
+
+def test_cli_bug_keeps_its_traceback(tmp_path):
+    """Through the real command line: a bug raised inside lbdpo prints its traceback and does not exit 2."""
+    script = tmp_path / "bug.py"
+    script.write_text("import torch\nfrom lbdpo.cli import one_line_errors\nfrom lbdpo.logprobs import token_logps\n"
+                      "with one_line_errors():\n    token_logps(torch.zeros(2, 5, 7), torch.zeros(3, 5, dtype=torch.long))\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode not in (0, 2) and "Traceback" in out.stderr and "lbdpo/logprobs.py" in out.stderr
 
 
 def cli(script: str, *args: str) -> subprocess.CompletedProcess:

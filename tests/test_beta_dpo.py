@@ -83,7 +83,7 @@ def test_dpo_model_uses_the_batch_beta_detached_and_the_masked_mean(tiny_model, 
     head = BetaHead(BetaHeadConfig(mode="beta_dpo", hidden_size=tiny_model.config.hidden_size, beta=0.1,
                                    beta_dpo_alpha=0.6, beta_dpo_filter=0.25))
     reference = __import__("copy").deepcopy(tiny_model).eval()
-    model = DynamicBetaDPOModel(tiny_model, head, ref_model=reference, pack_pairs=True).train()
+    model = DynamicBetaDPOModel(tiny_model, head, ref_model=reference, forward="packed").train()
     with torch.no_grad():  # a policy that differs from its reference, so margins are not all 0
         for p in tiny_model.parameters():
             p.add_(0.05 * torch.randn_like(p))

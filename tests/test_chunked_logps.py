@@ -90,13 +90,17 @@ def test_dpo_forward_and_gradients_match_the_full_logits_path(tiny_model, tiny_m
     assert_same_as_standard_forward(tiny_model, tok, padding_side, pairs, logps_chunk_size=7)
 
 
-def test_unsupported_architectures_fall_back(tiny_model, caplog):
+def test_chunking_asked_for_on_an_unsupported_architecture_is_refused(tiny_model):
     from lbdpo.beta_head import BetaHead, BetaHeadConfig
     from lbdpo.dpo_model import DynamicBetaDPOModel
+    from lbdpo.errors import LbdpoError
 
     tiny_model.config.final_logit_softcapping = 30.0
-    model = DynamicBetaDPOModel(tiny_model, BetaHead(BetaHeadConfig(mode="fixed")), logps_chunk_size=64)
-    assert model.logps_chunk_size is None and "final_logit_softcapping" in caplog.text
+    for options in ({"logps_chunk_size": 64}, {"forward": "packed"}):
+        with pytest.raises(LbdpoError, match="final_logit_softcapping"):
+            DynamicBetaDPOModel(tiny_model, BetaHead(BetaHeadConfig(mode="fixed")), **options)
+    model = DynamicBetaDPOModel(tiny_model, BetaHead(BetaHeadConfig(mode="fixed")), forward="auto", device="cpu")
+    assert model.plan.forward == "rows" and model.plan.chunk_size is None  # auto may choose, and says so
 
 
 @pytest.mark.parametrize("packed_attention", ["block_mask", "segments"])
@@ -112,7 +116,7 @@ def test_packed_pairs_forward_matches_the_standard_forward(tiny_model, tiny_mode
 
     tok = tiny_model_and_tokenizer[1]
     pairs = random_pairs(5, len(tok), seed=4, prompt_range=(2, 11), response_range=(1, 8))
-    assert_same_as_standard_forward(tiny_model, tok, padding_side, pairs, pack_pairs=True, logps_chunk_size=5,
+    assert_same_as_standard_forward(tiny_model, tok, padding_side, pairs, forward="packed", logps_chunk_size=5,
                                     pad_to_multiple_of=pad_to_multiple_of, packed_attention=packed_attention)
 
 
@@ -135,23 +139,58 @@ def test_packed_pairs_under_activation_checkpointing(tiny_model, tiny_model_and_
     tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tiny_model.train()
     model = DynamicBetaDPOModel(tiny_model, BetaHead(BetaHeadConfig(mode="fixed")), copy.deepcopy(tiny_model),
-                                pack_pairs=True, packed_attention=packed_attention)
+                                forward="packed", packed_attention=packed_attention)
     out = model(batch)
     out.loss.backward()
-    assert model.pack_pairs
+    assert model.plan.forward == "packed" and model.plan.packed_attention == packed_attention
     torch.testing.assert_close(out.policy_chosen_logps, plain.policy_chosen_logps, atol=1e-5, rtol=1e-5)
     for (name, p), q in zip(tiny_model.named_parameters(), plain_model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_packing_falls_back_for_decoders_without_custom_masks(tiny_model, caplog):
+def test_forward_switch_refuses_what_was_asked_and_auto_falls_back(tiny_model, caplog):
+    """trainer.forward / trainer.packed_attention: an explicit path the decoder cannot run is refused with one line;
+    auto chooses (packed on CPU, rows on an accelerator) and falls back with a log line; the model is switched to
+    per-segment attention only when that layout runs, and restore_attention switches it back."""
+    import logging
+
     from lbdpo.beta_head import BetaHead, BetaHeadConfig
     from lbdpo.dpo_model import DynamicBetaDPOModel
+    from lbdpo.errors import LbdpoError
+    from lbdpo.packed_pairs import SEGMENT_ATTENTION
+    from lbdpo.scoring import resolve_forward
 
-    tiny_model.config._attn_implementation = "flash_attention_2"
-    model = DynamicBetaDPOModel(tiny_model, BetaHead(BetaHeadConfig(mode="fixed")), pack_pairs=True)
-    assert not model.pack_pairs and model.logps_chunk_size == 1024
-    assert "flash_attention_2" in caplog.text and "one row per response" in caplog.text
+    assert resolve_forward("auto", "auto", "cpu") == ("packed", "segments")
+    assert resolve_forward("auto", "auto", "cuda") == ("rows", None)
+    assert resolve_forward("packed", "auto", "cuda") == ("packed", "block_mask")
+    assert resolve_forward("packed", "auto", "cpu", compiled=True) == ("packed", "block_mask")
+    assert resolve_forward("packed", "segments", "cuda") == ("packed", "segments")
+
+    def dpo(**options):
+        return DynamicBetaDPOModel(tiny_model, BetaHead(BetaHeadConfig(mode="fixed")), **options)
+
+    model = dpo(forward="auto", device="cpu")
+    assert (model.plan.forward, model.plan.packed_attention, model.plan.chunk_size) == ("packed", "segments", 1024)
+    assert tiny_model.config._attn_implementation == SEGMENT_ATTENTION
+    model.restore_attention()
+    assert tiny_model.config._attn_implementation == "sdpa"
+    assert dpo(forward="packed", packed_attention="block_mask").describe_forward() == "packed pairs, rows under a block mask"
+    assert tiny_model.config._attn_implementation == "sdpa"  # nothing switched for the block mask
+    assert dpo().describe_forward() == "one row per response, full logits"  # the Python default: rows
+
+    tiny_model.config._attn_implementation = "eager"  # applies a 4D mask, but cannot run per segment
+    with pytest.raises(LbdpoError, match="packed_attention=segments: its attention implementation is 'eager'"):
+        dpo(forward="packed", packed_attention="segments")
+    with caplog.at_level(logging.INFO, logger="lbdpo"):
+        assert dpo(forward="packed").plan.packed_attention == "block_mask"
+    assert "rows under a block mask" in caplog.text
+
+    tiny_model.config._attn_implementation = "flash_attention_2"  # no custom 4D mask at all
+    with pytest.raises(LbdpoError, match="trainer.forward=packed: .*flash_attention_2.*set trainer.forward=rows"):
+        dpo(forward="packed")
+    with caplog.at_level(logging.INFO, logger="lbdpo"):
+        model = dpo(forward="auto", device="cpu")
+    assert (model.plan.forward, model.plan.chunk_size) == ("rows", None) and "one row per response" in caplog.text
 
 
 @pytest.mark.parametrize("packed_attention", ["block_mask", "segments"])
@@ -176,8 +215,9 @@ def test_packed_pairs_with_lora_and_the_adapter_disabled_reference(tiny_model, t
     outs = []
     for share in (False, True):
         model = DynamicBetaDPOModel(copy.deepcopy(peft_model), BetaHead(BetaHeadConfig(mode="fixed")),
-                                    ref_from_disabled_adapter=True, pack_pairs=share, packed_attention=packed_attention)
-        assert model.pack_pairs == share
+                                    ref_from_disabled_adapter=True, forward="packed" if share else "rows",
+                                    packed_attention=packed_attention)
+        assert model.plan.forward == ("packed" if share else "rows")
         switched = model.policy_model.config._attn_implementation == SEGMENT_ATTENTION
         assert switched == (share and packed_attention == "segments")
         outs.append(model(batch).per_pair())

@@ -2,8 +2,8 @@
 
 Layers, lowest first; a module may import from its own layer or a lower one, never a higher one:
 
-    inputs  lbdpo.data.*, models                                     (preference data → batches; loading HF models)
-    core    beta_head, losses, logprobs, metrics, dpo_model, modeling (the method, and the model object)
+    inputs  errors, lbdpo.data.*, models                             (typed errors; preference data → batches; HF models)
+    core    beta_head, losses, logprobs, metrics, scoring, dpo_model, modeling (the method, the forward, the model object)
     build   build                                                     (a Hydra config → models, head, datasets)
     train   lbdpo.train.*                                             (the loop, checkpoints, run output)
     eval    lbdpo.eval.*                                              (evaluation, figures, comparisons)
@@ -34,7 +34,7 @@ def layer_of(module: str) -> int:
     parts = module.split(".")
     if len(parts) == 1 or parts[1] in ("export", "experiment"):  # the package's __init__, the two commands
         return LAYERS["package"]
-    if parts[1] in ("data", "models"):
+    if parts[1] in ("errors", "data", "models"):
         return LAYERS["inputs"]
     return LAYERS.get(parts[1], LAYERS["core"])
 

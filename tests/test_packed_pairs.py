@@ -10,7 +10,7 @@ import torch
 
 from lbdpo.data import PreferenceCollator
 from lbdpo.packed_pairs import (CHOSEN, PROMPT, REJECTED, SEGMENT_ATTENTION, pack_pairs, packed_pair_token_logps,
-                                use_segment_attention)
+                                enable_segment_attention, restore_attention)
 
 LAYOUTS = ["block_mask", "segments"]  # trainer.packed_attention
 
@@ -18,7 +18,7 @@ LAYOUTS = ["block_mask", "segments"]  # trainer.packed_attention
 def with_layout(model, layout: str):
     """``model`` switched to attention per segment (one row, no padding) for ``segments``; as it is otherwise."""
     if layout == "segments":
-        assert use_segment_attention(model) is None and model.config._attn_implementation == SEGMENT_ATTENTION
+        assert enable_segment_attention(model) is None and model.config._attn_implementation == SEGMENT_ATTENTION
     return model
 
 
@@ -84,8 +84,8 @@ def test_segment_attention_is_switched_on_only_where_it_applies(tiny_model):
     plain = copy.deepcopy(tiny_model)
     eager = copy.deepcopy(tiny_model)
     eager.config._attn_implementation = "eager"
-    assert "eager" in use_segment_attention(eager)
-    assert use_segment_attention(tiny_model) is None and use_segment_attention(tiny_model) is None  # idempotent
+    assert "eager" in enable_segment_attention(eager) and eager.config._attn_implementation == "eager"
+    assert enable_segment_attention(tiny_model) is None and enable_segment_attention(tiny_model) is None  # idempotent
     assert tiny_model.config._attn_implementation == SEGMENT_ATTENTION
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
@@ -108,7 +108,8 @@ def test_a_decoder_that_drops_the_segments_is_refused(tiny_model, tiny_model_and
         monkeypatch.setattr(layer.self_attn, "forward",
                             lambda *a, _f=forward, segments=None, **k: _f(*a, **k))  # drops the keyword
     with pytest.raises(RuntimeError, match="did not pass the packed segments"):
-        packed_pair_token_logps(tiny_model, batch["input_ids"], batch["attention_mask"], batch["prompt_lengths"], 8)
+        packed_pair_token_logps(tiny_model, batch["input_ids"], batch["attention_mask"], batch["prompt_lengths"], 8,
+                                per_segment=True)
 
 
 def test_rows_rounded_up_to_a_multiple_are_padding_only():
@@ -134,7 +135,8 @@ def test_token_logps_and_h_match_one_sequence_at_a_time(tiny_model, tiny_model_a
     batch = PreferenceCollator(tok.pad_token_id, padding_side)(pairs)
     n, mask = len(pairs), batch["attention_mask"]
     token_lp, h = packed_pair_token_logps(tiny_model, batch["input_ids"], mask, batch["prompt_lengths"],
-                                          chunk_size=7, score_prompt=score_prompt, multiple_of=multiple_of)
+                                          chunk_size=7, score_prompt=score_prompt, multiple_of=multiple_of,
+                                          per_segment=layout == "segments")
     assert token_lp.shape == (2 * n, batch["input_ids"].shape[1] - 1)
     for i, pair in enumerate(pairs):
         prompt = pair["prompt_input_ids"]
@@ -162,7 +164,8 @@ def test_gradients_match_one_sequence_at_a_time(tiny_model, tiny_model_and_token
     weights = torch.randn(batch["input_ids"].shape[0], batch["input_ids"].shape[1] - 1,
                           generator=torch.Generator().manual_seed(0))
     packed_model, brute_model = with_layout(copy.deepcopy(tiny_model), layout), tiny_model
-    token_lp, h = packed_pair_token_logps(packed_model, batch["input_ids"], mask, batch["prompt_lengths"], 5)
+    token_lp, h = packed_pair_token_logps(packed_model, batch["input_ids"], mask, batch["prompt_lengths"], 5,
+                                          per_segment=layout == "segments")
     ((token_lp * weights).sum() + h.square().sum()).backward()
     total = 0
     for i, pair in enumerate(pairs):
@@ -186,3 +189,24 @@ def test_rows_whose_prompts_differ_are_refused(tiny_model, tiny_model_and_tokeni
     batch["input_ids"][3, 0] += 1  # pair 1's rejected row starts with another token
     with pytest.raises(ValueError, match="pair 1"):
         packed_pair_token_logps(tiny_model, batch["input_ids"], batch["attention_mask"], batch["prompt_lengths"], 8)
+
+
+def test_importing_registers_nothing_and_restore_switches_back(tiny_model):
+    """No global state at import (a fresh interpreter: lbdpo's modules imported, nothing registered with
+    transformers); enable_segment_attention registers and switches, restore_attention switches back to sdpa; a
+    per-segment forward on a model that was not switched is refused, not run across pairs."""
+    import subprocess
+    import sys
+
+    code = ("import lbdpo.packed_pairs, lbdpo.dpo_model, lbdpo.scoring, lbdpo.train.setup\n"
+            "from transformers import AttentionInterface\n"
+            "print('lbdpo_segments' in AttentionInterface._global_mapping)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+    ids, mask = torch.tensor([[5, 6, 7, 5, 6, 8]] * 2), torch.ones(2, 6, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="not switched to per-segment attention"):
+        packed_pair_token_logps(tiny_model, ids, mask, torch.tensor([3]), 8, per_segment=True)
+    assert enable_segment_attention(tiny_model) is None and tiny_model.config._attn_implementation == SEGMENT_ATTENTION
+    restore_attention(tiny_model)
+    assert tiny_model.config._attn_implementation == "sdpa"
+    assert all(layer.self_attn.config._attn_implementation == "sdpa" for layer in tiny_model.get_decoder().layers)

@@ -56,6 +56,7 @@ import torch.nn as nn
 
 from .beta_dpo import BetaDPO
 from .dpo_model import DynamicBetaDPOModel  # re-exported (the design documents' import); it never imports back
+from .errors import LbdpoError
 
 PPL_TRANSFORMS = ("log_ppl", "ppl", "none", "inverse_log_ppl")
 NET_TYPES = ("linear", "mlp")
@@ -103,55 +104,55 @@ class BetaHeadConfig:
     def validate(self) -> None:
         """Raise a ``ValueError`` naming the offending key for any invalid setting."""
         if self.mode not in MODES:
-            raise ValueError(f"beta_head.mode={self.mode!r} must be one of {MODES}")
+            raise LbdpoError(f"beta_head.mode={self.mode!r} must be one of {MODES}")
         for f in fields(self):  # numbers first, so that a typo names its key rather than failing in float()
             value = getattr(self, f.name)
             if f.type in ("float", "int", "int | None") and value is not None:
                 try:
                     float(value)
                 except (TypeError, ValueError):
-                    raise ValueError(f"beta_head.{f.name}={value!r} must be a number") from None
+                    raise LbdpoError(f"beta_head.{f.name}={value!r} must be a number") from None
         if self.mode in ("fixed", "beta_dpo"):
             if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
-                raise ValueError(f"beta_head.beta={self.beta!r} must be a finite number > 0")
+                raise LbdpoError(f"beta_head.beta={self.beta!r} must be a finite number > 0")
             if self.mode == "beta_dpo":
                 if not 0 <= float(self.beta_dpo_filter) < 1:
-                    raise ValueError(f"beta_head.beta_dpo_filter={self.beta_dpo_filter!r} must be in [0, 1)")
+                    raise LbdpoError(f"beta_head.beta_dpo_filter={self.beta_dpo_filter!r} must be in [0, 1)")
                 if not 0 <= float(self.beta_dpo_momentum) < 1:
-                    raise ValueError(f"beta_head.beta_dpo_momentum={self.beta_dpo_momentum!r} must be in [0, 1)")
+                    raise LbdpoError(f"beta_head.beta_dpo_momentum={self.beta_dpo_momentum!r} must be in [0, 1)")
                 if not math.isfinite(float(self.beta_dpo_alpha)):
-                    raise ValueError(f"beta_head.beta_dpo_alpha={self.beta_dpo_alpha!r} must be a finite number")
+                    raise LbdpoError(f"beta_head.beta_dpo_alpha={self.beta_dpo_alpha!r} must be a finite number")
             return
         if self.context_net_type not in NET_TYPES:
-            raise ValueError(f"beta_head.context_net_type={self.context_net_type!r} must be one of {NET_TYPES}")
+            raise LbdpoError(f"beta_head.context_net_type={self.context_net_type!r} must be one of {NET_TYPES}")
         if not (0.0 <= float(self.epsilon) < 1.0):
-            raise ValueError(f"beta_head.epsilon={self.epsilon!r} must be in [0, 1)")
+            raise LbdpoError(f"beta_head.epsilon={self.epsilon!r} must be in [0, 1)")
         if not (0.0 <= float(self.dropout) < 1.0):
-            raise ValueError(f"beta_head.dropout={self.dropout!r} must be in [0, 1)")
+            raise LbdpoError(f"beta_head.dropout={self.dropout!r} must be in [0, 1)")
         if int(self.hidden_size) <= 0 or int(self.context_mlp_hidden_size) <= 0:
-            raise ValueError("beta_head.hidden_size and beta_head.context_mlp_hidden_size must be positive")
+            raise LbdpoError("beta_head.hidden_size and beta_head.context_mlp_hidden_size must be positive")
         if isinstance(self.w_init, str):
             if self.w_init != "auto":
-                raise ValueError(f"beta_head.w_init={self.w_init!r} must be a number > 0 or 'auto'")
+                raise LbdpoError(f"beta_head.w_init={self.w_init!r} must be a number > 0 or 'auto'")
         elif not (0 < float(self.w_init) < torch.finfo(torch.float32).max):  # w is a float32 parameter
-            raise ValueError(f"beta_head.w_init={self.w_init!r} must be > 0 and fit in float32 (or 'auto')")
+            raise LbdpoError(f"beta_head.w_init={self.w_init!r} must be > 0 and fit in float32 (or 'auto')")
         if self.w_param not in W_PARAMS:
-            raise ValueError(f"beta_head.w_param={self.w_param!r} must be one of {W_PARAMS}")
+            raise LbdpoError(f"beta_head.w_param={self.w_param!r} must be one of {W_PARAMS}")
         if not float(self.target_beta) > 0:
-            raise ValueError(f"beta_head.target_beta={self.target_beta!r} must be > 0")
+            raise LbdpoError(f"beta_head.target_beta={self.target_beta!r} must be > 0")
         if self.ppl_transform not in PPL_TRANSFORMS:
-            raise ValueError(f"beta_head.ppl_transform={self.ppl_transform!r} must be one of {PPL_TRANSFORMS}")
+            raise LbdpoError(f"beta_head.ppl_transform={self.ppl_transform!r} must be one of {PPL_TRANSFORMS}")
         if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"beta_head.normalize={self.normalize!r} must be one of {NORMALIZATIONS}")
+            raise LbdpoError(f"beta_head.normalize={self.normalize!r} must be one of {NORMALIZATIONS}")
         if float(self.w_prior_weight) < 0:
-            raise ValueError(f"beta_head.w_prior_weight={self.w_prior_weight!r} must be >= 0")
+            raise LbdpoError(f"beta_head.w_prior_weight={self.w_prior_weight!r} must be >= 0")
         if self.ppl_net_type not in NET_TYPES:
-            raise ValueError(f"beta_head.ppl_net_type={self.ppl_net_type!r} must be one of {NET_TYPES}")
+            raise LbdpoError(f"beta_head.ppl_net_type={self.ppl_net_type!r} must be one of {NET_TYPES}")
         if self.use_ppl_approx and not (int(self.ppl_mlp_hidden_size) > 0 and float(self.ppl_approx_loss_weight) > 0):
-            raise ValueError("beta_head.use_ppl_approx needs ppl_mlp_hidden_size > 0 and ppl_approx_loss_weight > 0 "
+            raise LbdpoError("beta_head.use_ppl_approx needs ppl_mlp_hidden_size > 0 and ppl_approx_loss_weight > 0 "
                              f"(got {self.ppl_mlp_hidden_size}, {self.ppl_approx_loss_weight})")
         if not (0 < float(self.beta_min) < float(self.beta_max)):
-            raise ValueError(
+            raise LbdpoError(
                 f"beta_head.beta_min={self.beta_min!r} and beta_head.beta_max={self.beta_max!r} "
                 "must satisfy 0 < beta_min < beta_max"
             )
@@ -164,7 +165,7 @@ class BetaHeadConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown beta_head key(s) {unknown}; known keys: {sorted(known)}")
+            raise LbdpoError(f"unknown beta_head key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**data)
 
 
@@ -274,7 +275,7 @@ class BetaHead(nn.Module):
         if not torch.isfinite(mean_g):
             return
         if not mean_g > 0:
-            raise ValueError(f"beta_head.w_init='auto' cannot be set: mean of T(PPL)·f on the first batch is {mean_g}")
+            raise LbdpoError(f"beta_head.w_init='auto' cannot be set: mean of T(PPL)·f on the first batch is {mean_g}")
         w = self.config.target_beta / mean_g
         if self.log_w is not None:
             self.log_w.copy_(torch.log(w))
@@ -304,10 +305,10 @@ class BetaHead(nn.Module):
             β (B,) float32, in [beta_min, beta_max] for finite input; or ``(β, details)`` when ``return_details``.
         """
         if (ppl is None) == (log_ppl is None):
-            raise ValueError("BetaHead.forward needs exactly one of `ppl` or `log_ppl`")
+            raise LbdpoError("BetaHead.forward needs exactly one of `ppl` or `log_ppl`")
         if log_ppl is None:
             if torch.any(ppl <= 0):  # NaN passes through (see the module docstring)
-                raise ValueError("BetaHead.forward: perplexity must be > 0")
+                raise LbdpoError("BetaHead.forward: perplexity must be > 0")
             log_ppl = torch.log(ppl)
         log_ppl = log_ppl.to(device=self._anchor.device, dtype=torch.float32)
         batch = log_ppl.shape[0]

@@ -11,13 +11,17 @@ Batch contract (what :meth:`DynamicBetaDPOModel.forward` takes; built by :mod:`l
 
 One policy forward gives everything: the summed response log-probs (labels), the prompt's log PPL (its
 positions are independent of the response under causal attention, so this is exact), and the last-layer hidden
-state at the prompt's last token. With ``pack_pairs`` (the trainer's default) that forward runs each pair as one
-packed segment, prompt once (:mod:`lbdpo.packed_pairs`); otherwise over the 2B padded rows. Both give the same
-values and gradients (tests against one sequence at a time).
+state at the prompt's last token. Which forward runs — the 2B padded rows, or each pair as one packed segment with
+its prompt computed once — is the model's :class:`lbdpo.scoring.Scorer`, chosen once from ``forward`` /
+``packed_attention`` and used alike for the policy, the reference and evaluation. Every path gives the same values
+and gradients (tests against one sequence at a time).
+
+The design documents' API: :meth:`DynamicBetaDPOModel.compute_ppl` and :meth:`DynamicBetaDPOModel.get_dynamic_beta`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -26,21 +30,12 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 import torch.nn as nn
 
-from .chunked_logps import chunked_token_logps, chunking_unsupported, decoder_hidden_and_head
-from .data.collator import IGNORE_INDEX
-from .logprobs import (
-    forward_model,
-    last_prompt_token_index,
-    masked_mean_nll,
-    position_ids_from_mask,
-    prompt_ppl_mask,
-    response_logps,
-    sequence_logps,
-    token_logps,
-)
+from .errors import LbdpoError
+from .logprobs import masked_mean_nll, prompt_ppl_mask, response_logps
 from .losses import dpo_loss, logratio_margin
 from .metrics import preference_metrics
-from .packed_pairs import SEGMENT_ATTENTION, packed_pair_token_logps, packing_unsupported, use_segment_attention
+from .packed_pairs import enable_segment_attention, restore_attention
+from .scoring import ForwardPlan, Scorer, hidden_at_prompt_end, plan_forward
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +53,6 @@ class PromptStats:
     f: torch.Tensor  # the head's context factor f(h)
     log_ppl_approx: torch.Tensor | None = None  # the head's approximation of log PPL (use_ppl_approx)
     beta_exact: torch.Tensor | None = None  # β from the exact log PPL, when β used the approximation
-
-
-def hidden_at_prompt_end(last_hidden: torch.Tensor, attention_mask: torch.Tensor,
-                         prompt_lengths: torch.Tensor) -> torch.Tensor:
-    """h: the last-layer hidden state at each row's last prompt token. (B, T, H), (B, T), (B,) → (B, H)."""
-    last = last_prompt_token_index(attention_mask, prompt_lengths)
-    return last_hidden[torch.arange(len(last), device=last.device), last]
 
 
 def prompt_stats(beta_head: "BetaHead", token_lp: torch.Tensor, h: torch.Tensor, attention_mask: torch.Tensor,
@@ -124,15 +112,12 @@ class DPOOutput:
         return {k: getattr(self, k).detach() for k in PER_PAIR_KEYS if getattr(self, k) is not None}
 
 
-PACKED_ATTENTION = ("segments", "block_mask")  # trainer.packed_attention's layouts (and auto)
-
-
-def resolve_packed_attention(option: str | None, device: torch.device | str, compiled: bool = False) -> str:
-    """``trainer.packed_attention``; auto (or None) = ``segments`` on CPU (one row without padding: less work),
-    ``block_mask`` on accelerators (fewer kernel launches) and under torch.compile (benchmarks/RESULTS.md)."""
-    if option not in (None, "auto"):
-        return option
-    return "segments" if torch.device(device).type == "cpu" and not compiled else "block_mask"
+def real_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) real tokens of each prompt row; an error when one has fewer than 2 (nothing to average a PPL over)."""
+    lengths = attention_mask.long().sum(-1)
+    if bool((lengths < 2).any()):
+        raise LbdpoError(f"every row needs ≥ 2 real tokens for its perplexity; attention_mask sums to {lengths.tolist()}")
+    return lengths
 
 
 class DynamicBetaDPOModel(nn.Module):
@@ -146,19 +131,20 @@ class DynamicBetaDPOModel(nn.Module):
             in the batch (or, with LoRA, when the policy's adapter is disabled to get them:
             ``ref_from_disabled_adapter=True``).
         label_smoothing: conservative-DPO label noise (see :func:`lbdpo.losses.dpo_loss`).
-        logps_chunk_size: None computes the policy's log-probs from its full logits (N, T, V); a number computes
-            only the scored positions from the last hidden state, that many positions at a time, with no
-            vocabulary-sized tensor (:mod:`lbdpo.chunked_logps`; same values and gradients to float rounding).
-            Architectures whose logits are not plain lm_head(h) fall back to full logits with one log line.
-        pack_pairs: run each pair as one segment [prompt | chosen | rejected] (each prompt computed once),
-            segments packed without padding (:mod:`lbdpo.packed_pairs`; implies chunked log-probs,
-            ``logps_chunk_size`` or 1024 positions). Decoders that cannot take a custom 4D mask fall back to one
-            row per response with one log line.
-        pad_to_multiple_of: with ``pack_pairs``, the packed rows' length rounded up to a multiple of this (None:
-            the longest segment), as the collator rounds unpacked rows; padding, so no number changes.
-        packed_attention: with ``pack_pairs``, ``block_mask`` (rows under one 4D mask: few kernels) or
-            ``segments`` (one row without padding, attention per segment: less work; switches the policy and
-            reference to :data:`lbdpo.packed_pairs.SEGMENT_ATTENTION`, or falls back with one log line). Same numbers.
+        forward: ``rows`` (the 2B padded rows; default), ``packed`` (each pair one segment, prompt once) or ``auto``
+            (the measured default for ``device``): see :mod:`lbdpo.scoring`. A path the model cannot run is refused
+            (:class:`lbdpo.errors.LbdpoError`); ``auto`` falls back with one log line.
+        packed_attention: with ``packed``: ``segments`` (one row without padding, attention per segment), ``block_mask``
+            (rows under one 4D mask) or ``auto``. Same numbers.
+        logps_chunk_size: None scores rows from their full logits (N, T, V); a number scores only the needed
+            positions from the last hidden state, that many at a time (:mod:`lbdpo.chunked_logps`; the packed path
+            always chunks, 1024 by default).
+        pad_to_multiple_of: with ``packed``, the packed rows' length rounded up to a multiple of this (padding).
+        device, compiled: what ``auto`` resolves against (default: the policy's device; torch.compile).
+
+    With ``packed_attention`` resolved to ``segments`` the policy (and the reference) are switched to the attention
+    function :data:`lbdpo.packed_pairs.SEGMENT_ATTENTION` (sdpa for every other forward, not saved with the model):
+    a change to the models passed in, for this object's lifetime; :meth:`restore_attention` switches them back.
     """
 
     def __init__(
@@ -168,15 +154,17 @@ class DynamicBetaDPOModel(nn.Module):
         ref_model: nn.Module | None = None,
         label_smoothing: float = 0.0,
         ref_from_disabled_adapter: bool = False,
+        forward: str = "rows",
+        packed_attention: str = "auto",
         logps_chunk_size: int | None = None,
-        pack_pairs: bool = False,
         pad_to_multiple_of: int | None = None,
-        packed_attention: str = "block_mask",
+        device: torch.device | str | None = None,
+        compiled: bool = False,
     ):
         super().__init__()
         if beta_head is None:  # an AutoModelForCausalLMWithBetaHead: its policy and head
             if not hasattr(policy_model, "beta_head"):
-                raise ValueError("DynamicBetaDPOModel needs a beta_head (or a model with one)")
+                raise LbdpoError("DynamicBetaDPOModel needs a beta_head (or a model with one)")
             policy_model, beta_head = policy_model.policy, policy_model.beta_head
         self.policy_model = policy_model
         self.beta_head = beta_head
@@ -184,30 +172,39 @@ class DynamicBetaDPOModel(nn.Module):
         self._ref = [ref_model] if ref_model is not None else []
         self.label_smoothing = float(label_smoothing)
         self.ref_from_disabled_adapter = ref_from_disabled_adapter
-        self.logps_chunk_size = int(logps_chunk_size) if logps_chunk_size else None
-        self.pack_pairs = bool(pack_pairs)
-        self.pad_to_multiple_of = int(pad_to_multiple_of) if pad_to_multiple_of else None
-        if self.pack_pairs and not self.logps_chunk_size:
-            self.logps_chunk_size = 1024
-        if self.logps_chunk_size and (why := chunking_unsupported(policy_model)):
-            log.warning("logps_chunk_size / pack_pairs: %s; using the full-logits forward, one row per response", why)
-            self.logps_chunk_size, self.pack_pairs = None, False
-        if self.pack_pairs and (why := packing_unsupported(policy_model)):
-            log.warning("pack_pairs: %s; using one row per response (chunked log-probs)", why)
-            self.pack_pairs = False
-        if packed_attention not in PACKED_ATTENTION:
-            raise ValueError(f"packed_attention={packed_attention!r} must be one of {PACKED_ATTENTION}")
-        if self.pack_pairs and packed_attention == "segments":
-            for model in (policy_model, ref_model):
-                if model is not None and (why := use_segment_attention(model)):
-                    log.warning("packed_attention=segments: %s; that model packs rows under a block mask", why)
+        plan = plan_forward(policy_model, forward, packed_attention, logps_chunk_size, pad_to_multiple_of, device,
+                            compiled)
+        self.scorer = Scorer(self._switch_attention(plan, explicit=packed_attention != "auto"))
+
+    def _switch_attention(self, plan: ForwardPlan, explicit: bool) -> ForwardPlan:
+        """Switch the policy and reference to per-segment attention when ``plan`` asks for it; a model that cannot
+        switch is refused (an explicit ``segments``) or puts both on the block mask (``auto``, one log line)."""
+        if plan.packed_attention != "segments":
+            return plan
+        for model in (self.policy_model, self.ref_model):
+            if model is not None and (why := enable_segment_attention(model)):
+                self.restore_attention()
+                if explicit:
+                    raise LbdpoError(f"trainer.packed_attention=segments: {why}; set trainer.packed_attention="
+                                     "block_mask (or auto)")
+                log.info("trainer.packed_attention=auto: rows under a block mask, since %s", why)
+                return dataclasses.replace(plan, packed_attention="block_mask")
+        return plan
+
+    def restore_attention(self) -> None:
+        """Switch the policy and reference back to sdpa if per-segment attention switched them (see the class doc)."""
+        for model in (self.policy_model, self.ref_model):
+            if model is not None:
+                restore_attention(model)
+
+    @property
+    def plan(self) -> ForwardPlan:
+        """The forward this model runs (:class:`lbdpo.scoring.ForwardPlan`)."""
+        return self.scorer.plan
 
     def describe_forward(self) -> str:
-        """E.g. ``packed pairs, attention per segment``: which forward the policy runs (the run's banner)."""
-        if self.pack_pairs:
-            per_segment = self.policy_model.config._attn_implementation == SEGMENT_ATTENTION
-            return "packed pairs, " + ("attention per segment (one row)" if per_segment else "rows under a block mask")
-        return "one row per response, " + ("chunked log-probs" if self.logps_chunk_size else "full logits")
+        """E.g. ``packed pairs, attention per segment (one row)``: which forward runs (the run's banner)."""
+        return self.plan.describe()
 
     @property
     def ref_model(self) -> nn.Module | None:
@@ -223,52 +220,63 @@ class DynamicBetaDPOModel(nn.Module):
         if "reference_chosen_logps" in batch and "reference_rejected_logps" in batch:
             return batch["reference_chosen_logps"].float(), batch["reference_rejected_logps"].float()
         if self.ref_model is not None:
-            logps = self.response_logps_of(self.ref_model, batch)
+            logps = self.scorer.response_logps(self.ref_model, batch)
         elif self.ref_from_disabled_adapter:
             with self.policy_model.disable_adapter():
-                logps = self.response_logps_of(self.policy_model, batch)
+                logps = self.scorer.response_logps(self.policy_model, batch)
         else:
-            raise ValueError(
+            raise LbdpoError(
                 "no reference: pass ref_model, precomputed reference_*_logps in the batch, "
                 "or ref_from_disabled_adapter=True with a peft policy"
             )
         n = logps.shape[0] // 2
         return logps[:n], logps[n:]
 
-    def response_logps_of(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """log π(y | x) (2B,) of every row under ``model`` (the reference), the way the policy is scored."""
-        rows = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-        if not self.logps_chunk_size:
-            return sequence_logps(model, *rows)
-        token_lp, _ = self.token_logps_of(model, *rows, batch["prompt_lengths"].to(rows[0].device), score_prompt=False)
-        return response_logps(token_lp, batch["labels"])
-
     def token_logps_of(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        labels: torch.Tensor, prompt_lengths: torch.Tensor, score_prompt: bool = True):
-        """Token log-probs (2B, T − 1) of ``model`` and h (B, H) at the chosen rows' last prompt token.
+        """Token log-probs (2B, T − 1) of ``model`` and h (B, H) at the chosen rows' last prompt token, by this
+        model's forward (:meth:`lbdpo.scoring.Scorer.token_logps`)."""
+        return self.scorer.token_logps(model, input_ids, attention_mask, labels, prompt_lengths, score_prompt)
 
-        With ``logps_chunk_size`` only the scored positions get a log-prob (responses of all rows and, with
-        ``score_prompt``, the prompt tokens of the chosen rows that log PPL(x) averages; 0 elsewhere), from chunks
-        of lm_head(h); with ``pack_pairs`` each pair is one packed segment (each prompt computed once, no padding
-        between pairs). h is None without ``score_prompt``.
+    # ------------------------------------------------------------------------------------------
+    # The design documents' API: PPL and β of prompts
+    # ------------------------------------------------------------------------------------------
+
+    def _prompt_stats(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PromptStats:
+        """PromptStats of B prompt-only rows (any padding side), from one policy forward."""
+        lengths = real_lengths(attention_mask)
+        token_lp, h = self.scorer.prompt_logps(self.policy_model, input_ids, attention_mask)
+        return prompt_stats(self.beta_head, token_lp, h, attention_mask, lengths)
+
+    @torch.no_grad()
+    def compute_ppl(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Perplexity of each row under the policy, no gradient (the design documents' ``compute_ppl``).
+
+        PPL = exp(−(1/(m−1)) Σ_{i=2..m} log πθ(x_i | x_<i)) over the row's m real tokens (the first has no
+        prediction); padding on either side never counts. Equals one unpadded row at a time (tested).
+
+        Args:
+            input_ids: (B, T); attention_mask: (B, T), 1 on real tokens, ≥ 2 per row.
+
+        Returns:
+            (B,) float32.
         """
-        n = prompt_lengths.shape[0]
-        if self.pack_pairs:
-            return packed_pair_token_logps(model, input_ids, attention_mask, prompt_lengths, self.logps_chunk_size,
-                                           score_prompt=score_prompt, multiple_of=self.pad_to_multiple_of)
-        if not self.logps_chunk_size:
-            out = forward_model(model, input_ids, attention_mask, output_hidden_states=score_prompt)
-            token_lp, hidden = token_logps(out.logits, input_ids), out.hidden_states[-1] if score_prompt else None
-        else:
-            hidden, lm_head = decoder_hidden_and_head(model, input_ids, attention_mask,
-                                                      position_ids_from_mask(attention_mask))
-            scored = labels[:, 1:] != IGNORE_INDEX
-            if score_prompt:
-                scored[:n] |= prompt_ppl_mask(attention_mask[:n], prompt_lengths)[:, 1:]
-            token_lp = chunked_token_logps(hidden, input_ids, lm_head, scored, self.logps_chunk_size)
-        if not score_prompt:
-            return token_lp, None
-        return token_lp, hidden_at_prompt_end(hidden[:n], attention_mask[:n], prompt_lengths)
+        lengths = real_lengths(attention_mask)
+        token_lp, _ = self.scorer.prompt_logps(self.policy_model, input_ids, attention_mask)
+        return torch.exp(masked_mean_nll(token_lp, prompt_ppl_mask(attention_mask, lengths)))
+
+    def get_dynamic_beta(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """β(x) = w · T(PPL(x)) · f(h) of each prompt row (the design documents' ``get_dynamic_beta``): PPL as
+        :meth:`compute_ppl`, h the policy's last hidden state at the row's last real token, both from one forward.
+
+        Args:
+            input_ids: (B, T) prompts, any padding side; attention_mask: (B, T), ≥ 2 real tokens per row.
+
+        Returns:
+            (B,) β. Follows the ambient grad mode (the head's parameters get gradients; wrap in ``torch.no_grad()``
+            for analysis). Under ``normalize=batch_mean`` a row's β depends on the other rows, as in training.
+        """
+        return self._prompt_stats(input_ids, attention_mask).beta
 
     # ------------------------------------------------------------------------------------------
     # The DPO forward
@@ -280,7 +288,7 @@ class DynamicBetaDPOModel(nn.Module):
         prompt_lengths = batch["prompt_lengths"].to(input_ids.device)
         n_pairs = prompt_lengths.shape[0]
         if input_ids.shape[0] != 2 * n_pairs:
-            raise ValueError(f"input_ids has {input_ids.shape[0]} rows; expected 2 × {n_pairs} pairs")
+            raise LbdpoError(f"input_ids has {input_ids.shape[0]} rows; expected 2 × {n_pairs} pairs")
 
         # 1. One policy forward over chosen and rejected rows.
         token_lp, h = self.token_logps_of(self.policy_model, input_ids, attention_mask, labels, prompt_lengths)

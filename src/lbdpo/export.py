@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .modeling import AutoModelForCausalLMWithBetaHead
+from .errors import LbdpoError, MissingFileError
 
 EVAL_JSON_KEYS = {  # model-card row → path in eval.json
     "held-out accuracy (own β)": ("preference", "own_beta", "rewards/accuracies"),
@@ -77,11 +78,11 @@ def export(checkpoint: str | Path, out_dir: str | Path, merge_lora: bool = False
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if not checkpoint.is_dir():
-        raise FileNotFoundError(f"{checkpoint}: no such checkpoint folder")
+        raise MissingFileError(f"{checkpoint}: no such checkpoint folder")
     lm = AutoModelForCausalLMWithBetaHead.from_pretrained(checkpoint)
     if merge_lora:
         if not hasattr(lm.policy, "merge_and_unload"):
-            raise ValueError(f"--merge-lora: {checkpoint} holds full weights, not a LoRA adapter")
+            raise LbdpoError(f"--merge-lora: {checkpoint} holds full weights, not a LoRA adapter")
         lm.policy = lm.policy.merge_and_unload()
     config = yaml.safe_load((checkpoint / "config.yaml").read_text()) if (checkpoint / "config.yaml").is_file() else {}
     card = lm.model_card(eval_numbers(checkpoint), extra="\n" + training_section(config))

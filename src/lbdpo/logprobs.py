@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .data.collator import IGNORE_INDEX  # the batch contract: labels are −100 off the response
+from .errors import LbdpoError
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -136,7 +137,7 @@ def last_prompt_token_index(attention_mask: torch.Tensor, prompt_lengths: torch.
     pos = real_token_positions(attention_mask)
     hit = pos == (prompt_lengths.to(pos.device).unsqueeze(-1) - 1)
     if not torch.all(hit.any(dim=-1)):
-        raise ValueError("a row has prompt_length larger than its number of real tokens (or < 1)")
+        raise LbdpoError("a row has prompt_length larger than its number of real tokens (or < 1)")
     return hit.long().argmax(dim=-1)
 
 
@@ -154,7 +155,7 @@ def masked_mean_nll(token_lp: torch.Tensor, predicted_mask: torch.Tensor) -> tor
     mask = predicted_mask[:, 1:].to(token_lp.dtype)
     counts = mask.sum(dim=-1)
     if torch.any(counts == 0):
-        raise ValueError("perplexity needs at least two tokens per sequence (one predicted token)")
+        raise LbdpoError("perplexity needs at least two tokens per sequence (one predicted token)")
     return -(token_lp * mask).sum(dim=-1) / counts
 
 

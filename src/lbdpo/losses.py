@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from .errors import LbdpoError
 
 
 def logratio_margin(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
@@ -42,7 +43,7 @@ def dpo_loss(
         rejected_rewards (B,) likewise for yl.
     """
     if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 0.5)")
+        raise LbdpoError(f"label_smoothing={label_smoothing!r} must be in [0, 0.5)")
     chosen_logratios = policy_chosen_logps - reference_chosen_logps  # log πθ(yw|x)/πref(yw|x)
     rejected_logratios = policy_rejected_logps - reference_rejected_logps  # log πθ(yl|x)/πref(yl|x)
     logits = beta * (chosen_logratios - rejected_logratios)  # β·Δ, the argument of σ in eq. 7

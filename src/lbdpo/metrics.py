@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
+from .errors import LbdpoError
 
 
 def _stats(prefix: str, x: torch.Tensor) -> dict[str, float]:
@@ -86,7 +87,7 @@ def split_by_domain(values: Mapping[str, torch.Tensor], domains: list[str]) -> d
     """The per-pair tensors of each domain, in sorted domain order. ``domains`` has one label per pair."""
     n = len(next(iter(values.values())))
     if len(domains) != n:
-        raise ValueError(f"{len(domains)} domain labels for {n} pairs")
+        raise LbdpoError(f"{len(domains)} domain labels for {n} pairs")
     out = {}
     for domain in sorted(set(domains)):
         idx = torch.tensor([d == domain for d in domains])

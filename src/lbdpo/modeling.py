@@ -36,9 +36,11 @@ from transformers.utils import ModelOutput
 from .beta_head import BetaHead, BetaHeadConfig
 from .data.collator import pad_rows
 from .data.tokenize import PairEncoder, TokenizeConfig
-from .dpo_model import hidden_at_prompt_end, prompt_stats
+from .dpo_model import prompt_stats
+from .scoring import hidden_at_prompt_end
 from .logprobs import forward_model, token_logps
 from .models import hidden_size_of, load_model, load_model_and_tokenizer, prepare_tokenizer
+from .errors import HubUnreachableError, LbdpoError, MissingFileError
 
 HEAD_WEIGHTS, HEAD_CONFIG, LBDPO_CONFIG = "beta_head.safetensors", "beta_head_config.json", "lbdpo_config.json"
 BUILTIN_SOURCES = ("smollm2_gguf", "tiny_random")  # model.source names accepted in place of a path
@@ -95,7 +97,7 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
         folder = Path(path_or_id) if isinstance(path_or_id, (str, Path)) else None
         if folder is not None and folder.is_dir() and ((folder / HEAD_CONFIG).is_file() or (folder / LBDPO_CONFIG).is_file()):
             if beta_head is not None:
-                raise ValueError(f"{folder} already has a β head ({HEAD_CONFIG}); do not pass beta_head=")
+                raise LbdpoError(f"{folder} already has a β head ({HEAD_CONFIG}); do not pass beta_head=")
             return cls._from_folder(folder, **hf_kwargs)
         if isinstance(path_or_id, Mapping):
             model_cfg = dict(path_or_id)
@@ -118,7 +120,7 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
 
         for needed in (HEAD_CONFIG, HEAD_WEIGHTS):
             if not (folder / needed).is_file():
-                raise FileNotFoundError(f"{folder / needed} is missing: not a complete lbdpo model folder "
+                raise MissingFileError(f"{folder / needed} is missing: not a complete lbdpo model folder "
                                         "(save one with save_pretrained, or pass a plain HF model to get a fresh head)")
         meta = json.loads((folder / LBDPO_CONFIG).read_text()) if (folder / LBDPO_CONFIG).is_file() else {}
         remote = {k: hf_kwargs[k] for k in ("trust_remote_code", "revision") if k in hf_kwargs}
@@ -133,7 +135,7 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
         head = BetaHead(BetaHeadConfig.from_mapping(json.loads((folder / HEAD_CONFIG).read_text())))
         hidden = hidden_size_of(getattr(policy, "base_model", policy) if hasattr(policy, "peft_config") else policy)
         if head.config.hidden_size != hidden:
-            raise ValueError(f"{folder / HEAD_CONFIG}: hidden_size={head.config.hidden_size} but the model in "
+            raise LbdpoError(f"{folder / HEAD_CONFIG}: hidden_size={head.config.hidden_size} but the model in "
                              f"{folder} has hidden size {hidden}")
         head.load_state_dict(load_file(folder / HEAD_WEIGHTS))
         model = cls(policy, head, tokenizer, tokenize=meta.get("tokenize"), base_model=meta.get("base_model"))
@@ -166,7 +168,7 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
         for ``prompt_format=raw``), a list of ``{"role", "content"}`` messages a conversation, a mapping a row
         of :func:`lbdpo.data.load_preference_pairs`; left-truncated to ``max_prompt_length``."""
         if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass tokenizer= or load it with from_pretrained")
+            raise LbdpoError("this model has no tokenizer: pass tokenizer= or load it with from_pretrained")
         if self._encoder is None or self._encoder.config is not self.tokenize:  # tokenize may be reassigned
             self._encoder = PairEncoder(self.tokenizer, self.tokenize)
         rows = [{"prompt": p} if isinstance(p, str) else dict(p) if isinstance(p, Mapping) else
@@ -261,6 +263,6 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
                 api.create_repo(repo_id, private=private, exist_ok=True)
                 api.upload_folder(folder_path=str(folder), repo_id=repo_id, **kwargs)
             except Exception as err:  # the hub client raises many types offline
-                raise ConnectionError(f"push_to_hub({repo_id!r}) failed ({type(err).__name__}): no network or no "
+                raise HubUnreachableError(f"push_to_hub({repo_id!r}) failed ({type(err).__name__}): no network or no "
                                       "Hugging Face credentials? Save with save_pretrained and upload later") from None
         return repo_id

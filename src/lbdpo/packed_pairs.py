@@ -15,7 +15,7 @@ same numbers:
   longest segment, one attention call over the rows under a 4D mask. Few kernels (the GPU default), but the
   rows' padding (16 % of positions on HH, ``benchmarks/packing_stats.py``) goes through every layer, and attention scores every (query, key)
   of a row, masked or not.
-- per segment (:data:`SEGMENT_ATTENTION`, switched on by :func:`use_segment_attention`; the CPU default): all
+- per segment (:data:`SEGMENT_ATTENTION`, switched on by :func:`enable_segment_attention`; the CPU default): all
   segments back to back in one row, no padding; the linear layers see real tokens only, and attention runs
   once per segment under that segment's own mask (:func:`segment_attention`). A training step on HH on CPU
   1.19× faster than the block mask with a reference copy, 1.09× with it precomputed (``benchmarks/RESULTS.md``);
@@ -26,7 +26,10 @@ previous token of its part, or the prompt's last token for a response's first to
 (:class:`lbdpo.chunked_logps.ChunkedTokenLogps`, no vocabulary-sized tensor), and written into the standard
 (2B, T − 1) layout, so the rest of the DPO forward is unchanged; h is the hidden state at the prompt's last
 token. Needs a decoder that takes a custom 4D mask (``eager`` or ``sdpa`` attention, no sliding window):
-:func:`packing_unsupported` says why not, and the caller falls back to one row per response.
+:func:`packing_unsupported` says why not (:func:`lbdpo.scoring.plan_forward` refuses or, under ``auto``, takes rows).
+
+Nothing happens at import: the attention function is registered with transformers, and a model switched to it, only
+by :func:`enable_segment_attention` (called where a packed scorer is built); :func:`restore_attention` switches back.
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .chunked_logps import ChunkedTokenLogps
+from .errors import LbdpoError, RunStateError
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # the part of a segment a token belongs to
-SEGMENT_ATTENTION = "lbdpo_segments"  # sdpa, one call per packed segment (registered with transformers below)
+SEGMENT_ATTENTION = "lbdpo_segments"  # sdpa, one call per packed segment (registered by enable_segment_attention)
 MASK_ATTENTION = ("eager", "sdpa", SEGMENT_ATTENTION)  # implementations that apply a custom 4D mask as given
 
 
@@ -92,7 +96,7 @@ class PackedPairs:
         """For a one-row packing: (start, end, (1, 1, L, L) bool mask) of each segment and of the trailing padding,
         in column order — the blocks of :meth:`attention_mask` off which every entry is False."""
         if self.pair.shape[0] != 1:
-            raise ValueError(f"segments() needs a one-row packing, got {self.pair.shape[0]} rows")
+            raise LbdpoError(f"segments() needs a one-row packing, got {self.pair.shape[0]} rows")
         pair = self.pair[0].cpu()
         bounds = [0, *((pair[1:] != pair[:-1]).nonzero().squeeze(-1) + 1).tolist(), pair.shape[0]]
         return [(s, e, allowed_keys(self.pair[:, s:e], self.part[:, s:e])) for s, e in zip(bounds[:-1], bounds[1:])]
@@ -135,43 +139,66 @@ def pack_pairs(prompts: list[torch.Tensor], chosen: list[torch.Tensor], rejected
     return PackedPairs(input_ids, position_ids, pair, part, torch.tensor(offsets, dtype=torch.long, device=device))
 
 
+class Segments(list):
+    """:meth:`PackedPairs.segments` of one packed forward, passed through the decoder's keyword arguments to
+    :func:`segment_attention`; ``calls`` counts the attention calls that received it (a decoder that drops the
+    keyword would attend across pairs: :func:`packed_pair_token_logps` checks)."""
+
+    calls: int = 0
+
+
 def segment_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, segments: list | None = None, **kwargs):
-    """The attention of :data:`SEGMENT_ATTENTION`: with ``segments`` (:meth:`PackedPairs.segments`, passed by
-    :func:`packed_pair_token_logps` through the decoder's keyword arguments), sdpa over each segment alone under
-    its own mask; without (any other forward: unpacked rows, generation), sdpa itself.
+                      attention_mask: torch.Tensor | None, segments: Segments | None = None, **kwargs):
+    """The attention of :data:`SEGMENT_ATTENTION`: with ``segments`` (passed by :func:`packed_pair_token_logps`
+    through the decoder's keyword arguments), sdpa over each segment alone under its own mask; without (any other
+    forward: unpacked rows, generation), sdpa itself.
 
     query (1, heads, C, D), key and value (1, kv_heads, C, D) → ((1, C, heads, D), None), as sdpa.
     """
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    _segment_calls[0] += 1
+    segments.calls += 1
     outputs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], mask, **kwargs)[0]
                for s, e, mask in segments]
     return torch.cat(outputs, dim=1), None
 
 
-_segment_calls = [0]  # calls that got segments: a decoder that drops the keyword would attend across pairs
-AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
-AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)  # the masks of its unpacked forwards: sdpa's
-
-
-def use_segment_attention(model) -> str | None:
-    """Switch ``model`` (a transformers causal LM, or a peft one) to :data:`SEGMENT_ATTENTION`, so its packed
-    forwards run one row without padding; None when done (or already), else why it cannot (it stays as it was).
-    Nothing else changes: its other forwards are sdpa's, and the setting is not saved with the model's config."""
+def segment_attention_unsupported(model) -> str | None:
+    """Why ``model`` cannot be switched to :data:`SEGMENT_ATTENTION` (None when it can or already is), short of
+    trying: it must run sdpa and be able to pack (:func:`packing_unsupported`)."""
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if attn == SEGMENT_ATTENTION:
         return None
     if attn != "sdpa":
         return f"its attention implementation is {attn!r}, not 'sdpa'"
-    if why := packing_unsupported(model):
+    return packing_unsupported(model)
+
+
+def enable_segment_attention(model) -> str | None:
+    """Switch ``model`` (a transformers causal LM, or a peft one) to :data:`SEGMENT_ATTENTION` through transformers'
+    public ``set_attn_implementation`` (registering the function first, once), so its packed forwards run one row
+    without padding. None when done (or already), else why not (the model is then left as it was).
+
+    A change to the model the caller gave, for as long as it is scored packed: its other forwards (unpacked rows,
+    generation) are sdpa's as before, and the name is not saved with its config; :func:`restore_attention` undoes it.
+    """
+    if why := segment_attention_unsupported(model):
         return why
+    AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+    AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)  # the masks of its unpacked forwards: sdpa's
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the transformers model
-    if not base._can_set_attn_implementation():
+    base.set_attn_implementation(SEGMENT_ATTENTION)  # warns and does nothing where the class cannot switch
+    if base.config._attn_implementation != SEGMENT_ATTENTION:
+        restore_attention(model)
         return f"{type(base).__name__} cannot switch its attention implementation (not on transformers' AttentionInterface)"
-    base.set_attn_implementation(SEGMENT_ATTENTION)
     return None
+
+
+def restore_attention(model) -> None:
+    """Undo :func:`enable_segment_attention`: ``model`` back on sdpa (nothing when it is not switched)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", None) == SEGMENT_ATTENTION:
+        base.set_attn_implementation("sdpa")
 
 
 def packing_unsupported(model) -> str | None:
@@ -190,7 +217,7 @@ def packing_unsupported(model) -> str | None:
 
 def packed_pair_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             prompt_lengths: torch.Tensor, chunk_size: int, score_prompt: bool = True,
-                            pad_token_id: int = 0, multiple_of: int | None = None):
+                            pad_token_id: int = 0, multiple_of: int | None = None, per_segment: bool = False):
     """Token log-probs (2B, T − 1) float32 (0 off the scored positions) and h (B, H) (None without
     ``score_prompt``), each prompt computed once and no padding between pairs.
 
@@ -202,9 +229,8 @@ def packed_pair_token_logps(model, input_ids: torch.Tensor, attention_mask: torc
         chunk_size: positions per lm_head chunk.
         score_prompt: also the prompt tokens 2..m that log PPL(x) averages (False for a reference).
         multiple_of: round the packed rows' length up to a multiple of this (:func:`pack_pairs`).
-
-    The layout follows the model: one row, attention per segment, when its implementation is
-    :data:`SEGMENT_ATTENTION` (:func:`use_segment_attention`); else rows under one block mask.
+        per_segment: the layout: one row, attention per segment (the model must be switched by
+            :func:`enable_segment_attention`); else rows under one block mask.
     """
     n, device = prompt_lengths.shape[0], input_ids.device
     # The layout (which token goes where) is per-pair Python bookkeeping: done on host copies, so an accelerator
@@ -214,21 +240,23 @@ def packed_pair_token_logps(model, input_ids: torch.Tensor, attention_mask: torc
     rows = [ids[r, cols[r]] for r in range(2 * n)]
     for i, p in enumerate(lengths):
         if not torch.equal(rows[i][:p], rows[n + i][:p]):
-            raise ValueError(f"pair {i}: its chosen and rejected rows do not start with the same {p} prompt tokens")
+            raise LbdpoError(f"pair {i}: its chosen and rejected rows do not start with the same {p} prompt tokens")
     attn = model.config._attn_implementation
+    if per_segment and attn != SEGMENT_ATTENTION:
+        raise RunStateError(f"{type(model).__name__} is not switched to per-segment attention (its implementation is "
+                            f"{attn!r}): call lbdpo.packed_pairs.enable_segment_attention(model) first")
     packed = pack_pairs([rows[i][:p] for i, p in enumerate(lengths)], [rows[i][p:] for i, p in enumerate(lengths)],
                         [rows[n + i][p:] for i, p in enumerate(lengths)], pad_token_id, multiple_of,
-                        one_row=attn == SEGMENT_ATTENTION)  # on the host
+                        one_row=per_segment)  # on the host
     offsets, packed = packed.offsets, packed.to(device)
-    if attn == SEGMENT_ATTENTION:  # the decoder builds (and segment_attention ignores) a mask of its own
-        masks = {"attention_mask": None, "segments": packed.segments()}
+    if per_segment:  # the decoder builds (and segment_attention ignores) a mask of its own
+        masks = {"attention_mask": None, "segments": Segments(packed.segments())}
     else:
         masks = {"attention_mask": packed.attention_mask(None if attn == "sdpa" else torch.float32)}
-    calls = _segment_calls[0]
     hidden = model.get_decoder()(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
                                  **masks).last_hidden_state  # (R, C, H)
-    if "segments" in masks and _segment_calls[0] == calls:
-        raise RuntimeError(f"{type(model).__name__}'s layers did not pass the packed segments to their attention "
+    if per_segment and masks["segments"].calls == 0:
+        raise RunStateError(f"{type(model).__name__}'s layers did not pass the packed segments to their attention "
                            "(its tokens would attend across pairs): set trainer.packed_attention=block_mask")
     width = hidden.shape[1]
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from ..errors import LbdpoError
 
 
 IGNORE_INDEX = -100  # label of prompt and padding positions: no loss, no log-prob counted
@@ -36,7 +37,7 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_value: int, padding_side: str = 
         ``ids`` (N, T) long and ``attention_mask`` (N, T) long, 1 on the rows' own entries.
     """
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side={padding_side!r} must be 'left' or 'right'")
+        raise LbdpoError(f"padding_side={padding_side!r} must be 'left' or 'right'")
     width = max(len(r) for r in rows) if width is None else width
     ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -63,7 +64,7 @@ class PreferenceCollator:
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side={self.padding_side!r} must be 'left' or 'right'")
+            raise LbdpoError(f"padding_side={self.padding_side!r} must be 'left' or 'right'")
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Returns ``input_ids``, ``attention_mask``, ``labels`` (2B, T), ``prompt_lengths`` (B,), plus
@@ -73,7 +74,7 @@ class PreferenceCollator:
             for feat in features:
                 prompt, response = list(feat["prompt_input_ids"]), list(feat[response_key])
                 if len(prompt) < 2 or len(response) < 1:
-                    raise ValueError(
+                    raise LbdpoError(
                         f"pair needs a prompt of ≥ 2 tokens and a non-empty response; got {len(prompt)} "
                         f"prompt and {len(response)} {response_key[:-10]} tokens"
                     )

@@ -52,6 +52,7 @@ import numpy as np
 
 from .formats import RowSkipped, convert_row
 from .sources import load_hub, local_files, looks_like_path, read_local
+from ..errors import LbdpoError, MissingFileError
 
 CORE_COLUMNS = ("prompt", "chosen", "rejected", "prompt_messages", "transcript_format")
 # Other names accepted for our columns when the column itself is absent (the design documents' names).
@@ -140,7 +141,7 @@ def _check_required_columns(names: set[str], origin: str, columns: Mapping[str, 
     missing = [c for c in ("chosen", "rejected") if c not in names]
     if missing:
         mapping = f" after columns={dict(columns)}" if columns else ""
-        raise ValueError(
+        raise LbdpoError(
             f"{origin}: missing required column(s) {missing}{mapping}; found {sorted(names)}; expected "
             "prompt/chosen/rejected (or chosen_response/rejected_response), or HH transcripts chosen/rejected"
         )
@@ -153,10 +154,10 @@ def _convert_rows(rows: list[Any], origin: str, columns: Mapping[str, str], repo
     original = {k for r in rows if isinstance(r, dict) for k in r}
     absent = {ours: theirs for ours, theirs in columns.items() if theirs not in original}
     if rows and absent:
-        raise ValueError(f"{origin}: data.columns maps {absent} but the file has no column(s) "
+        raise LbdpoError(f"{origin}: data.columns maps {absent} but the file has no column(s) "
                          f"{sorted(absent.values())}; found {sorted(original)}")
     if renamed and not any(isinstance(r, dict) for r in renamed):
-        raise ValueError(f"{origin}: rows are not JSON objects (found {type(renamed[0]).__name__}); expected one "
+        raise LbdpoError(f"{origin}: rows are not JSON objects (found {type(renamed[0]).__name__}); expected one "
                          "object per line/element with prompt/chosen/rejected")
     if renamed:
         _check_required_columns(names, origin, columns)
@@ -195,7 +196,7 @@ def _subsample(ds: datasets.Dataset, n: int | None, seed: int | None) -> dataset
     if n is None or n >= len(ds):
         return ds
     if n < 0:
-        raise ValueError(f"limit/num_samples must be >= 0, got {n}")
+        raise LbdpoError(f"limit/num_samples must be >= 0, got {n}")
     if seed is None:
         return ds.select(range(n))
     picked = np.random.default_rng(seed).choice(len(ds), size=n, replace=False)
@@ -240,7 +241,7 @@ def load_preference_pairs(
                 part.rows_out = part.rows_kept
                 report.add(part)
     elif isinstance(source, Path) or looks_like_path(str(source)):
-        raise FileNotFoundError(f"preference data not found: {source} (resolved to {path.resolve()})")
+        raise MissingFileError(f"preference data not found: {source} (resolved to {path.resolve()})")
     else:
         hub = load_hub(str(source), split)
         records = _convert_rows(list(hub), f"{source} [{split or 'default split'}]", columns, report)
@@ -301,7 +302,7 @@ def load_mixture(sources: list[Mapping[str, Any]], seed: int = 0) -> tuple[datas
     for i, spec in enumerate(sources):
         unknown = set(spec) - MIXTURE_KEYS
         if unknown or ("path" in spec) == ("source" in spec) or ("num_samples" in spec and "weight" in spec):
-            raise ValueError(
+            raise LbdpoError(
                 f"mixture source {i} {dict(spec)}: needs exactly one of path/source, at most one of "
                 f"num_samples/weight; allowed keys {sorted(MIXTURE_KEYS)}"
             )
@@ -311,7 +312,7 @@ def load_mixture(sources: list[Mapping[str, Any]], seed: int = 0) -> tuple[datas
         )
         if len(ds) == 0:
             reasons = "; ".join(f"{k}={v}" for k, v in part.skipped.items() if v) or "the source has no rows"
-            raise ValueError(f"{source}: no usable preference pairs ({part.rows_in} rows read; skipped: {reasons}); "
+            raise LbdpoError(f"{source}: no usable preference pairs ({part.rows_in} rows read; skipped: {reasons}); "
                              "`python -m lbdpo.data.check FILE` lists the bad rows")
         if "domain" not in ds.column_names:  # keep a file's own per-row domains unless the spec names one
             ds = ds.add_column("domain", [Path(str(source)).stem] * len(ds))
@@ -319,13 +320,13 @@ def load_mixture(sources: list[Mapping[str, Any]], seed: int = 0) -> tuple[datas
         if "weight" in spec:
             n = round(float(spec["weight"]) * len(ds))
         if n is not None and n > len(ds):
-            raise ValueError(f"mixture source {source}: num_samples={n} but only {len(ds)} usable rows")
+            raise LbdpoError(f"mixture source {source}: num_samples={n} but only {len(ds)} usable rows")
         ds = _subsample(ds, n, seed + i)
         part.rows_out = len(ds)
         report.add(part)
         parts.append(ds)
     if not parts:
-        raise ValueError("load_mixture needs at least one source")
+        raise LbdpoError("load_mixture needs at least one source")
     mixed = datasets.concatenate_datasets(_align_features(parts))
     report.rows_out = len(mixed)
     return mixed.shuffle(seed=seed).flatten_indices(), report
@@ -336,16 +337,16 @@ def train_eval_split(
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Deterministic (train, eval) split: give exactly one of ``eval_fraction`` (0-1) or ``eval_size`` (rows)."""
     if (eval_fraction is None) == (eval_size is None):
-        raise ValueError("give exactly one of eval_fraction or eval_size")
+        raise LbdpoError("give exactly one of eval_fraction or eval_size")
     if eval_fraction is not None and not 0 < float(eval_fraction) < 1:
-        raise ValueError(f"data.eval_fraction={eval_fraction} must be in (0, 1) (or null, with data.eval_size)")
+        raise LbdpoError(f"data.eval_fraction={eval_fraction} must be in (0, 1) (or null, with data.eval_size)")
     if eval_size is not None and int(eval_size) < 0:
-        raise ValueError(f"data.eval_size={eval_size} must be ≥ 0 (or null, with data.eval_fraction)")
+        raise LbdpoError(f"data.eval_size={eval_size} must be ≥ 0 (or null, with data.eval_fraction)")
     size = int(eval_size) if eval_size is not None else round(eval_fraction * len(ds))
     if size == 0:
         return ds, ds.select([])
     if size >= len(ds):
-        raise ValueError(f"data.eval_size/eval_fraction: an eval split of {size} rows leaves no training rows (the "
+        raise LbdpoError(f"data.eval_size/eval_fraction: an eval split of {size} rows leaves no training rows (the "
                          f"data has {len(ds)} usable pairs)")
     parts = ds.train_test_split(test_size=size, seed=seed, shuffle=True)
     return parts["train"], parts["test"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+from ..errors import HubUnreachableError, LbdpoError, MissingFileError
 
 KNOWN_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 
@@ -28,11 +29,11 @@ def local_files(path: Path) -> list[Path]:
     """The data files of a file or folder (a folder's files with known extensions, sorted by name)."""
     if path.is_file():
         if path.suffix.lower() not in KNOWN_EXTENSIONS:
-            raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(KNOWN_EXTENSIONS)}")
+            raise LbdpoError(f"{path}: unsupported file type; expected one of {', '.join(KNOWN_EXTENSIONS)}")
         return [path]
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in KNOWN_EXTENSIONS)
     if not files:
-        raise FileNotFoundError(f"{path}: folder has no {'/'.join(KNOWN_EXTENSIONS)} files")
+        raise MissingFileError(f"{path}: folder has no {'/'.join(KNOWN_EXTENSIONS)} files")
     return files
 
 
@@ -45,7 +46,7 @@ def _read_json_lines(path: Path, text: str) -> Iterator[Any]:
         try:
             yield json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: malformed JSON line ({err.msg}, column {err.colno})") from None
+            raise LbdpoError(f"{path}:{lineno}: malformed JSON line ({err.msg}, column {err.colno})") from None
 
 
 def _read_json(path: Path) -> list[Any]:
@@ -56,7 +57,7 @@ def _read_json(path: Path) -> list[Any]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+        raise LbdpoError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
     return rows
 
 
@@ -72,11 +73,11 @@ def read_local(path: Path, text_columns: Iterable[str]) -> list[Any]:
         as_text = dict.fromkeys(text_columns, str)  # pandas ignores the names this file does not have
         return datasets.Dataset.from_csv(str(path), keep_default_na=False, converters=as_text).to_list()
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); re-save it as UTF-8") from None
+        raise LbdpoError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); re-save it as UTF-8") from None
     except (OSError, ValueError) as err:
         if isinstance(err, ValueError) and str(err).startswith(str(path)):  # already names the file
             raise
-        raise ValueError(f"{path}: cannot be read as a {suffix} file ({type(err).__name__}: "
+        raise LbdpoError(f"{path}: cannot be read as a {suffix} file ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
 
@@ -87,7 +88,7 @@ def load_hub(source: str, split: str | None) -> datasets.Dataset:
     except Exception as err:  # the hub client raises many types; detect offline ones by type and text
         text = f"{type(err).__name__} {err}".lower()
         if isinstance(err, ConnectionError) or any(w in text for w in ("offline", "connect", "reach")):
-            raise ConnectionError(
+            raise HubUnreachableError(
                 f"could not load {source!r} from the Hugging Face hub (offline?): {err}. "
                 "Pass a local .json/.jsonl/.csv/.parquet file or folder instead "
                 "(e.g. ../shared/data/preference/...)."
@@ -95,6 +96,6 @@ def load_hub(source: str, split: str | None) -> datasets.Dataset:
         raise
     if isinstance(loaded, datasets.DatasetDict):
         if len(loaded) != 1:
-            raise ValueError(f"{source!r} has splits {sorted(loaded)}; pass split=")
+            raise LbdpoError(f"{source!r} has splits {sorted(loaded)}; pass split=")
         loaded = next(iter(loaded.values()))
     return loaded

@@ -34,6 +34,7 @@ from typing import Any
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
+from ..errors import LbdpoError
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,9 @@ class TokenizeConfig:
 
     def __post_init__(self) -> None:
         if self.prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"data.prompt_format={self.prompt_format!r} must be one of {PROMPT_FORMATS}")
+            raise LbdpoError(f"data.prompt_format={self.prompt_format!r} must be one of {PROMPT_FORMATS}")
         if not 2 <= self.max_prompt_length < self.max_length:
-            raise ValueError(
+            raise LbdpoError(
                 f"data.max_prompt_length={self.max_prompt_length} must be ≥ 2 and < data.max_length={self.max_length}"
             )
 
@@ -66,7 +67,7 @@ def resolve_prompt_format(prompt_format: str, tokenizer: PreTrainedTokenizerBase
     if prompt_format == "auto":
         return "chat" if has_template else "raw"
     if prompt_format == "chat" and not has_template:
-        raise ValueError(
+        raise LbdpoError(
             f"data.prompt_format=chat but tokenizer {tokenizer.name_or_path!r} has no chat template; use raw"
         )
     return prompt_format
@@ -83,7 +84,7 @@ def hh_transcript_to_messages(prompt: str) -> list[dict[str, str]]:
     if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
         messages.pop()
     if not messages or messages[-1]["role"] != "user":
-        raise ValueError(f"HH prompt does not end with a Human turn: {prompt[-80:]!r}")
+        raise LbdpoError(f"HH prompt does not end with a Human turn: {prompt[-80:]!r}")
     return messages
 
 
@@ -112,7 +113,7 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, prompt_format: str) -> l
             if tid in special:
                 return [tid]
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end responses with")
+        raise LbdpoError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end responses with")
     return [tokenizer.eos_token_id]
 
 

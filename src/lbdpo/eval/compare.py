@@ -29,6 +29,7 @@ import yaml
 from ..train.run_logging import is_seed_override, is_sweep_override
 from .plots import plot_frontier, plot_overlaid_curves, read_metrics_jsonl
 from .significance import accuracy_table, blocked_table, moonshot_table, pair_sampling_note
+from ..errors import LbdpoError
 
 # (column header, where the value comes from, key path)
 COLUMNS = [
@@ -319,7 +320,7 @@ def write_comparison(multirun_dir: Path, out_dir: Path, arm_order: list[str] | N
     multirun_dir, out_dir = Path(multirun_dir), Path(out_dir)
     runs = collect_runs(multirun_dir)
     if not runs:
-        raise ValueError(f"no run with a metrics.jsonl under {multirun_dir}")
+        raise LbdpoError(f"no run with a metrics.jsonl under {multirun_dir}")
     arms = group_arms(runs)
     if arm_order:
         rank = {name: i for i, name in enumerate(arm_order)}

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..build import build_datasets, to_container
 from ..data.collator import PreferenceCollator
 from ..data.tokenize import end_of_turn_ids, resolve_prompt_format
-from ..dpo_model import DynamicBetaDPOModel, resolve_packed_attention
+from ..dpo_model import DynamicBetaDPOModel
 from ..models import freeze, load_model, reference_model_config
 from ..modeling import AutoModelForCausalLMWithBetaHead
 from ..train.reference import add_reference_columns, cached_generations
@@ -29,6 +29,7 @@ from .evaluation import (
     resolve_reward_fn,
     reward_comparison,
 )
+from ..errors import LbdpoError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,13 @@ def pick_device(name: str) -> torch.device:
 
 
 def forward_options(run_cfg: DictConfig, device: torch.device) -> dict[str, Any]:
-    """The training run's forward (packed pairs, chunked log-probs: same values as the plain one, tested), its
-    packed attention resolved for this device."""
+    """The training run's forward options (:mod:`lbdpo.scoring`: every path gives the same numbers, tested), ``auto``
+    resolved for this device. A run saved before ``trainer.forward`` existed: its ``trainer.pack_pairs``."""
     t = run_cfg.get("trainer") or {}
-    return {"pack_pairs": bool(t.get("pack_pairs", True)), "logps_chunk_size": t.get("logps_chunk_size"),
-            "pad_to_multiple_of": t.get("pad_to_multiple_of"),
-            "packed_attention": resolve_packed_attention(t.get("packed_attention"), device)}
+    forward = t.get("forward") or ("auto" if t.get("pack_pairs", True) else "rows")
+    return {"forward": forward, "packed_attention": t.get("packed_attention") or "auto",
+            "logps_chunk_size": t.get("logps_chunk_size"), "pad_to_multiple_of": t.get("pad_to_multiple_of"),
+            "device": device}
 
 
 def load_reference(cfg: DictConfig, run_cfg: DictConfig, vocab_size: int, device: torch.device, results: Results):
@@ -92,33 +94,33 @@ def check_options(cfg: DictConfig) -> None:
     for key in ("batch_size", "generation.num_prompts", "generation.samples_per_prompt", "generation.max_new_tokens",
                 "generation.batch_size"):
         if number(key, OmegaConf.select(cfg, key), int) < 1:
-            raise ValueError(f"{key}={OmegaConf.select(cfg, key)} must be ≥ 1 (generation.enabled=false skips "
+            raise LbdpoError(f"{key}={OmegaConf.select(cfg, key)} must be ≥ 1 (generation.enabled=false skips "
                              "generation)")
     if cfg.max_pairs is not None and number("max_pairs", cfg.max_pairs, int) < 1:
-        raise ValueError(f"max_pairs={cfg.max_pairs} must be ≥ 1 (or null: data.max_eval_pairs)")
+        raise LbdpoError(f"max_pairs={cfg.max_pairs} must be ≥ 1 (or null: data.max_eval_pairs)")
     if not isinstance(cfg.get("reference_cache"), bool):
-        raise ValueError(f"reference_cache={cfg.get('reference_cache')!r} must be true or false")
+        raise LbdpoError(f"reference_cache={cfg.get('reference_cache')!r} must be true or false")
     if cfg.reference not in ("auto", "none"):
-        raise ValueError(f"reference={cfg.reference!r} must be auto (the checkpoint's reference model) or none")
+        raise LbdpoError(f"reference={cfg.reference!r} must be auto (the checkpoint's reference model) or none")
     if not (cfg.device in ("auto", "cpu") or str(cfg.device).startswith("cuda")):
-        raise ValueError(f"device={cfg.device!r} must be auto, cpu or cuda[:N]")
+        raise LbdpoError(f"device={cfg.device!r} must be auto, cpu or cuda[:N]")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={cfg.device} but no CUDA device is available (device=auto or cpu)")
+        raise LbdpoError(f"device={cfg.device} but no CUDA device is available (device=auto or cpu)")
     number("common_beta", cfg.common_beta)
     if cfg.output_dir and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
-        raise ValueError(f"output_dir={cfg.output_dir} is a file, not a folder")
+        raise LbdpoError(f"output_dir={cfg.output_dir} is a file, not a folder")
 
 
 def check_checkpoint_folder(ckpt: Path) -> None:
     """A training checkpoint folder with every file evaluation reads, or one line saying what is missing."""
     if not (ckpt / "config.yaml").is_file():
-        raise FileNotFoundError(f"{ckpt / 'config.yaml'} is missing: checkpoint= must be a training checkpoint "
+        raise MissingFileError(f"{ckpt / 'config.yaml'} is missing: checkpoint= must be a training checkpoint "
                                 "(outputs/<run>/checkpoints/final or step-N)")
     missing = [n for n in ("config.json", "beta_head.safetensors", "tokenizer_config.json") if not (ckpt / n).is_file()]
     if not list(ckpt.glob("model*.safetensors")) and not (ckpt / "adapter_model.safetensors").is_file():
         missing.append("model*.safetensors")
     if missing:
-        raise FileNotFoundError(f"checkpoint={ckpt} is incomplete (missing {missing}): use another step-N or "
+        raise MissingFileError(f"checkpoint={ckpt} is incomplete (missing {missing}): use another step-N or "
                                 "checkpoints/final")
 
 
@@ -156,7 +158,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     results.set("data", {"eval_pairs": 0 if eval_ds is None else len(eval_ds), "filters": report})
     if eval_ds is None or len(eval_ds) == 0:
         results.skip("preference", "the data config has no eval split (set data.eval or data.eval_size)")
-        raise ValueError(f"nothing to evaluate: the data config of {ckpt} has no held-out pairs; give "
+        raise LbdpoError(f"nothing to evaluate: the data config of {ckpt} has no held-out pairs; give "
                          "data.eval=FILE or data.eval_size=N (or data=<group> with an eval split)")
 
     # a bad reward name or reward-model path fails here, in one line, not after the preference pass

@@ -19,6 +19,7 @@ from ..dpo_model import PER_PAIR_KEYS, DynamicBetaDPOModel
 from ..logprobs import sequence_logps
 from ..losses import dpo_loss, logratio_margin
 from ..metrics import preference_metrics, split_by_domain
+from ..errors import LbdpoError
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def resolve_reward_fn(name: str | None, reward_model: str | None, device: torch.
             rm = AutoModelForSequenceClassification.from_pretrained(reward_model).to(device).eval()
         except (OSError, ValueError) as err:  # a missing path, or a hub id without network
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"reward_model={reward_model}: cannot load a sequence-classification model there "
+            raise LbdpoError(f"reward_model={reward_model}: cannot load a sequence-classification model there "
                              f"({first}); pass a local folder with config.json and weights") from None
 
         @torch.no_grad()
@@ -166,5 +167,5 @@ def resolve_reward_fn(name: str | None, reward_model: str | None, device: torch.
 
         return sentiment_reward
     if name:
-        raise ValueError(f"data.reward={name!r}: known rewards are 'sentiment' (or set reward_model=PATH)")
+        raise LbdpoError(f"data.reward={name!r}: known rewards are 'sentiment' (or set reward_model=PATH)")
     return None

@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from ..errors import LbdpoError, MissingFileError
 
 KL_LABEL = "KL(π‖π_ref) (sequence-level, nats)"
 LOG_PPL_LABEL = "log PPL(x) under the policy"
@@ -41,7 +42,7 @@ def _save(fig, path) -> Path:
 
 def _check_lengths(name: str, values: Sequence, expected: int) -> None:
     if values is not None and len(values) != expected:
-        raise ValueError(f"{name} has {len(values)} entries but beta has {expected}")
+        raise LbdpoError(f"{name} has {len(values)} entries but beta has {expected}")
 
 
 def _group_by_domain(domains: Sequence[str] | None, n: int) -> dict[str, np.ndarray]:
@@ -57,7 +58,7 @@ def _group_by_domain(domains: Sequence[str] | None, n: int) -> dict[str, np.ndar
 def moving_average(values: Sequence[float], window: int) -> np.ndarray:
     """Trailing moving average of ``window`` points (fewer at the start), same length as ``values``."""
     if window < 1:
-        raise ValueError(f"window={window} must be >= 1")
+        raise LbdpoError(f"window={window} must be >= 1")
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         return x
@@ -143,7 +144,7 @@ def read_metrics_jsonl(path) -> tuple[list[dict], list[dict]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no metrics file at {path}")
+        raise MissingFileError(f"no metrics file at {path}")
     train, evals = [], []
     for line in path.read_text().splitlines():
         try:
@@ -269,7 +270,7 @@ def plot_frontier(points: list[dict], path) -> Path | None:
     for p in points:
         kind = p.get("kind")
         if kind not in ("fixed", "learnable"):
-            raise ValueError(f"point {p.get('label')!r} has kind={kind!r}; expected 'fixed' or 'learnable'")
+            raise LbdpoError(f"point {p.get('label')!r} has kind={kind!r}; expected 'fixed' or 'learnable'")
         if _is_number(p.get("kl")) and _is_number(p.get("reward")):
             (fixed if kind == "fixed" else learnable).append(p)
     if not fixed and not learnable:

@@ -20,7 +20,7 @@ import torch
 from ..data.collator import pad_rows
 from ..data.loading import load_preference_pairs
 from ..data.tokenize import PairEncoder, TokenizeConfig
-from ..dpo_model import hidden_at_prompt_end
+from ..scoring import hidden_at_prompt_end
 from ..logprobs import forward_model, masked_mean_nll, sequence_ppl_mask, token_logps
 from ..models import load_model_and_tokenizer
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from ..errors import LbdpoError, MissingFileError, RunStateError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -149,7 +150,7 @@ def resolve_resume_path(resume_from: str | None, run_dir: Path) -> Path | None:
         return found[-1][1] if found else None
     path = Path(resume_from)
     if not (path / "trainer_state.pt").is_file():
-        raise FileNotFoundError(f"trainer.resume_from={resume_from!r}: no trainer_state.pt in {path}")
+        raise MissingFileError(f"trainer.resume_from={resume_from!r}: no trainer_state.pt in {path}")
     return path
 
 
@@ -162,13 +163,13 @@ def load_trainer_state(path: Path, *, policy, beta_head, optimizer, scheduler, s
 
     blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
     if "optimizer" not in blob:
-        raise ValueError(f"checkpoint {path}: its optimizer state was removed (the experiment runner keeps only the "
+        raise LbdpoError(f"checkpoint {path}: its optimizer state was removed (the experiment runner keeps only the "
                          "final model of an evaluated run unless its file says keep: all); it can be evaluated or "
                          "exported, not resumed")
     head_state = load_file(path / HEAD_WEIGHTS)
     if (path / "adapter_model.safetensors").is_file():
         if sharded is not None:
-            raise RuntimeError(f"checkpoint {path}: resuming a LoRA run under FSDP is not supported")
+            raise RunStateError(f"checkpoint {path}: resuming a LoRA run under FSDP is not supported")
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(policy, load_file(path / "adapter_model.safetensors"))
@@ -177,7 +178,7 @@ def load_trainer_state(path: Path, *, policy, beta_head, optimizer, scheduler, s
         for shard in sorted(path.glob("model*.safetensors")):
             state_dict.update(load_file(shard))
         if not state_dict:
-            raise RuntimeError(f"checkpoint {path} holds no model*.safetensors")
+            raise RunStateError(f"checkpoint {path} holds no model*.safetensors")
         if sharded is not None:
             from .sharded import load_full_state
 
@@ -186,7 +187,7 @@ def load_trainer_state(path: Path, *, policy, beta_head, optimizer, scheduler, s
             missing, unexpected = policy.load_state_dict(state_dict, strict=False)
             missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied embeddings are not saved
             if missing or unexpected:
-                raise RuntimeError(f"checkpoint {path} does not match the policy: missing={missing[:5]} "
+                raise RunStateError(f"checkpoint {path} does not match the policy: missing={missing[:5]} "
                                    f"unexpected={unexpected[:5]}")
     if sharded is None:
         beta_head.load_state_dict(head_state)

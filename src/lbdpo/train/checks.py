@@ -15,9 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..beta_head import BetaHeadConfig
 from ..build import data_sources, to_container, tokenize_config
-from ..dpo_model import PACKED_ATTENTION
 from ..models import _DTYPES
+from ..scoring import FORWARDS, PACKED_ATTENTION
 from .host_memory import MAX_MMAP_THRESHOLD
+from ..errors import LbdpoError
 
 log = logging.getLogger(__name__)
 
@@ -34,64 +35,69 @@ def number(key: str, value: Any, kind=float) -> float:
     try:
         out = kind(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{key}={value!r} must be a{'n integer' if kind is int else ' number'}") from None
+        raise LbdpoError(f"{key}={value!r} must be a{'n integer' if kind is int else ' number'}") from None
     if kind is int and isinstance(value, float) and value != out:
-        raise ValueError(f"{key}={value!r} must be an integer")
+        raise LbdpoError(f"{key}={value!r} must be an integer")
     return out
 
 
 def check_trainer_config(t: DictConfig) -> None:
     """Incompatible or invalid trainer options, naming the key."""
     if t.reference not in REFERENCE_MODES:
-        raise ValueError(f"trainer.reference={t.reference!r} must be one of {REFERENCE_MODES}")
+        raise LbdpoError(f"trainer.reference={t.reference!r} must be one of {REFERENCE_MODES}")
     if t.reference == "adapter_disabled" and not t.lora.enabled:
-        raise ValueError("trainer.reference=adapter_disabled needs trainer.lora.enabled=true")
+        raise LbdpoError("trainer.reference=adapter_disabled needs trainer.lora.enabled=true")
     if t.lr_schedule not in SCHEDULES:
-        raise ValueError(f"trainer.lr_schedule={t.lr_schedule!r} must be one of {SCHEDULES}")
+        raise LbdpoError(f"trainer.lr_schedule={t.lr_schedule!r} must be one of {SCHEDULES}")
     if not t.max_steps and not t.num_epochs:
-        raise ValueError("set trainer.max_steps or trainer.num_epochs")
+        raise LbdpoError("set trainer.max_steps or trainer.num_epochs")
     if t.max_steps is not None and number("trainer.max_steps", t.max_steps, int) < 0:
-        raise ValueError(f"trainer.max_steps={t.max_steps} must be ≥ 1 (or null: trainer.num_epochs)")
+        raise LbdpoError(f"trainer.max_steps={t.max_steps} must be ≥ 1 (or null: trainer.num_epochs)")
     if not t.max_steps and number("trainer.num_epochs", t.num_epochs, int) < 1:
-        raise ValueError(f"trainer.num_epochs={t.num_epochs} must be a whole number ≥ 1 (or set trainer.max_steps)")
+        raise LbdpoError(f"trainer.num_epochs={t.num_epochs} must be a whole number ≥ 1 (or set trainer.max_steps)")
     for key in ("batch_size", "gradient_accumulation_steps", "eval_batch_size", "log_every",
                 "max_consecutive_nonfinite"):
         if number(f"trainer.{key}", t[key], int) < 1:
-            raise ValueError(f"trainer.{key}={t[key]} must be ≥ 1")
+            raise LbdpoError(f"trainer.{key}={t[key]} must be ≥ 1")
     for key in ("eval_every", "save_every", "keep_last", "warmup_steps", "max_grad_norm", "weight_decay",
                 "beta_head_weight_decay"):
         if not number(f"trainer.{key}", t[key]) >= 0:
-            raise ValueError(f"trainer.{key}={t[key]} must be ≥ 0")
+            raise LbdpoError(f"trainer.{key}={t[key]} must be ≥ 0")
     for key in ("policy_lr", "beta_head_lr"):
         if not 0 <= number(f"trainer.{key}", t[key]) < math.inf:
-            raise ValueError(f"trainer.{key}={t[key]} must be a finite number ≥ 0")
+            raise LbdpoError(f"trainer.{key}={t[key]} must be a finite number ≥ 0")
     if not 0 < number("trainer.adam_eps", t.adam_eps) < 1:
-        raise ValueError(f"trainer.adam_eps={t.adam_eps} must be in (0, 1)")
+        raise LbdpoError(f"trainer.adam_eps={t.adam_eps} must be in (0, 1)")
     if not 0.0 <= number("trainer.label_smoothing", t.label_smoothing) < 0.5:
-        raise ValueError(f"trainer.label_smoothing={t.label_smoothing} must be in [0, 0.5) (cDPO's label-noise rate)")
+        raise LbdpoError(f"trainer.label_smoothing={t.label_smoothing} must be in [0, 0.5) (cDPO's label-noise rate)")
     if t.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"trainer.mixed_precision={t.mixed_precision!r} must be one of no, bf16, fp16")
+        raise LbdpoError(f"trainer.mixed_precision={t.mixed_precision!r} must be one of no, bf16, fp16")
     if t.get("cpu") and t.mixed_precision == "fp16":
-        raise ValueError("trainer.mixed_precision=fp16 has no CPU implementation (trainer.cpu=true): use no or bf16")
+        raise LbdpoError("trainer.mixed_precision=fp16 has no CPU implementation (trainer.cpu=true): use no or bf16")
     if t.get("logps_chunk_size") is not None and number("trainer.logps_chunk_size", t.logps_chunk_size, int) < 1:
-        raise ValueError(f"trainer.logps_chunk_size={t.logps_chunk_size} must be ≥ 1 or null")
+        raise LbdpoError(f"trainer.logps_chunk_size={t.logps_chunk_size} must be ≥ 1 or null")
     if t.get("malloc_mmap_threshold") is not None and not \
             0 < number("trainer.malloc_mmap_threshold", t.malloc_mmap_threshold, int) <= MAX_MMAP_THRESHOLD:
-        raise ValueError(f"trainer.malloc_mmap_threshold={t.malloc_mmap_threshold} must be in "
+        raise LbdpoError(f"trainer.malloc_mmap_threshold={t.malloc_mmap_threshold} must be in "
                          f"1..{MAX_MMAP_THRESHOLD} bytes (e.g. 131072) or null")
+    if "pack_pairs" in t:
+        raise LbdpoError(f"trainer.pack_pairs={t.pack_pairs} was replaced by trainer.forward: set trainer.forward="
+                         f"{'packed' if t.pack_pairs else 'rows'} (or auto) and remove trainer.pack_pairs")
+    if t.get("forward", "auto") not in ("auto", *FORWARDS):
+        raise LbdpoError(f"trainer.forward={t.forward!r} must be auto, rows or packed")
     if t.get("packed_attention", "auto") not in ("auto", *PACKED_ATTENTION):
-        raise ValueError(f"trainer.packed_attention={t.packed_attention!r} must be auto, segments or block_mask")
+        raise LbdpoError(f"trainer.packed_attention={t.packed_attention!r} must be auto, segments or block_mask")
     if t.get("packed_attention") == "segments" and t.get("compile"):
-        raise ValueError("trainer.packed_attention=segments with trainer.compile=true: its per-segment loop would "
+        raise LbdpoError("trainer.packed_attention=segments with trainer.compile=true: its per-segment loop would "
                          "recompile the decoder for every batch; set trainer.packed_attention=block_mask (or auto)")
     if t.get("compile") and t.get("cpu") and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        raise ValueError("trainer.compile=true on CPU needs a C++ compiler for torch.compile's inductor (g++ or "
+        raise LbdpoError("trainer.compile=true on CPU needs a C++ compiler for torch.compile's inductor (g++ or "
                          "clang++): install one, or set trainer.compile=false")
     if t.lora.enabled:
         if number("trainer.lora.r", t.lora.r, int) < 1 or number("trainer.lora.alpha", t.lora.alpha) <= 0:
-            raise ValueError(f"trainer.lora.r={t.lora.r} must be ≥ 1 and trainer.lora.alpha={t.lora.alpha} > 0")
+            raise LbdpoError(f"trainer.lora.r={t.lora.r} must be ≥ 1 and trainer.lora.alpha={t.lora.alpha} > 0")
         if not 0 <= number("trainer.lora.dropout", t.lora.dropout) < 1:
-            raise ValueError(f"trainer.lora.dropout={t.lora.dropout} must be in [0, 1)")
+            raise LbdpoError(f"trainer.lora.dropout={t.lora.dropout} must be in [0, 1)")
     if t.max_steps and number("trainer.warmup_steps", t.warmup_steps) >= max(2, int(t.max_steps)):
         log.warning("trainer.warmup_steps=%s ≥ trainer.max_steps=%s: the learning rate never reaches its peak",
                     t.warmup_steps, t.max_steps)
@@ -99,47 +105,47 @@ def check_trainer_config(t: DictConfig) -> None:
 
 def check_model_config(m: DictConfig) -> None:
     if m.source not in MODEL_SOURCES:
-        raise ValueError(f"model.source={m.source!r} must be one of {MODEL_SOURCES}")
+        raise LbdpoError(f"model.source={m.source!r} must be one of {MODEL_SOURCES}")
     for key in ("dtype", "reference_dtype"):
         value = m.get(key)
         if value is not None and value != "auto" and value not in _DTYPES:
-            raise ValueError(f"model.{key}={value!r} must be one of {sorted(_DTYPES)} or auto")
+            raise LbdpoError(f"model.{key}={value!r} must be one of {sorted(_DTYPES)} or auto")
     if m.get("padding_side", "right") not in ("left", "right"):
-        raise ValueError(f"model.padding_side={m.padding_side!r} must be left or right")
+        raise LbdpoError(f"model.padding_side={m.padding_side!r} must be left or right")
 
 
 def check_data_config(d: DictConfig) -> None:
     """Numbers, the tokenization options, and that every local data file exists (hub ids are checked on load)."""
     if "path" in d.keys() and OmegaConf.is_missing(d, "path"):
-        raise ValueError("data=jsonl needs data.path=FILE (a .jsonl/.json/.csv/.parquet file or a folder of them)")
+        raise LbdpoError("data=jsonl needs data.path=FILE (a .jsonl/.json/.csv/.parquet file or a folder of them)")
     for key in ("max_length", "max_prompt_length"):
         number(f"data.{key}", d[key], int)
     tokenize_config(d)  # its own checks (lengths, prompt_format), naming the keys
     for key in ("eval_size", "max_train_pairs", "max_eval_pairs"):
         if d.get(key) is not None and number(f"data.{key}", d[key], int) < 0:
-            raise ValueError(f"data.{key}={d[key]} must be ≥ 0 (or null)")
+            raise LbdpoError(f"data.{key}={d[key]} must be ≥ 0 (or null)")
     if d.get("eval_fraction") is not None and not 0 <= number("data.eval_fraction", d.eval_fraction) < 1:
-        raise ValueError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1) (or null, with data.eval_size)")
+        raise LbdpoError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1) (or null, with data.eval_size)")
     for split in ("train", "eval"):
         for source in data_sources(d.get(split)):
             path = source.get("path") or ""
             if path and Path(path).is_absolute() and not Path(path).exists():
                 from_env = " (its folder comes from LBDPO_SHARED_DATA or ../shared/data/preference)" \
                     if "preference" in path else ""
-                raise ValueError(f"data.{split}: {path} does not exist{from_env}")
+                raise LbdpoError(f"data.{split}: {path} does not exist{from_env}")
 
 
 def check_logger_config(lg: DictConfig) -> None:
     backend = lg.get("backend", "none")
     if backend not in LOGGER_BACKENDS:
-        raise ValueError(f"logger.backend={backend!r} must be one of {LOGGER_BACKENDS}")
+        raise LbdpoError(f"logger.backend={backend!r} must be one of {LOGGER_BACKENDS}")
     if backend == "wandb" and lg.get("mode", "auto") not in WANDB_MODES:
-        raise ValueError(f"logger.mode={lg.mode!r} must be one of {WANDB_MODES}")
+        raise LbdpoError(f"logger.mode={lg.mode!r} must be one of {WANDB_MODES}")
     if backend == "tensorboard":
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise ValueError("logger=tensorboard needs the tensorboard package: pip install tensorboard") from None
+            raise LbdpoError("logger=tensorboard needs the tensorboard package: pip install tensorboard") from None
 
 
 def check_new_keys(overrides: list[str], cfg: DictConfig) -> None:
@@ -151,7 +157,7 @@ def check_new_keys(overrides: list[str], cfg: DictConfig) -> None:
         group = key.split(".", 1)[0]
         if group in GROUPS and "." in key:
             known = sorted(k for k in cfg[group] if f"{group}.{k}" != key)
-            raise ValueError(f"{key} is not an option of the {group} group (a typo?); its keys: {known}")
+            raise LbdpoError(f"{key} is not an option of the {group} group (a typo?); its keys: {known}")
 
 
 def check_resume_matches(checkpoint: Path, cfg: DictConfig) -> None:
@@ -165,7 +171,7 @@ def check_resume_matches(checkpoint: Path, cfg: DictConfig) -> None:
         differ += [f"{section}.{k}: checkpoint {old.get(k)!r}, this run {v!r}" for k, v in new.items()
                    if k in old and old[k] != v]
     if differ:
-        raise ValueError(f"trainer.resume_from={checkpoint}: the checkpoint was trained with other options ("
+        raise LbdpoError(f"trainer.resume_from={checkpoint}: the checkpoint was trained with other options ("
                          f"{'; '.join(differ[:4])}); resume with the same options or start a new run")
 
 

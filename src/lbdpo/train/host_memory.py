@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+from ..errors import LbdpoError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ MAX_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 6
 def pin_mmap_threshold(nbytes: int) -> bool:
     """Pin glibc's mmap threshold (and trim threshold) at ``nbytes``; False where libc is not glibc (logged)."""
     if not 0 < nbytes <= MAX_MMAP_THRESHOLD:
-        raise ValueError(f"trainer.malloc_mmap_threshold={nbytes} must be in 1..{MAX_MMAP_THRESHOLD} bytes or null")
+        raise LbdpoError(f"trainer.malloc_mmap_threshold={nbytes} must be in 1..{MAX_MMAP_THRESHOLD} bytes or null")
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.gnu_get_libc_version  # glibc only

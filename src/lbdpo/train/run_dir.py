@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .checkpoint import list_step_checkpoints, repair_checkpoint_dir
+from ..errors import LbdpoError, RunStateError
 
 log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
@@ -48,7 +49,7 @@ def owned_run_dir(run_dir: Path, resume_from: str | None) -> Iterator[None]:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise RuntimeError(f"{run_dir} is in use by another run ({holder}); give this run its own folder "
+        raise RunStateError(f"{run_dir} is in use by another run ({holder}); give this run its own folder "
                            "(hydra.run.dir=...) or wait for that one to finish") from None
     try:
         handle.seek(0)
@@ -74,10 +75,10 @@ def check_fresh_or_resumable(run_dir: Path, resume_from: str | None) -> None:
     if not used or (resume_from and resume_from != "auto"):
         return  # an explicit checkpoint path: resume truncates metrics.jsonl to its step
     if not resume_from:
-        raise ValueError(f"{run_dir} already holds a run (metrics.jsonl / checkpoints/); continue it with "
+        raise LbdpoError(f"{run_dir} already holds a run (metrics.jsonl / checkpoints/); continue it with "
                          "trainer.resume_from=auto, or start this one in another folder (hydra.run.dir=...)")
     if final:
-        raise ValueError(f"{run_dir} holds a finished run (checkpoints/final): nothing to resume; evaluate it "
+        raise LbdpoError(f"{run_dir} holds a finished run (checkpoints/final): nothing to resume; evaluate it "
                          "with `python evaluate.py checkpoint=.../checkpoints/final` or start a new run elsewhere")
     if not steps:
         log.warning("%s: resume_from=auto found no complete checkpoint; starting from step 0 (clearing the earlier "

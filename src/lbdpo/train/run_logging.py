@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
+from ..errors import LbdpoError
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +107,11 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                raise ValueError("logger=tensorboard needs the tensorboard package: pip install tensorboard") from err
+                raise LbdpoError("logger=tensorboard needs the tensorboard package: pip install tensorboard") from err
 
             self.tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
         elif backend != "none":
-            raise ValueError(f"logger.backend={backend!r} must be one of wandb, tensorboard, none")
+            raise LbdpoError(f"logger.backend={backend!r} must be one of wandb, tensorboard, none")
 
     def _init_wandb(self, run_dir, config, logger_cfg, identity: WandbIdentity) -> None:
         import wandb

@@ -26,7 +26,7 @@ from ..build import (
 )
 from ..beta_head import BetaHeadConfig
 from ..data.collator import PreferenceCollator
-from ..dpo_model import DynamicBetaDPOModel, resolve_packed_attention
+from ..dpo_model import DynamicBetaDPOModel
 from ..modeling import AutoModelForCausalLMWithBetaHead
 from .checkpoint import TrainerState, load_trainer_state, resolve_resume_path
 from .checks import check_config, check_resume_matches
@@ -34,6 +34,7 @@ from .host_memory import pin_mmap_threshold
 from .reference import add_reference_columns, resolve_reference_mode
 from .run_logging import RunLogger, WandbIdentity, print_banner
 from .sharded import check_launch, is_sharded
+from ..errors import LbdpoError
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +207,9 @@ def build_model_and_data(cfg: DictConfig, accelerator: Accelerator):
         reference.to(accelerator.device)
     model = DynamicBetaDPOModel(lm, ref_model=reference, label_smoothing=float(t.label_smoothing),
                                 ref_from_disabled_adapter=t.reference == "adapter_disabled",
-                                logps_chunk_size=t.get("logps_chunk_size"), pack_pairs=bool(t.get("pack_pairs")),
-                                pad_to_multiple_of=t.get("pad_to_multiple_of"),
-                                packed_attention=resolve_packed_attention(t.get("packed_attention"), accelerator.device,
-                                                                          compiled=bool(t.get("compile"))))
+                                forward=t.get("forward", "auto"), packed_attention=t.get("packed_attention", "auto"),
+                                logps_chunk_size=t.get("logps_chunk_size"), pad_to_multiple_of=t.get("pad_to_multiple_of"),
+                                device=accelerator.device, compiled=bool(t.get("compile")))
     model.reference_mode = mode  # what the banner reports
     if mode == "precompute":
         with accelerator.main_process_first():
@@ -252,7 +252,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     pairs_per_step = int(t.batch_size) * int(t.gradient_accumulation_steps) * accelerator.num_processes
     steps_per_epoch = len(train_ds) // pairs_per_step
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_ds)} training pairs is fewer than one step's {pairs_per_step} "
+        raise LbdpoError(f"{len(train_ds)} training pairs is fewer than one step's {pairs_per_step} "
                          "(trainer.batch_size × gradient_accumulation_steps × processes)")
     total_steps = int(t.max_steps) if t.max_steps else int(t.num_epochs) * steps_per_epoch
     optimizer = build_optimizer(model, t)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from ..errors import LbdpoError, RunStateError
 
 
 def is_sharded(accelerator: Accelerator) -> bool:
@@ -28,18 +29,18 @@ def check_launch(accelerator: Accelerator, beta_head_cfg) -> None:
     independent single processes that would each train alone into the same folder."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and accelerator.num_processes == 1:
-        raise RuntimeError(f"{world} processes were launched but Accelerate runs each alone "
+        raise RunStateError(f"{world} processes were launched but Accelerate runs each alone "
                            f"({accelerator.distributed_type}, device {accelerator.device}): on CPU set trainer.cpu=true "
                            "and launch DDP with `torchrun --nproc_per_node N train.py ...`")
     for kind, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
         asked = os.environ.get(env, "false").lower() == "true"
         if asked and accelerator.distributed_type != DistributedType[kind]:
-            raise RuntimeError(f"the launch asks for {kind} ({env}=true) but Accelerate resolved it to "
+            raise RunStateError(f"the launch asks for {kind} ({env}=true) but Accelerate resolved it to "
                                f"{accelerator.distributed_type} on {accelerator.device}: Accelerate runs {kind} only on "
                                "GPUs/accelerators (and trainer.cpu=true forces CPU); on CPU use torchrun (DDP)")
     w_is_parameter = beta_head_cfg.w_trainable and beta_head_cfg.normalize != "batch_mean"
     if is_sharded(accelerator) and beta_head_cfg.mode != "fixed" and w_is_parameter and beta_head_cfg.w_init == "auto":
-        raise ValueError("beta_head.w_init=auto is not supported under FSDP (w is set inside the sharded forward, "
+        raise LbdpoError("beta_head.w_init=auto is not supported under FSDP (w is set inside the sharded forward, "
                          "where the write would be lost): give a number, e.g. the beta_head/w a 1-process run logs "
                          "at step 1")
 
@@ -53,7 +54,7 @@ def _prefix_of(root: torch.nn.Module, module: torch.nn.Module) -> str:
     for name, candidate in root.named_modules():
         if candidate is module:
             return f"{name}." if name else ""
-    raise ValueError("module is not part of the model")
+    raise LbdpoError("module is not part of the model")
 
 
 def gather_full_state(model, inner, optimizer) -> dict[str, Any]:
@@ -84,9 +85,9 @@ def load_full_state(model, inner, optimizer, policy_state: dict[str, torch.Tenso
     expected = {k for k in get_model_keys(model) if k.startswith((policy, head))}
     missing = [k for k in result.missing_keys if k in expected and not k.endswith("lm_head.weight")]
     if missing:
-        raise RuntimeError(f"checkpoint {path} does not match the policy: missing={missing[:5]}")
+        raise RunStateError(f"checkpoint {path} does not match the policy: missing={missing[:5]}")
     if not isinstance(next(iter(optimizer_state.get("state", {}) or {"": 0})), str):
-        raise RuntimeError(f"checkpoint {path}: its optimizer state is keyed by index (written by an unsharded "
+        raise RunStateError(f"checkpoint {path}: its optimizer state is keyed by index (written by an unsharded "
                            "run); resume it without FSDP, or start a new run from its weights")
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
 
