@@ -5,7 +5,7 @@
     python train.py beta_head=fixed beta_head.beta=0.1  # plain DPO baseline
     python train.py -m                                # the default sweep (conf/config.yaml: hydra.sweeper.params)
     python train.py -m +sweep=cpu_small               # a named sweep from sweeps/
-    torchrun --nproc_per_node 2 train.py model=tiny_random      # DDP on CPU (FSDP: see README)
+    torchrun --nproc_per_node 2 train.py model=tiny_random      # DDP on CPU (FSDP: docs/training.md)
 
 Writes metrics.jsonl, checkpoints/ and (offline) W&B files into the Hydra run directory.
 """

@@ -35,21 +35,22 @@ DATA = REPO.parent / "shared" / "data" / "preference" / "hh_helpful-base_train_s
 ROWS = ["trainer.forward=rows", "trainer.logps_chunk_size=null"]  # one padded row per response, full logits
 LOWMEM = ["trainer.gradient_checkpointing=true", "trainer.malloc_mmap_threshold=131072", "trainer.logps_chunk_size=256",
           "trainer.adamw_fused=true"]
-LBDPO_ARMS = {  # arm → Hydra overrides on top of the common ones (the defaults pack pairs, chunked log-probs)
+PACKED = ["trainer.forward=packed"]  # packed pairs on any device (trainer.forward=auto packs on CPU only)
+LBDPO_ARMS = {  # arm → Hydra overrides on top of the common ones (the defaults: trainer.forward=auto, docs/performance.md)
     "rows": ["beta_head=fixed", *ROWS],  # the forward before packing: the baseline of the speed-ups
     "rows_chunked": ["beta_head=fixed", "trainer.forward=rows", "trainer.logps_chunk_size=1024"],
     "fixed": ["beta_head=fixed"],
     # packed segments: rows under one block mask (the GPU default) against one row with attention per segment (the
     # CPU default: trainer.packed_attention=auto)
-    "fixed_block_mask": ["beta_head=fixed", "trainer.packed_attention=block_mask"],
-    "fixed_segments": ["beta_head=fixed", "trainer.packed_attention=segments"],
+    "fixed_block_mask": ["beta_head=fixed", *PACKED, "trainer.packed_attention=block_mask"],
+    "fixed_segments": ["beta_head=fixed", *PACKED, "trainer.packed_attention=segments"],
     "fixed_compile": ["beta_head=fixed", "trainer.compile=true"],  # the decoder through torch.compile (inductor)
     # GPU: the packed rows' width rounded to 8 (trainer=gpu's pad_to_multiple_of, the default since 2026-12-04),
     # not rounded (every batch a new shape), rounded to 64 (few shapes); and SDPA's cuDNN backend switched off
     # (it builds a plan per new shape: RESULTS.md, "On a GPU")
-    "fixed_unrounded": ["beta_head=fixed", "trainer.pad_to_multiple_of=null"],
-    "fixed_pad64": ["beta_head=fixed", "trainer.pad_to_multiple_of=64"],
-    "fixed_no_cudnn_sdp": ["beta_head=fixed"],
+    "fixed_unrounded": ["beta_head=fixed", *PACKED, "trainer.pad_to_multiple_of=null"],
+    "fixed_pad64": ["beta_head=fixed", *PACKED, "trainer.pad_to_multiple_of=64"],
+    "fixed_no_cudnn_sdp": ["beta_head=fixed", *PACKED],
     "linear": ["beta_head=linear", "beta_head.w_init=0.03"],
     "mlp": ["beta_head=mlp", "beta_head.w_init=0.03"],
     "fixed_precompute": ["beta_head=fixed", "trainer.reference=precompute"],

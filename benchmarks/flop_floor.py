@@ -6,7 +6,8 @@ says how large a speed-up or memory saving *any* exact float32 implementation co
     python benchmarks/flop_floor.py --trl-s 33.66 --trl-precompute-s 26.69 --trl-rss-gb 8.5 --trl-precompute-rss-gb 8.4
 
 Run it alone on the machine (it times matrix products). The TRL and lbdpo step times and peak RSS come from
-``benchmarks/dpo_speed.py`` (defaults: the table in ``benchmarks/RESULTS.md``).
+``benchmarks/dpo_speed.py`` (defaults: an earlier TRL run, ``git show 02521af:benchmarks/RESULTS.md``; pass this
+machine's figures with the flags above).
 
 FLOPs are counted from the model's configuration and the real token counts of the batches (a multiply-add is 2
 FLOPs), for the least work an exact step does — each distinct token once, each query attending only to its own

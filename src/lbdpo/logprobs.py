@@ -1,5 +1,6 @@
-"""Token log-probabilities, the masks that select prompt and response tokens, and the one function that
-scores a model on a collated batch (:func:`sequence_logps`).
+"""Token log-probabilities, the masks that select prompt and response tokens, and the plain full-logits scoring of
+padded rows (:func:`sequence_logps`, :func:`sequence_log_ppl`). Training and evaluation score preference batches
+through :class:`lbdpo.scoring.Scorer` (rows or packed), which builds on these.
 
 Every function here works for left padding, right padding and rows of unequal length: positions are
 identified through ``attention_mask`` (1 = real token), never through raw indices.
@@ -44,8 +45,9 @@ def forward_model(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log π(y | x) of each row: its labelled (response) tokens' log-probs under ``model``, summed.
 
-    The one place a model is scored on a collated batch: the reference during training, the precomputed
-    reference, and evaluation all call it. Follows the ambient grad mode.
+    Full logits over padded rows: evaluation's generated samples (:func:`lbdpo.eval.evaluation.sample_logps`) use it;
+    preference batches go through :class:`lbdpo.scoring.Scorer` instead (the same numbers on its rows path, without
+    chunking). Follows the ambient grad mode.
 
     Args:
         input_ids, attention_mask, labels: (N, T) as built by :class:`lbdpo.data.PreferenceCollator`.

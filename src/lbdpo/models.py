@@ -215,8 +215,8 @@ def build_tiny_random(model_cfg: Mapping[str, Any], vocab_size: int, dtype: torc
         max_position_embeddings=int(tiny.get("max_position_embeddings", 2048)),
         rms_norm_eps=float(tiny.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(tiny.get("tie_word_embeddings", True)),
-        # A larger init than HF's 0.02 gives peaked, token-dependent distributions, so tests that compare
-        # log-probs can tell a shifted or mis-masked token from the right one.
+        # HF's default 0.02; the tests pass 0.2 (tests/conftest.py): peaked, token-dependent distributions, so
+        # a comparison of log-probs can tell a shifted or mis-masked token from the right one.
         initializer_range=float(tiny.get("initializer_range", 0.02)),
     )
     fork_devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
