@@ -11,10 +11,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from .beta_head import BetaHead, BetaHeadConfig
 from .models import freeze, hidden_size_of, load_model, load_model_and_tokenizer, reference_model_config
+from .errors import LbdpoError
+from .paths import find_project
 
 log = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def to_container(cfg: Any) -> Any:
@@ -23,11 +23,13 @@ def to_container(cfg: Any) -> Any:
 
 
 def resolve_path(path: str | Path) -> Path:
-    """A config path: absolute as is; relative to the current directory if it exists there, else to the repo root."""
+    """A config path: absolute as is; relative to the current directory if it exists there, else to the project
+    folder (the checkout: :func:`lbdpo.paths.find_project`) when there is one, else as given."""
     p = Path(path).expanduser()
     if p.is_absolute() or p.exists():
         return p
-    return REPO_ROOT / p
+    home = find_project()
+    return home / p if home is not None else p
 
 
 def build_beta_head(beta_head_cfg: Mapping[str, Any], hidden_size: int) -> BetaHead:
@@ -36,7 +38,7 @@ def build_beta_head(beta_head_cfg: Mapping[str, Any], hidden_size: int) -> BetaH
     if data.get("hidden_size") in (None, "auto"):
         data["hidden_size"] = hidden_size
     elif int(data["hidden_size"]) != hidden_size:
-        raise ValueError(f"beta_head.hidden_size={data['hidden_size']} but the policy's hidden size is {hidden_size}")
+        raise LbdpoError(f"beta_head.hidden_size={data['hidden_size']} but the policy's hidden size is {hidden_size}")
     return BetaHead(BetaHeadConfig.from_mapping(data))
 
 
@@ -106,7 +108,7 @@ def build_datasets(data_cfg: DictConfig, tokenizer, seed: int, tokenize_train: b
         eval_raw, eval_report = load_mixture(eval_sources, seed=seed)
     elif data_cfg.get("eval_fraction") or data_cfg.get("eval_size"):
         if data_cfg.get("eval_fraction") and data_cfg.get("eval_size"):
-            raise ValueError("set only one of data.eval_fraction and data.eval_size (the other to null)")
+            raise LbdpoError("set only one of data.eval_fraction and data.eval_size (the other to null)")
         train_raw, eval_raw = train_eval_split(
             train_raw, eval_fraction=data_cfg.get("eval_fraction"), eval_size=data_cfg.get("eval_size"), seed=seed
         )
@@ -122,7 +124,7 @@ def build_datasets(data_cfg: DictConfig, tokenizer, seed: int, tokenize_train: b
     if tokenize_train:
         train_ds, train_skips = tokenize_pairs(train_raw, tokenizer, tok_cfg, desc="tokenize train")
         if len(train_ds) == 0:
-            raise ValueError(f"no training pairs left after tokenization: {len(train_raw)} pairs skipped "
+            raise LbdpoError(f"no training pairs left after tokenization: {len(train_raw)} pairs skipped "
                              f"({', '.join(f'{k}={v}' for k, v in train_skips.items())}); raise data.max_length / "
                              "data.max_prompt_length")
     eval_ds, eval_skips = (None, Counter())

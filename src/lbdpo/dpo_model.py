@@ -35,7 +35,7 @@ from .logprobs import masked_mean_nll, prompt_ppl_mask, response_logps
 from .losses import dpo_loss, logratio_margin
 from .metrics import preference_metrics
 from .packed_pairs import enable_segment_attention, restore_attention
-from .scoring import ForwardPlan, Scorer, hidden_at_prompt_end, plan_forward
+from .scoring import ForwardPlan, Scorer, plan_forward
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def prompt_stats(beta_head: "BetaHead", token_lp: torch.Tensor, h: torch.Tensor,
 
     Args:
         beta_head: the β module; token_lp: (B, T − 1) from :func:`lbdpo.logprobs.token_logps`;
-        h: (B, H) from :func:`hidden_at_prompt_end`; attention_mask: (B, T); prompt_lengths: (B,) (≥ 2 each).
+        h: (B, H) from :func:`lbdpo.scoring.hidden_at_prompt_end`; attention_mask: (B, T); prompt_lengths: (B,) (≥ 2 each).
     """
     log_ppl = masked_mean_nll(token_lp, prompt_ppl_mask(attention_mask, prompt_lengths))
     beta, details = beta_head(h, log_ppl=log_ppl, return_details=True)  # β(x) = w · T(PPL) · f(h)

@@ -6,9 +6,9 @@
     python -m lbdpo.experiment reevaluate experiments/sentiment.yaml --only fixed_b01   # evaluate again, train nothing
 
 The experiment file (YAML) names the runs; each run is ``train.py <common> <arm overrides> seed=S`` in its own
-folder ``<out>/<name>/<arm>__seed-<S>/``, then ``evaluate.py`` on its final checkpoint::
+folder ``<out>/<name>/<arm>__seed-<S>/``, then ``evaluate.py`` on its final checkpoint (both of the file's checkout)::
 
-    name: sentiment_v1                       # folder under out (default outputs/experiments)
+    name: sentiment_v1                       # folder under out (default outputs/experiments, under the checkout)
     common: [data=sentiment, trainer.save_every=20, logger=none]   # every run's overrides
     arms: {fixed_b01: [+arm=fixed_b01], beta_dpo: [+arm=beta_dpo]} # arm name → its overrides
     seeds: [0, 1, 2]
@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,8 +53,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from .errors import LbdpoError
+from .paths import project
 
-REPO = Path(__file__).resolve().parents[2]
 KEYS = {"name", "common", "arms", "seeds", "extra_seeds", "evaluate", "out", "results", "keep"}
 ARCHIVED = ("metrics.jsonl", "pairs.jsonl", "eval.json", "eval_pairs.jsonl", "eval_report.md", "samples.jsonl",
             "runner.json", ".hydra/overrides.yaml", ".hydra/config.yaml")
@@ -70,37 +72,38 @@ class Experiment:
     results: Path  # archived results (small; committed)
     keep: str = "final"  # what of an evaluated run folder stays: final (model, head, step) | all
     extra_seeds: dict[str, list[int]] | None = None  # arm → seeds beyond ``seeds`` (power for the arms that matter)
+    home: Path = Path(".")  # the checkout (lbdpo.paths): its train.py / evaluate.py make the runs, started in it
 
     @classmethod
     def load(cls, path: Path) -> Experiment:
         spec = yaml.safe_load(Path(path).read_text()) or {}
         unknown = set(spec) - KEYS
         if unknown or not spec.get("name") or not spec.get("arms"):
-            raise ValueError(f"{path}: needs name and arms (optional common, seeds, extra_seeds, evaluate, out, "
+            raise LbdpoError(f"{path}: needs name and arms (optional common, seeds, extra_seeds, evaluate, out, "
                              f"results, keep); unknown keys {sorted(unknown)}")
         if spec.get("keep", "final") not in ("final", "all"):
-            raise ValueError(f"{path}: keep={spec['keep']!r} must be final or all")
+            raise LbdpoError(f"{path}: keep={spec['keep']!r} must be final or all")
         arms = {str(k): [str(o) for o in (v or [])] for k, v in spec["arms"].items()}
         evaluate = spec.get("evaluate") or []
         if not isinstance(evaluate, (list, dict)) or (isinstance(evaluate, dict) and not all(
                 isinstance(v, list) and re.fullmatch(r"[A-Za-z0-9_.-]+", str(k)) for k, v in evaluate.items())):
-            raise ValueError(f"{path}: evaluate must be a list of evaluate.py overrides or a mapping "
+            raise LbdpoError(f"{path}: evaluate must be a list of evaluate.py overrides or a mapping "
                              "name → list (names of letters, digits, _ . -)")
         evaluate = {"main": evaluate} if isinstance(evaluate, list) else evaluate
         seeds, extra = [int(s) for s in spec.get("seeds") or [0]], spec.get("extra_seeds") or {}
         if not isinstance(extra, dict) or not all(isinstance(v, list) for v in extra.values()):
-            raise ValueError(f"{path}: extra_seeds must map an arm to a list of seeds, e.g. {{fixed_b01: [3, 4]}}")
+            raise LbdpoError(f"{path}: extra_seeds must map an arm to a list of seeds, e.g. {{fixed_b01: [3, 4]}}")
         extra = {str(arm): [int(s) for s in v] for arm, v in extra.items()}  # then each must be new, of a known arm
         for arm, more in extra.items():
             if arm not in arms or set(more) & set(seeds) or len(set(more)) != len(more):
-                raise ValueError(f"{path}: extra_seeds of {arm!r}: {more} must be new seeds (not in {seeds}, each "
+                raise LbdpoError(f"{path}: extra_seeds of {arm!r}: {more} must be new seeds (not in {seeds}, each "
                                  f"once) of an arm in arms {sorted(arms)}")
-        out = Path(spec.get("out") or REPO / "outputs" / "experiments")
-        results = Path(spec.get("results") or REPO / "results")
+        home = project(Path(path).resolve().parent, needed_for=f"the experiment {path}")  # the file's checkout
+        out, results = home / (spec.get("out") or "outputs/experiments"), home / (spec.get("results") or "results")
         return cls(name=str(spec["name"]), common=[str(o) for o in spec.get("common") or []], arms=arms,
                    seeds=seeds, evaluate={str(k): [str(o) for o in v] for k, v in evaluate.items()},
                    folder=out / str(spec["name"]), results=results / str(spec["name"]),
-                   keep=str(spec.get("keep", "final")), extra_seeds=extra)
+                   keep=str(spec.get("keep", "final")), extra_seeds=extra, home=home)
 
     def archived(self) -> tuple[str, ...]:
         """The files of a run folder that its results folder keeps: ``ARCHIVED`` and each extra evaluation's."""
@@ -137,8 +140,8 @@ def state_of(run_dir: Path, archive: Path | None = None) -> str:
 class Stop:
     """Ctrl-C / SIGTERM / the deadline: pass SIGINT to each running child once, and start nothing new."""
 
-    def __init__(self, deadline: float | None, env: dict[str, str] | None = None):
-        self.deadline, self.requested, self.env = deadline, False, env
+    def __init__(self, deadline: float | None, env: dict[str, str] | None = None, cwd: Path | None = None):
+        self.deadline, self.requested, self.env, self.cwd = deadline, False, env, cwd  # cwd: the children's
         self.children: list[subprocess.Popen] = []
         self._lock = threading.Lock()  # a child is either signalled by request() or by run(), never by both
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -163,7 +166,7 @@ class Stop:
             # its own session: a terminal's Ctrl-C reaches only this runner, which passes on exactly one SIGINT
             # (a second one would make the run abort without saving)
             with self._lock:
-                child = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                child = subprocess.Popen(cmd, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True, env=self.env)
                 self.children.append(child)
                 if self.requested:  # asked to stop while this child was being started
@@ -180,8 +183,6 @@ class Stop:
 def archive_run(run_dir: Path, target: Path, names: tuple[str, ...] = ARCHIVED) -> None:
     """Copy the files a result needs (``names``: :meth:`Experiment.archived`) from a run folder into its results
     folder."""
-    import shutil
-
     for name in names:
         if (run_dir / name).is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
@@ -191,8 +192,6 @@ def archive_run(run_dir: Path, target: Path, names: tuple[str, ...] = ARCHIVED) 
 def slim_run_folder(run_dir: Path) -> None:
     """``keep: final``: delete an evaluated run's ``step-N`` checkpoints and the optimizer state of its final
     checkpoint (rewritten atomically without it; the model, β head, step and schedule stay)."""
-    import shutil
-
     import torch
 
     checkpoints = run_dir / "checkpoints"
@@ -215,7 +214,7 @@ def evaluate_run(exp: Experiment, run_dir: Path, stop: Stop) -> bool:
             continue
         start = time.time()
         out = [f"output_dir={run_dir / f'eval_{name}'}"] if i else []
-        rc = stop.run([sys.executable, str(REPO / "evaluate.py"), f"checkpoint={run_dir / 'checkpoints' / 'final'}",
+        rc = stop.run([sys.executable, str(exp.home / "evaluate.py"), f"checkpoint={run_dir / 'checkpoints' / 'final'}",
                        *overrides, *out], run_dir / "runner.log")
         record(run_dir, "eval_s", time.time() - start)
         if rc != 0 or stop.requested:
@@ -253,7 +252,7 @@ def train_and_evaluate(exp: Experiment, arm: str, seed: int, run_dir: Path, stop
     print(f"[experiment] {run_dir.name}: {state}", flush=True)
     if state in ("pending", "partial"):
         start = time.time()
-        rc = stop.run([sys.executable, str(REPO / "train.py"), *exp.common, *exp.arms[arm], f"seed={seed}",
+        rc = stop.run([sys.executable, str(exp.home / "train.py"), *exp.common, *exp.arms[arm], f"seed={seed}",
                        "trainer.resume_from=auto", f"hydra.run.dir={run_dir}"], run_dir / "runner.log")
         record(run_dir, "train_s", time.time() - start)
         # jobs: the most runs that shared the machine while it trained (its minutes are wall minutes then)
@@ -281,7 +280,8 @@ def run_experiment(exp: Experiment, only: list[str] | None, stop_after_minutes: 
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     env = None if jobs == 1 else {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,  # a cold
                                   "LBDPO_REFERENCE_THREADS": str(os.cpu_count() or 1)}  # cache: one run scores it
-    stop, lock = Stop(time.time() + 60 * stop_after_minutes if stop_after_minutes else None, env), threading.Lock()
+    stop = Stop(time.time() + 60 * stop_after_minutes if stop_after_minutes else None, env, cwd=exp.home)
+    lock = threading.Lock()
     exp.folder.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # runs start in order (seed-major); workers take the next
         futures = [pool.submit(train_and_evaluate, exp, *run, stop, train, lock, jobs) for run in exp.runs(only)]

@@ -7,7 +7,6 @@ optimizer sharding over gloo. Use it as ``torchrun --nproc_per_node 2 tests/laun
 with the FSDP environment that ``accelerate launch --config_file conf/accelerate/fsdp.yaml`` would set.
 """
 
-import os
 import runpy
 import sys
 from pathlib import Path

@@ -24,7 +24,6 @@ from ..build import (
     to_container,
     tokenize_config,
 )
-from ..beta_head import BetaHeadConfig
 from ..data.collator import PreferenceCollator
 from ..dpo_model import DynamicBetaDPOModel
 from ..modeling import AutoModelForCausalLMWithBetaHead
