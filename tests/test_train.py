@@ -22,7 +22,8 @@ CONF = str(REPO_ROOT / "conf")
 STEP_KEYS = [
     "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
     "logps/rejected", "beta/mean", "beta/std", "beta/min", "beta/max", "log_ppl/mean", "log_ppl/std",
-    "beta_head/w", "beta_head/f_mean", "beta_head/f_std", "grad_norm/total", "grad_norm/beta_head",
+    "beta_head/w", "beta_head/f_mean", "beta_head/f_std", "grad_norm/total", "grad_norm/policy",
+    "grad_norm/beta_head",
     "lr/policy", "lr/beta_head", "pairs_per_s", "tokens_per_s",
 ]
 WORDS = "good fine great bad awful nice poor lovely grim superb dull bright".split()
@@ -211,6 +212,37 @@ def test_optimizer_groups(pairs_file, tiny_model):
     assert all(p is not log_head.log_w for p in groups["beta_head"]["params"])
 
 
+def test_grad_norms_per_group_are_logged_before_clipping(pairs_file, tmp_path):
+    """grad_norm/policy and grad_norm/beta_head: each optimizer group's gradient norm before clipping, with
+    total² = policy² + beta_head²; the update then sees both scaled by max_grad_norm / total."""
+    seen = []
+
+    def before_update(optimizer, args, kwargs):  # each group's gradient norm as the optimizer receives it
+        squares = {"policy": 0.0, "beta_head": 0.0}
+        for group in optimizer.param_groups:
+            key = "policy" if group["name"] == "policy" else "beta_head"
+            squares[key] += sum(float(p.grad.double().pow(2).sum()) for p in group["params"] if p.grad is not None)
+        seen.append({k: math.sqrt(v) for k, v in squares.items()})
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(before_update)
+    try:
+        train(make_cfg(pairs_file, "trainer.max_steps=3", "trainer.eval_every=0", "data.eval_size=null",
+                       "trainer.max_grad_norm=0.01"), tmp_path)
+    finally:
+        handle.remove()
+    steps, _ = read_metrics(tmp_path)
+    assert len(steps) == len(seen) == 3
+    for s, after in zip(steps, seen):
+        policy, head, total = s["grad_norm/policy"], s["grad_norm/beta_head"], s["grad_norm/total"]
+        assert policy > 0 and total > 0.01
+        assert total ** 2 == pytest.approx(policy ** 2 + head ** 2, rel=1e-5)
+        assert after["policy"] == pytest.approx(policy * 0.01 / total, rel=1e-4)
+        assert after["beta_head"] == pytest.approx(head * 0.01 / total, rel=1e-4, abs=1e-12)
+    assert steps[0]["grad_norm/beta_head"] == 0.0 < steps[-1]["grad_norm/beta_head"]  # step 1: policy = reference
+
+
 def test_nan_guard_skips_and_stops(pairs_file, tmp_path, monkeypatch):
     import lbdpo.dpo_model as dpo_model
 
@@ -334,7 +366,7 @@ def test_incompatible_options_raise(pairs_file, tmp_path):
 def test_two_process_ddp_matches_one_process(pairs_file, tmp_path):
     """Two CPU processes (DDP on gloo, launched with torchrun, which Accelerate picks up) give the same losses
     as one process with the same global batch. (`accelerate launch --cpu` in accelerate 1.15 starts a single
-    process unless an MPI hostfile is configured, so torchrun is the CPU launcher; see README.)"""
+    process unless an MPI hostfile is configured, so torchrun is the CPU launcher; see docs/training.md.)"""
     common = ["model=tiny_random", "trainer=tiny", "logger=none", "data=jsonl", f"data.path={pairs_file}",
               "data.max_length=48", "data.max_prompt_length=32", "data.eval_size=8", "data.eval_fraction=null",
               "trainer.max_steps=3",
@@ -377,26 +409,6 @@ def test_fused_adamw_gives_the_same_run(default_run, pairs_file, tmp_path):
     reference, _ = read_metrics(default_run[0])
     for key in ("loss", "beta_head/w", "rewards/margins"):
         assert [s[key] for s in steps] == pytest.approx([s[key] for s in reference], abs=1e-5), key
-
-
-def test_block_mask_and_per_segment_attention_give_the_same_run(default_run, pairs_file, tmp_path, capsys):
-    """trainer.packed_attention: the default on CPU (auto) is one row per batch with attention per segment; rows
-    under one block mask give the same run (policy, reference copy and evaluations)."""
-    from lbdpo.dpo_model import resolve_packed_attention
-
-    assert make_cfg(pairs_file).trainer.packed_attention == "auto"
-    assert resolve_packed_attention("auto", torch.device("cpu")) == "segments"
-    assert resolve_packed_attention("auto", "cuda") == "block_mask"
-    assert resolve_packed_attention("auto", "cpu", compiled=True) == "block_mask"
-    assert resolve_packed_attention("segments", "cuda") == "segments"
-    cfg = make_cfg(pairs_file, "trainer.max_steps=6", "trainer.eval_every=3", "trainer.packed_attention=block_mask")
-    train(cfg, tmp_path)
-    assert "rows under a block mask" in capsys.readouterr().out  # the banner's "forward" row
-    steps, evals = read_metrics(tmp_path)
-    reference, reference_evals = read_metrics(default_run[0])
-    for key in ("loss", "beta_head/w", "rewards/margins", "log_ppl/mean"):
-        assert [s[key] for s in steps] == pytest.approx([s[key] for s in reference], abs=1e-5), key
-    assert [e["eval/loss"] for e in evals] == pytest.approx([e["eval/loss"] for e in reference_evals], abs=1e-5)
 
 
 def test_compiled_decoder_gives_the_same_run(default_run, pairs_file, tmp_path, monkeypatch):
@@ -538,17 +550,21 @@ def test_ppl_approx_head_trains_and_logs(pairs_file, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("reference", ["copy", "precompute"])
-def test_chunked_and_packed_runs_match_the_full_logits_run(pairs_file, tmp_path, reference, monkeypatch):
-    """Whole runs: the packed default and chunked log-probs give the one-row-per-response full-logits run's
-    losses, margins, β and log PPL, with the reference as a copy or precomputed (through the same path); with the
-    copy also packed rows rounded up to a multiple (``trainer.pad_to_multiple_of`` reaches the packing)."""
+def test_chunked_and_packed_runs_match_the_full_logits_run(pairs_file, tmp_path, reference, monkeypatch, capsys):
+    """Whole runs, one per path of ``trainer.forward``: the packed default (auto on CPU: attention per segment), packed
+    rows under a block mask and chunked rows give the one-row-per-response full-logits run's losses, margins, β, log
+    PPL and evaluation, with the reference as a copy or precomputed (through the same path); with the copy also packed
+    rows rounded up to a multiple (``trainer.pad_to_multiple_of`` reaches the packing). The banner names each path."""
     import lbdpo.packed_pairs as packed_pairs
 
     runs, widths = {}, {}  # widths: the packed rows' width of every forward, per arm
-    arms = {"full": ["trainer.pack_pairs=false", "trainer.logps_chunk_size=null"],
-            "chunked": ["trainer.pack_pairs=false", "trainer.logps_chunk_size=16"],
-            "packed": ["trainer.pack_pairs=true", "trainer.logps_chunk_size=16"]}
-    if reference == "copy":  # padding columns only (the GPU config rounds to 8)
+    arms = {"full": ["trainer.forward=rows", "trainer.logps_chunk_size=null"],
+            "chunked": ["trainer.forward=rows", "trainer.logps_chunk_size=16"],
+            "packed": ["trainer.logps_chunk_size=16"],  # the default: forward=auto
+            "block_mask": ["trainer.forward=packed", "trainer.packed_attention=block_mask"]}
+    banners = {"full": "one row per response, full logits", "chunked": "one row per response, chunked log-probs (16)",
+               "packed": "packed pairs, attention per segment (one row)", "block_mask": "packed pairs, rows under a block mask"}
+    if reference == "copy":  # padding columns only
         arms["packed_rounded"] = [*arms["packed"], "trainer.pad_to_multiple_of=16"]
     pack = packed_pairs.pack_pairs
 
@@ -565,7 +581,8 @@ def test_chunked_and_packed_runs_match_the_full_logits_run(pairs_file, tmp_path,
                        f"trainer.reference={reference}")
         train(cfg, tmp_path / arm)
         runs[arm] = read_metrics(tmp_path / arm)
-    assert not widths["full"] and not widths["chunked"] and widths["packed"]
+        assert arm not in banners or banners[arm] in capsys.readouterr().out  # the banner's "forward" row
+    assert not widths["full"] and not widths["chunked"] and widths["packed"] and widths["block_mask"]
     if reference == "copy":
         assert all(w % 16 == 0 for w in widths["packed_rounded"]) and widths["packed_rounded"] != widths["packed"]
     for arm in arms.keys() - {"full"}:

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from ..dpo_model import PER_PAIR_KEYS
+from ..errors import RunStateError
 from ..losses import logratio_margin
 from ..metrics import metrics_by_domain, preference_metrics
 from .checkpoint import prune_checkpoints, save_checkpoint
@@ -36,12 +37,33 @@ from .sharded import full, gather_full_state, is_sharded
 log = logging.getLogger(__name__)
 
 
-def grad_norm(params) -> torch.Tensor:
-    """Global L2 norm of the gradients of ``params`` (0 when none has a gradient)."""
+def grad_norm(params, device: torch.device | str | None = None) -> torch.Tensor:
+    """Global L2 norm of the gradients of ``params``: a float32 0-dim tensor on ``device``, not read (no device
+    sync); 0 when none has a gradient. Under FSDP2 (DTensor gradients) each process's shards are normed locally
+    and the parts combined across processes: a collective, so every process must call it with the same parameters."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(full(g).float()) for g in grads]))
+        return torch.zeros((), device=device)
+    groups: dict = {}
+    for g in grads:  # one group per device mesh (FSDP2's sharded gradients), one for plain tensors
+        groups.setdefault(getattr(g, "device_mesh", None), []).append(g)
+    norms = [full(torch.nn.utils.get_total_norm(group)).float() for group in groups.values()]
+    return torch.linalg.vector_norm(torch.stack([n.to(device or norms[0].device) for n in norms]))
+
+
+@torch.no_grad()
+def clip_grads_to_norm(params, max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale the gradients by min(1, max_norm / (total_norm + 1e-6)), as ``torch.nn.utils.clip_grad_norm_`` does,
+    given the norm already computed (no second pass over the gradients, no device sync). A DTensor gradient
+    (FSDP2) is scaled through its local shard: the factor is the same on every process."""
+    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            by_device.setdefault(local.device, []).append(local)
+    for device, grads in by_device.items():
+        torch._foreach_mul_(grads, coef.to(device))
 
 
 @torch.no_grad()
@@ -77,6 +99,7 @@ class StepResult:
     domains: list[str | None]  # this process's pairs' domain labels, in the same order
     tokens: int  # real tokens this process saw
     grad_norm: float  # global norm of all gradients before clipping
+    policy_grad_norm: float  # the policy's part of it
     head_grad_norm: float  # the BetaHead's part of it
 
 
@@ -84,44 +107,60 @@ def optimizer_step(run: Run) -> StepResult:
     """Forward and backward over ``gradient_accumulation_steps`` micro-batches, then one update.
 
     NaN/inf guard: a non-finite loss or gradient norm on any process skips the update on all of them
-    (counted in ``state.nonfinite_skips``); training stops after ``max_consecutive_nonfinite`` in a row.
+    (counted in ``state.nonfinite_skips`` on each); training stops after ``max_consecutive_nonfinite`` in a row.
+    Every process runs the same collectives whatever its loss: a non-finite loss is still backpropagated (its
+    non-finite gradients, all-reduced by DDP or reduce-scattered by FSDP, reach every process; they are discarded),
+    and the skip is decided from a flag reduced across processes, so all processes decide alike.
     """
     t, accelerator, state = run.t, run.accelerator, run.state
+    device = accelerator.device
     micro_batches = int(t.gradient_accumulation_steps)
     per_pair: dict[str, list[torch.Tensor]] = {k: [] for k in PER_PAIR_KEYS}
     domains: list[str | None] = []
-    tokens, nonfinite = 0, False
+    tokens, loss_finite = 0, torch.ones((), dtype=torch.bool, device=device)
     for micro in range(micro_batches):
         batch = next(run.batches)
         sync = micro == micro_batches - 1
         with accelerator.no_sync(run.model) if not sync else contextlib.nullcontext():
             out = run.model(batch)
-            if torch.isfinite(out.loss):
-                accelerator.backward(out.loss / micro_batches)
-            else:
-                nonfinite = True
+            # always backward (never branch on this process's loss): DDP's all-reduce and FSDP's reduce-scatter
+            # are collectives that every process must enter
+            accelerator.backward(out.loss / micro_batches)
+        loss_finite &= torch.isfinite(out.loss.detach()).to(device)
         for k, v in out.per_pair().items():
             per_pair[k].append(v)
         domains += batch.get("domain") or [None] * len(out.losses)
         tokens += int(batch["attention_mask"].sum())
 
     params = [p for p in run.model.parameters() if p.requires_grad]
-    head_norm = grad_norm(run.inner.beta_head.parameters())
-    # one norm computation: clipping returns the pre-clip norm (max_norm = ∞ clips nothing)
-    total_norm = accelerator.clip_grad_norm_(params, float(t.max_grad_norm) or float("inf"))
-    if total_norm is None:  # DeepSpeed clips inside its engine and returns no norm
-        total_norm = grad_norm(params)
-    bad = torch.tensor(float(nonfinite or not torch.isfinite(total_norm)), device=accelerator.device)
-    if accelerator.reduce(bad, reduction="sum").item() > 0:
+    head_ids = {id(p) for p in run.inner.beta_head.parameters()}
+    policy_params = [p for p in params if id(p) not in head_ids]
+    head_params = [p for p in params if id(p) in head_ids]
+    max_norm = float(t.max_grad_norm)
+    accelerator.unscale_gradients()  # fp16: the true gradients before any norm (a no-op otherwise)
+    # one pass over the gradients: the two groups' norms give the total, which clips all of them
+    group_norms = torch.stack([grad_norm(policy_params, device), grad_norm(head_params, device)])
+    total_norm = torch.linalg.vector_norm(group_norms)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the engine holds the gradients and clips
+        engine_norm = accelerator.clip_grad_norm_(params, max_norm or float("inf"))
+        if engine_norm is not None:
+            total_norm = torch.as_tensor(engine_norm, dtype=torch.float32, device=device)
+    elif max_norm > 0:
+        clip_grads_to_norm(params, max_norm, total_norm)
+    bad = (~(loss_finite & torch.isfinite(total_norm))).float()
+    # one collective for the decision, one device read for it and the norms
+    bad = accelerator.reduce(bad.reshape(1), reduction="sum")
+    skip, policy_norm, head_norm, total = torch.cat([bad.reshape(1), group_norms, total_norm.reshape(1)]).tolist()
+    if skip > 0:
         run.optimizer.zero_grad(set_to_none=True)
         if accelerator.scaler is not None:  # fp16: the unscaled-but-unused gradients must reset the scaler
             accelerator.scaler.update()
         state.nonfinite_skips += 1
         state.nonfinite_in_row += 1
-        log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+        log.warning("step %d: non-finite loss or gradient, update skipped on every process (%d in a row)",
                     state.step + 1, state.nonfinite_in_row)
         if state.nonfinite_in_row >= int(t.max_consecutive_nonfinite):
-            raise RuntimeError(
+            raise RunStateError(
                 f"{state.nonfinite_in_row} consecutive non-finite steps (trainer.max_consecutive_nonfinite="
                 f"{t.max_consecutive_nonfinite}); lower the learning rates or check the data")
     else:
@@ -130,7 +169,7 @@ def optimizer_step(run: Run) -> StepResult:
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    return StepResult(per_pair, domains, tokens, float(total_norm), float(head_norm))
+    return StepResult(per_pair, domains, tokens, total, policy_norm, head_norm)
 
 
 def log_step(run: Run, result: StepResult, elapsed: float) -> dict[str, float]:
@@ -144,6 +183,7 @@ def log_step(run: Run, result: StepResult, elapsed: float) -> dict[str, float]:
         "beta_head/w": float(full(run.inner.beta_head.current_w().detach())),
         **batch_level_metrics(run.inner.beta_head),
         "grad_norm/total": result.grad_norm,
+        "grad_norm/policy": result.policy_grad_norm,
         "grad_norm/beta_head": result.head_grad_norm,
         "pairs_per_s": run.pairs_per_step / elapsed,
         "tokens_per_s": tokens / elapsed,
