@@ -8,6 +8,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lbdpo-installed
 ARGS   ?=
+# `make test` runs the suite on TEST_WORKERS processes (pytest-xdist), each test file on one worker (module fixtures
+# computed once), torch single-threaded (OMP_NUM_THREADS=1: tiny models gain nothing from threads, and two workers
+# with two threads each fight over 2 cores). TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 
 # `make evaluate` evaluates the newest checkpoints/final under outputs/ (or CHECKPOINT=path).
 CHECKPOINT ?= $(shell ls -td outputs/*/*/checkpoints/final 2>/dev/null | head -1)
@@ -38,7 +42,7 @@ train: setup
 	$(PY) train.py $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 evaluate: setup
 	@test -n "$(CHECKPOINT)" || { echo "no checkpoint: run make train first or pass CHECKPOINT=..."; exit 2; }

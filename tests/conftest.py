@@ -39,6 +39,17 @@ def tiny_model(tiny_model_and_tokenizer):
     return copy.deepcopy(tiny_model_and_tokenizer[0])
 
 
+def fresh_cache(path: Path) -> str:
+    """An lbdpo cache folder at ``path`` with no reference log-probs or generations in it, for LBDPO_CACHE, that shares
+    the embedded SmolLM2 already converted in the session's cache (a link): a test that needs a cold reference cache
+    does not convert the GGUF again (≈ 15 s a time). Returns the path as a string."""
+    from lbdpo.models import SMOLLM2_CACHE_NAME, smollm2_local_dir
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / SMOLLM2_CACHE_NAME).symlink_to(smollm2_local_dir(), target_is_directory=True)  # converts it once if needed
+    return str(path)
+
+
 def random_pairs(n: int, vocab: int, seed: int = 0, prompt_range=(2, 9), response_range=(1, 7)):
     """n tokenized preference triples of unequal lengths (no special meaning; ids in [3, vocab))."""
     rng = random.Random(seed)

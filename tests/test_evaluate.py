@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, fresh_cache
 from lbdpo.eval.evaluate import evaluate_checkpoint
 from lbdpo.eval.evaluation import kl_estimate, reward_comparison
 from lbdpo.train.trainer import train
@@ -179,7 +179,7 @@ def test_a_mistyped_checkpoint_path_is_not_created(tmp_path):
 def test_reference_log_probs_of_held_out_pairs_come_from_the_store_and_equal_fresh_ones(tmp_path, monkeypatch):
     import lbdpo.train.reference as reference
 
-    monkeypatch.setenv("LBDPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LBDPO_CACHE", fresh_cache(tmp_path / "cache"))
     # a policy that moved, its reference precomputed: training scores its 8 held-out pairs into the per-pair store
     (tmp_path / "data").mkdir()
     ckpt = train_run(tmp_path / "data", tmp_path / "run", "trainer.reference=precompute", "trainer.policy_lr=1e-2")
@@ -210,7 +210,7 @@ def test_reference_log_probs_of_held_out_pairs_come_from_the_store_and_equal_fre
 def test_reference_generations_are_generated_once_and_equal_fresh_ones(checkpoint, tmp_path, monkeypatch):
     import lbdpo.eval.evaluate as evaluate
 
-    monkeypatch.setenv("LBDPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LBDPO_CACHE", fresh_cache(tmp_path / "cache"))
     calls, real = [], evaluate.generate
     monkeypatch.setattr(evaluate, "generate", lambda model, *a, **k: calls.append(k["sample"]) or real(model, *a, **k))
 
@@ -237,7 +237,7 @@ def test_reference_generations_started_side_by_side_are_generated_once(tmp_path,
 
     from lbdpo.train.reference import cached_generations
 
-    monkeypatch.setenv("LBDPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LBDPO_CACHE", fresh_cache(tmp_path / "cache"))
     calls, results = [], {}
 
     def generate():

@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, fresh_cache
 from lbdpo.train.trainer import train
 
 CONF = str(REPO_ROOT / "conf")
@@ -324,7 +324,7 @@ def test_precompute_reference_matches_copy(pairs_file, tmp_path, monkeypatch):
 
 def test_auto_reference_precomputes_a_whole_epoch_and_copies_a_short_run(pairs_file, tmp_path, monkeypatch, caplog):
     """trainer.reference=auto (the CPU default): one epoch (40 pairs, 10 steps) precomputes, 2 steps keep a copy."""
-    monkeypatch.setenv("LBDPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LBDPO_CACHE", fresh_cache(tmp_path / "cache"))
     caplog.set_level("INFO", logger="lbdpo.train.reference")
     train(make_cfg(pairs_file, "trainer.reference=auto", "trainer.max_steps=null", "trainer.num_epochs=1",
                    "trainer.eval_every=0"), tmp_path / "epoch")
@@ -576,7 +576,7 @@ def test_chunked_and_packed_runs_match_the_full_logits_run(pairs_file, tmp_path,
     monkeypatch.setattr(packed_pairs, "pack_pairs", recording_pack)
     for arm, overrides in arms.items():
         widths[arm] = []
-        monkeypatch.setenv("LBDPO_CACHE", str(tmp_path / arm / "cache"))  # each arm computes its own reference
+        monkeypatch.setenv("LBDPO_CACHE", fresh_cache(tmp_path / arm / "cache"))  # each arm computes its own reference
         cfg = make_cfg(pairs_file, *overrides, "trainer.max_steps=3", "trainer.eval_every=3",
                        f"trainer.reference={reference}")
         train(cfg, tmp_path / arm)

@@ -9,9 +9,25 @@ Learnable-β DPO forward), ``modeling`` (AutoModelForCausalLMWithBetaHead) → `
 ``lbdpo.train`` → ``lbdpo.eval``.
 """
 
-from .beta_head import BetaHead, BetaHeadConfig
-from .dpo_model import DynamicBetaDPOModel
-from .modeling import AutoModelForCausalLMWithBetaHead
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .beta_head import BetaHead, BetaHeadConfig
+    from .dpo_model import DynamicBetaDPOModel
+    from .modeling import AutoModelForCausalLMWithBetaHead
 
 __version__ = "0.1.0"
 __all__ = ["AutoModelForCausalLMWithBetaHead", "BetaHead", "BetaHeadConfig", "DynamicBetaDPOModel"]
+_WHERE = {"BetaHead": "beta_head", "BetaHeadConfig": "beta_head", "DynamicBetaDPOModel": "dpo_model",
+          "AutoModelForCausalLMWithBetaHead": "modeling"}
+
+
+def __getattr__(name: str) -> Any:
+    """The public names, imported on first use (PEP 562): ``python -m lbdpo.experiment`` and the other commands that
+    need no model start without importing torch and transformers (≈ 4 s)."""
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
