@@ -192,15 +192,13 @@ def dynamics_report(by_arm: dict[str, list[tuple[Path, dict]]], windows: int,
 def plot_dynamics(by_arm: dict[str, list[tuple[Path, dict]]], path: Path) -> Path | None:
     """One figure: per arm with pairs.jsonl (seed 0 drawn, others faint), β per domain, f spread and ρ(β, log PPL)
     over the training windows."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import subplots
 
     arms = sorted(a for a, runs in by_arm.items() if any(r["windows"] for _, r in runs))
     if not arms:
         return None
-    fig, axes = plt.subplots(len(arms), 3, figsize=(14, 2.6 * len(arms)), squeeze=False)
+    fig, axes = subplots(len(arms), 3, figsize=(14, 2.6 * len(arms)), squeeze=False)
     for row, arm in enumerate(arms):
         for d, r in by_arm[arm]:
             if not r["windows"]:
@@ -222,7 +220,6 @@ def plot_dynamics(by_arm: dict[str, list[tuple[Path, dict]]], path: Path) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 

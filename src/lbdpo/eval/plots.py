@@ -13,11 +13,8 @@ import math
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure  # figures without pyplot: no backend chosen, no global state touched
 from ..errors import LbdpoError, MissingFileError
 
 KL_LABEL = "KL(π‖π_ref) (sequence-level, nats)"
@@ -36,8 +33,13 @@ def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return path
+
+
+def subplots(rows: int = 1, cols: int = 1, **kwargs):
+    """(Figure, axes) like ``pyplot.subplots``, but a plain :class:`Figure` (saved with ``savefig``; nothing to close)."""
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(rows, cols, **kwargs)
 
 
 def _check_lengths(name: str, values: Sequence, expected: int) -> None:
@@ -94,7 +96,7 @@ def plot_beta_hist_by_domain(beta: Sequence[float], domains: Sequence[str] | Non
     if not finite.any():
         return None
     bins = np.histogram_bin_edges(b[finite], bins=min(40, max(5, int(np.sqrt(finite.sum())) + 1)))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = subplots(figsize=(7, 4.5))
     for domain, idx in _group_by_domain(domains, b.size).items():
         values = b[idx][finite[idx]]
         if values.size:
@@ -121,7 +123,7 @@ def plot_beta_vs_log_ppl(beta: Sequence[float], log_ppl: Sequence[float], domain
     finite = np.isfinite(b) & np.isfinite(p)
     if not finite.any():
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = subplots(figsize=(7, 4.5))
     for domain, idx in _group_by_domain(domains, b.size).items():
         keep = idx[finite[idx]]
         if keep.size:
@@ -207,7 +209,7 @@ def plot_training_curves(metrics_path, path, smooth: int = 20) -> Path | None:
     train, evals = read_metrics_jsonl(metrics_path)
     if not train and not evals:
         return None
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = subplots(2, 3, figsize=(15, 8))
     _panel(axes[0, 0], "loss", train, evals, "loss", "eval/loss")
     _panel(axes[0, 1], "reward accuracy", train, evals, "rewards/accuracies", "eval/rewards/accuracies",
            smooth=smooth)
@@ -230,7 +232,7 @@ def plot_overlaid_curves(runs: Mapping[str, Path], key: str, path, smooth: int =
     Returns the PNG path, or None (nothing written) when ``runs`` is empty or no run logged ``key``.
     """
     is_eval = key.startswith("eval/")
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = subplots(figsize=(8, 5))
     drawn = 0
     for label, metrics_path in runs.items():
         try:
@@ -245,7 +247,6 @@ def plot_overlaid_curves(runs: Mapping[str, Path], key: str, path, smooth: int =
         ax.plot(steps, values, "o-" if is_eval else "-", markersize=3, label=label)
         drawn += 1
     if not drawn:
-        plt.close(fig)
         return None
     ax.set_xlabel("step")
     ax.set_ylabel(key)
@@ -279,7 +280,7 @@ def plot_frontier(points: list[dict], path) -> Path | None:
     def err(p, key):
         return p[key] if _is_number(p.get(key)) else 0.0
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = subplots(figsize=(8, 5.5))
     if fixed:
         fixed = sorted(fixed, key=lambda p: p["kl"])
         ax.errorbar([p["kl"] for p in fixed], [p["reward"] for p in fixed],
