@@ -27,6 +27,8 @@ from pathlib import Path
 import yaml
 
 from ..train.run_logging import is_seed_override, is_sweep_override
+from .frontier import plot_frontier_fit
+from .pair_sample import read_held_out
 from .plots import plot_frontier, plot_overlaid_curves, read_metrics_jsonl
 from .significance import accuracy_table, blocked_table, moonshot_table, pair_sampling_note
 from ..errors import LbdpoError
@@ -94,17 +96,6 @@ def find_eval_json(run_dir: Path) -> Path | None:
                 None)
 
 
-def read_pairs_correct(eval_json_path: Path | None) -> list[bool] | None:
-    """Whether each held-out pair was ranked right (Δ > 0), from the ``eval_pairs.jsonl`` beside ``eval.json``."""
-    path = eval_json_path.parent / "eval_pairs.jsonl" if eval_json_path is not None else None
-    if path is None or not path.is_file():
-        return None
-    try:
-        return [bool(json.loads(line)["correct"]) for line in path.read_text().splitlines() if line.strip()]
-    except (json.JSONDecodeError, KeyError):
-        return None
-
-
 def read_run(run_dir: Path) -> dict | None:
     """Arm, label, metric values and β-head mode of one run dir (None when it has no ``metrics.jsonl``).
 
@@ -145,7 +136,7 @@ def read_run(run_dir: Path) -> dict | None:
         "values": values,
         "mode": mode,
         "seed": _number(_get(config, ("seed",))),  # arms that share a seed share its data order (blocked tests)
-        "pairs_correct": read_pairs_correct(eval_json_path),
+        "pairs_correct": read_held_out(eval_json_path, config, eval_json),  # {pair key: ranked right}
         "per_domain": domain_values(eval_json),
         "extra_evals": {path.parent.name[len("eval_"):]: extra_eval_values(path)
                         for path in sorted(run_dir.glob("eval_*/eval.json"))},
@@ -330,6 +321,7 @@ def write_comparison(multirun_dir: Path, out_dir: Path, arm_order: list[str] | N
 
     outputs: dict[str, Path | None] = {}
     outputs["frontier.png"] = plot_frontier(frontier_points(arms), out_dir / "frontier.png")
+    outputs["frontier_fit.png"] = plot_frontier_fit(arms, out_dir / "frontier_fit.png")
     labels = {}
     for r in runs:
         label = r["label"] if r["label"] not in labels else f"{r['label']} ({r['run']})"
@@ -367,7 +359,8 @@ def write_comparison(multirun_dir: Path, out_dir: Path, arm_order: list[str] | N
     if outputs["frontier.png"] is None:
         md += ["Frontier figure skipped: no run has both generation KL and reward in eval.json.", ""]
     else:
-        md += ["![reward vs KL](frontier.png)", ""]
+        md += ["![reward vs KL](frontier.png)", ""] + (["![the concave fit](frontier_fit.png)", ""]
+                                                          if outputs["frontier_fit.png"] else [])
     for name, key in CURVES:
         md += [f"![{key}]({name})", ""] if outputs[name] else [f"{name} skipped: no run logged {key}.", ""]
     md_path = out_dir / "compare.md"
