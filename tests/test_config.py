@@ -27,7 +27,9 @@ def compose_with(*overrides):
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes(group, option):
-    extra = ["data.path=/tmp/x.jsonl"] if (group, option) == ("data", "jsonl") else []
+    extra = {("data", "jsonl"): ["data.path=/tmp/x.jsonl"],  # the options a user must give
+             ("beta_head", "schedule"): ["beta_head.schedule=[[0, 0.1], [100, 0.3]]"],
+             ("beta_head", "per_domain"): ["beta_head.domain_betas={en_garbled: 1.0}"]}.get((group, option), [])
     cfg = compose_with(f"{group}={option}", *extra)
     BetaHeadConfig.from_mapping(to_container(cfg.beta_head), hidden_size=8)
     TokenizeConfig(prompt_format=cfg.data.prompt_format, max_length=cfg.data.max_length,

@@ -20,9 +20,13 @@ README example: β₀ = 0.1, α = 0.6, ρ = 0.2; γ = 0.9 from their code.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from .errors import LbdpoError
 
 
 BETA_FLOOR = 1e-3  # the authors' clamp of β_batch (their code: beta_used.clamp(min=1e-3))
@@ -35,6 +39,16 @@ def gather_all(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts), dist.get_rank() * x.shape[0]
+
+
+def check_beta_dpo_options(alpha: float, filter_fraction: float, momentum: float) -> None:
+    """β-DPO's keys of the ``beta_head`` group: an :class:`LbdpoError` naming the bad one."""
+    if not 0 <= float(filter_fraction) < 1:
+        raise LbdpoError(f"beta_head.beta_dpo_filter={filter_fraction!r} must be in [0, 1)")
+    if not 0 <= float(momentum) < 1:
+        raise LbdpoError(f"beta_head.beta_dpo_momentum={momentum!r} must be in [0, 1)")
+    if not math.isfinite(float(alpha)):
+        raise LbdpoError(f"beta_head.beta_dpo_alpha={alpha!r} must be a finite number")
 
 
 class BetaDPO(nn.Module):

@@ -20,6 +20,8 @@
 - ``mode=beta_dpo``: β-DPO (Wu et al. 2024), one detached β per batch from the batch's margins, with optional
   margin-guided filtering (:mod:`lbdpo.beta_dpo`; ``beta`` is its β₀). This head returns β₀; the DPO model applies
   the batch-level correction once the margins are known (:attr:`BetaHead.batch_level`).
+- ``mode=per_domain``: β_i = ``domain_betas[domain_i]`` (else ``beta``); ``mode=schedule``: one β(t), piecewise linear
+  in the optimizer step t (:meth:`BetaHead.set_step`), e.g. replaying another run's mean β: :mod:`lbdpo.beta_modes`.
 - ``use_ppl_approx``: a second network on h predicts log PPL(x) (ℓ̂ = NN_ppl(LayerNorm(h))), trained only by
   the auxiliary loss ``ppl_approx_loss_weight`` · mean (ℓ̂ − log PPL)² against the exact, detached value of
   the same forward; β then uses max(ℓ̂, 0) in place of log PPL. Its point is inference: β of a prompt from one
@@ -46,15 +48,18 @@ non-finite, so does the loss, and the trainer's guard skips and counts the step 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .beta_dpo import BetaDPO
+from .beta_dpo import BetaDPO, check_beta_dpo_options
+from .beta_modes import RULE_MODES, describe, domain_beta, interpolate, read_beta_schedule
+from .beta_modes import validate as validate_rule_mode
 from .dpo_model import DynamicBetaDPOModel  # re-exported (the design documents' import); it never imports back
 from .errors import LbdpoError
 
@@ -62,15 +67,19 @@ PPL_TRANSFORMS = ("log_ppl", "ppl", "none", "inverse_log_ppl")
 NET_TYPES = ("linear", "mlp")
 NORMALIZATIONS = ("none", "batch_mean")
 W_PARAMS = ("linear", "log")
-MODES = ("learnable", "fixed", "beta_dpo")
+MODES = ("learnable", "fixed", "beta_dpo", *RULE_MODES)
+FIXED_MODES = ("fixed", "beta_dpo", *RULE_MODES)  # no learnable β: no parameters, β from the config
 
 
 @dataclass
 class BetaHeadConfig:
     """Configuration of :class:`BetaHead` (field names follow the design documents where they exist)."""
 
-    mode: str = "learnable"  # "learnable": β(x) from the formula; "fixed": β ≡ `beta` (plain DPO baseline)
-    beta: float = 0.1  # the constant β of mode="fixed"; β₀ of mode="beta_dpo"
+    mode: str = "learnable"  # "learnable": β(x) from the formula; "fixed": β ≡ `beta` (plain DPO); MODES lists all
+    beta: float = 0.1  # the constant β of mode="fixed"; β₀ of mode="beta_dpo"; unlisted domains' β of "per_domain"
+    domain_betas: dict[str, float] | None = None  # mode="per_domain": domain → its fixed β
+    schedule: list[list[float]] | None = None  # mode="schedule": knots [[step, β], ...] of a piecewise-linear β(step)
+    schedule_from: str | None = None  # mode="schedule": a run (folder, metrics.jsonl) whose beta/mean is replayed
     beta_dpo_alpha: float = 0.6  # β-DPO's α: β_batch = β₀·[1 + α·(mean margin − M₀)]
     beta_dpo_filter: float = 0.2  # β-DPO's filtering ratio ρ: the fraction of each batch's pairs dropped (0 = off)
     beta_dpo_momentum: float = 0.9  # γ of β-DPO's moving averages M₀, σ of the batch margins
@@ -112,16 +121,12 @@ class BetaHeadConfig:
                     float(value)
                 except (TypeError, ValueError):
                     raise LbdpoError(f"beta_head.{f.name}={value!r} must be a number") from None
-        if self.mode in ("fixed", "beta_dpo"):
+        validate_rule_mode(self)  # domain_betas, schedule, schedule_from: only under their modes, well formed
+        if self.mode in FIXED_MODES:
             if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
                 raise LbdpoError(f"beta_head.beta={self.beta!r} must be a finite number > 0")
             if self.mode == "beta_dpo":
-                if not 0 <= float(self.beta_dpo_filter) < 1:
-                    raise LbdpoError(f"beta_head.beta_dpo_filter={self.beta_dpo_filter!r} must be in [0, 1)")
-                if not 0 <= float(self.beta_dpo_momentum) < 1:
-                    raise LbdpoError(f"beta_head.beta_dpo_momentum={self.beta_dpo_momentum!r} must be in [0, 1)")
-                if not math.isfinite(float(self.beta_dpo_alpha)):
-                    raise LbdpoError(f"beta_head.beta_dpo_alpha={self.beta_dpo_alpha!r} must be a finite number")
+                check_beta_dpo_options(self.beta_dpo_alpha, self.beta_dpo_filter, self.beta_dpo_momentum)
             return
         if self.context_net_type not in NET_TYPES:
             raise LbdpoError(f"beta_head.context_net_type={self.context_net_type!r} must be one of {NET_TYPES}")
@@ -189,15 +194,20 @@ class BetaHead(nn.Module):
     def __init__(self, config: BetaHeadConfig):
         super().__init__()
         config.validate()
+        if config.mode == "schedule" and config.schedule is None:  # another run's β curve, read once, kept in config
+            config = dataclasses.replace(config, schedule=read_beta_schedule(config.schedule_from))
         self.config = config
-        self.fixed = config.mode in ("fixed", "beta_dpo")  # no learnable β: this head returns `beta` for every pair
+        self.fixed = config.mode in FIXED_MODES  # no learnable β: β from `beta`, the domain map or the schedule
         self.epsilon = float(config.epsilon)
         self.batch_level = BetaDPO(config.beta, config.beta_dpo_alpha, config.beta_dpo_filter,
                                    config.beta_dpo_momentum) if config.mode == "beta_dpo" else None
         self.log_w = None  # the trained parameter under w_param="log" (then there is no attribute w: see current_w)
         if self.fixed:
-            # No parameters: a buffer keeps the β value in checkpoints and on the right device.
+            # No parameters: a buffer keeps the β value in checkpoints and on the right device (schedule: β(t))
             self.register_buffer("w", torch.tensor(float(config.beta)))
+            if config.mode == "schedule":  # the step t of β(t), set by set_step; saved, so evaluation uses β(t)
+                self.register_buffer("schedule_step", torch.tensor(0, dtype=torch.long))
+                self.set_step(0)
             self.context_net = None
             return
 
@@ -236,6 +246,14 @@ class BetaHead(nn.Module):
     def current_w(self) -> torch.Tensor:
         """w as β uses it: the parameter or buffer ``w``, or exp(``log_w``) under ``w_param=log`` (differentiable)."""
         return torch.exp(self.log_w) if self.log_w is not None else self.w
+
+    @torch.no_grad()
+    def set_step(self, step: int) -> None:
+        """The optimizer step t about to be computed (1 for the first: the trainer calls this before each step).
+        Only ``mode=schedule`` reads it: β = β(t) from here on, evaluation included; a no-op for the other modes."""
+        if self.config.mode == "schedule":
+            self.schedule_step.fill_(int(step))
+            self.w.fill_(interpolate(self.config.schedule, int(step)))
 
     @property
     def _anchor(self) -> torch.Tensor:
@@ -284,14 +302,9 @@ class BetaHead(nn.Module):
         self.w_init_value.copy_(w)
         self.w_initialized.fill_(True)
 
-    def forward(
-        self,
-        context_embedding: torch.Tensor,
-        ppl: torch.Tensor | None = None,
-        *,
-        log_ppl: torch.Tensor | None = None,
-        return_details: bool = False,
-    ):
+    def forward(self, context_embedding: torch.Tensor, ppl: torch.Tensor | None = None, *,
+                log_ppl: torch.Tensor | None = None, return_details: bool = False,
+                domains: Sequence[str] | None = None):
         """β for a batch of prompts.
 
         Args:
@@ -300,6 +313,7 @@ class BetaHead(nn.Module):
                 token NLL, which avoids an exp/log round trip; exactly one of the two is needed.
             return_details: also return a dict with ``f`` (B,) and ``ppl_term`` (B,); with ``use_ppl_approx``
                 also ``log_ppl_approx`` (B,) and ``beta_exact`` (B,), the β the exact log PPL would give.
+            domains: B domain names, one per prompt: needed by ``mode=per_domain``, ignored by the other modes.
 
         Returns:
             β (B,) float32, in [beta_min, beta_max] for finite input; or ``(β, details)`` when ``return_details``.
@@ -314,7 +328,8 @@ class BetaHead(nn.Module):
         batch = log_ppl.shape[0]
 
         if self.fixed:
-            beta = self.w.expand(batch).float()
+            beta = self.w.expand(batch).float() if self.config.mode != "per_domain" else domain_beta(
+                self.config.domain_betas, self.config.beta, domains, batch, self.w.device)
             details = {"f": torch.ones_like(beta), "ppl_term": torch.ones_like(beta)}
             return (beta, details) if return_details else beta
 
@@ -374,7 +389,7 @@ class BetaHead(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         if self.fixed:
-            return f"mode={c.mode}, beta={c.beta}"
+            return describe(c) or f"mode={c.mode}, beta={c.beta}"
         return (
             f"ppl_transform={c.ppl_transform}, net={c.context_net_type}, epsilon={c.epsilon}, "
             f"w_trainable={c.w_trainable}, w_param={c.w_param}, w_init={c.w_init}, normalize={c.normalize}"

@@ -35,6 +35,8 @@ def resolve_path(path: str | Path) -> Path:
 def build_beta_head(beta_head_cfg: Mapping[str, Any], hidden_size: int) -> BetaHead:
     """BetaHead from the ``beta_head`` group; ``hidden_size: null`` takes the policy's."""
     data = dict(to_container(beta_head_cfg))
+    if data.get("schedule_from"):  # a run folder relative to the checkout, like data paths; saved absolute
+        data["schedule_from"] = str(resolve_path(data["schedule_from"]))
     if data.get("hidden_size") in (None, "auto"):
         data["hidden_size"] = hidden_size
     elif int(data["hidden_size"]) != hidden_size:
@@ -95,6 +97,7 @@ def build_datasets(data_cfg: DictConfig, tokenizer, seed: int, tokenize_train: b
         (train dataset or None, eval dataset or None, report dict with the loader's filter counts and the
         tokenizer's skip counts, for the start banner and the run's summary).
     """
+    from .data.label_noise import apply_label_noise
     from .data.loading import load_mixture, train_eval_split
     from .data.tokenize import tokenize_pairs
 
@@ -120,13 +123,15 @@ def build_datasets(data_cfg: DictConfig, tokenizer, seed: int, tokenize_train: b
         eval_raw = eval_raw.select(range(min(len(eval_raw), int(data_cfg.max_eval_pairs))))
 
     tok_cfg = tokenize_config(data_cfg)
-    train_ds, train_skips = (None, Counter())
+    train_ds, train_skips, label_noise = None, Counter(), None
     if tokenize_train:
         train_ds, train_skips = tokenize_pairs(train_raw, tokenizer, tok_cfg, desc="tokenize train")
         if len(train_ds) == 0:
             raise LbdpoError(f"no training pairs left after tokenization: {len(train_raw)} pairs skipped "
                              f"({', '.join(f'{k}={v}' for k, v in train_skips.items())}); raise data.max_length / "
                              "data.max_prompt_length")
+        # data.label_noise: chosen/rejected swapped in a seeded fraction of one domain's training pairs (never eval's)
+        train_ds, label_noise = apply_label_noise(train_ds, to_container(data_cfg.get("label_noise")), seed)
     eval_ds, eval_skips = (None, Counter())
     if eval_raw is not None:
         eval_ds, eval_skips = tokenize_pairs(eval_raw, tokenizer, tok_cfg, desc="tokenize eval")
@@ -137,5 +142,6 @@ def build_datasets(data_cfg: DictConfig, tokenizer, seed: int, tokenize_train: b
         "eval_tokenizer_skips": dict(eval_skips),
         "train_pairs": len(train_ds) if train_ds is not None else None,
         "eval_pairs": len(eval_ds) if eval_ds is not None else 0,
+        "label_noise": label_noise,  # {domain, fraction, domain_pairs, flipped}, or None
     }
     return train_ds, eval_ds, report

@@ -6,6 +6,7 @@ Batch contract (what :meth:`DynamicBetaDPOModel.forward` takes; built by :mod:`l
     attention_mask  (2B, T) long   1 on real tokens; left or right padding both work
     labels          (2B, T) long   = input_ids on response tokens, −100 on prompt and padding
     prompt_lengths  (B,)    long   number of prompt tokens (≥ 2) of pair i, same in both of its rows
+    domain          list[str] of B, optional: each pair's domain (``beta_head=per_domain`` needs it)
     reference_chosen_logps, reference_rejected_logps   (B,) float, optional: precomputed
                                    log πref(y|x); used instead of running the reference model
 
@@ -25,7 +26,7 @@ import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -56,7 +57,7 @@ class PromptStats:
 
 
 def prompt_stats(beta_head: "BetaHead", token_lp: torch.Tensor, h: torch.Tensor, attention_mask: torch.Tensor,
-                 prompt_lengths: torch.Tensor) -> PromptStats:
+                 prompt_lengths: torch.Tensor, domains: Sequence[str] | None = None) -> PromptStats:
     """β(x), log PPL(x) and f of each row's prompt, from a forward over prompt (+ response) rows and its h.
 
     Causal attention makes a prompt's positions independent of what follows it, so reading them from a
@@ -64,10 +65,11 @@ def prompt_stats(beta_head: "BetaHead", token_lp: torch.Tensor, h: torch.Tensor,
 
     Args:
         beta_head: the β module; token_lp: (B, T − 1) from :func:`lbdpo.logprobs.token_logps`;
-        h: (B, H) from :func:`lbdpo.scoring.hidden_at_prompt_end`; attention_mask: (B, T); prompt_lengths: (B,) (≥ 2 each).
+        h: (B, H) from :func:`lbdpo.scoring.hidden_at_prompt_end`; attention_mask: (B, T); prompt_lengths: (B,) (≥ 2 each);
+        domains: B domain names (the batch's ``domain`` list), which ``beta_head=per_domain`` needs.
     """
     log_ppl = masked_mean_nll(token_lp, prompt_ppl_mask(attention_mask, prompt_lengths))
-    beta, details = beta_head(h, log_ppl=log_ppl, return_details=True)  # β(x) = w · T(PPL) · f(h)
+    beta, details = beta_head(h, log_ppl=log_ppl, return_details=True, domains=domains)  # β = w · T(PPL) · f(h)
     return PromptStats(beta=beta, log_ppl=log_ppl, hidden=h, f=details["f"],
                        log_ppl_approx=details.get("log_ppl_approx"), beta_exact=details.get("beta_exact"))
 
@@ -242,11 +244,12 @@ class DynamicBetaDPOModel(nn.Module):
     # The design documents' API: PPL and β of prompts
     # ------------------------------------------------------------------------------------------
 
-    def _prompt_stats(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PromptStats:
+    def _prompt_stats(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      domains: Sequence[str] | None = None) -> PromptStats:
         """PromptStats of B prompt-only rows (any padding side), from one policy forward."""
         lengths = real_lengths(attention_mask)
         token_lp, h = self.scorer.prompt_logps(self.policy_model, input_ids, attention_mask)
-        return prompt_stats(self.beta_head, token_lp, h, attention_mask, lengths)
+        return prompt_stats(self.beta_head, token_lp, h, attention_mask, lengths, domains)
 
     @torch.no_grad()
     def compute_ppl(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -265,18 +268,20 @@ class DynamicBetaDPOModel(nn.Module):
         token_lp, _ = self.scorer.prompt_logps(self.policy_model, input_ids, attention_mask)
         return torch.exp(masked_mean_nll(token_lp, prompt_ppl_mask(attention_mask, lengths)))
 
-    def get_dynamic_beta(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def get_dynamic_beta(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         domains: Sequence[str] | None = None) -> torch.Tensor:
         """β(x) = w · T(PPL(x)) · f(h) of each prompt row (the design documents' ``get_dynamic_beta``): PPL as
         :meth:`compute_ppl`, h the policy's last hidden state at the row's last real token, both from one forward.
 
         Args:
             input_ids: (B, T) prompts, any padding side; attention_mask: (B, T), ≥ 2 real tokens per row.
+            domains: B domain names (``beta_head=per_domain`` needs them).
 
         Returns:
             (B,) β. Follows the ambient grad mode (the head's parameters get gradients; wrap in ``torch.no_grad()``
             for analysis). Under ``normalize=batch_mean`` a row's β depends on the other rows, as in training.
         """
-        return self._prompt_stats(input_ids, attention_mask).beta
+        return self._prompt_stats(input_ids, attention_mask, domains).beta
 
     # ------------------------------------------------------------------------------------------
     # The DPO forward
@@ -298,7 +303,8 @@ class DynamicBetaDPOModel(nn.Module):
         # 2-3. From the chosen half: log PPL(x), h at the prompt's last token, and β(x) = w · T(PPL) · f(h).
         #    A non-finite policy output gives a non-finite β and loss, which the trainer's guard skips and
         #    counts (one NaN policy for the whole loop).
-        stats = prompt_stats(self.beta_head, token_lp[:n_pairs], h, attention_mask[:n_pairs], prompt_lengths)
+        stats = prompt_stats(self.beta_head, token_lp[:n_pairs], h, attention_mask[:n_pairs], prompt_lengths,
+                             batch.get("domain"))  # the pairs' domains: β of beta_head=per_domain
         beta, log_ppl = stats.beta, stats.log_ppl
 
         # 4. Reference log-probs and the DPO loss (eq. 7 of the DPO paper, with β per prompt).

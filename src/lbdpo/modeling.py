@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from transformers.utils import ModelOutput
 
+from .beta_modes import describe as describe_rule_mode
 from .beta_head import BetaHead, BetaHeadConfig
 from .data.collator import pad_rows
 from .data.tokenize import PairEncoder, TokenizeConfig
@@ -144,12 +145,14 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
     # ---------------------------------------------------------------------------------------- forward
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                prompt_lengths: torch.Tensor | None = None) -> CausalLMWithBetaHeadOutput:
+                prompt_lengths: torch.Tensor | None = None,
+                domains: Sequence[str] | None = None) -> CausalLMWithBetaHeadOutput:
         """Logits and β in one pass.
 
         Args:
             input_ids: (N, T); attention_mask: (N, T), any padding side (default: no padding).
             prompt_lengths: (N,) prompt tokens of each row; default: the whole row is the prompt.
+            domains: N domain names (``beta_head=per_domain`` needs them).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -158,7 +161,8 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
         out = forward_model(self.policy, input_ids, attention_mask, output_hidden_states=True)
         prompt_lengths = prompt_lengths.to(input_ids.device)
         h = hidden_at_prompt_end(out.hidden_states[-1], attention_mask, prompt_lengths)
-        stats = prompt_stats(self.beta_head, token_logps(out.logits, input_ids), h, attention_mask, prompt_lengths)
+        stats = prompt_stats(self.beta_head, token_logps(out.logits, input_ids), h, attention_mask, prompt_lengths,
+                             domains)
         return CausalLMWithBetaHeadOutput(logits=out.logits, beta=stats.beta, log_ppl=stats.log_ppl,
                                           hidden=stats.hidden, f=stats.f, log_ppl_approx=stats.log_ppl_approx,
                                           beta_exact=stats.beta_exact)
@@ -176,15 +180,17 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
         return [self._encoder.prompt_ids(row)[-self.tokenize.max_prompt_length:] for row in rows]
 
     @torch.no_grad()
-    def beta(self, prompts: Sequence[str | Sequence[Mapping[str, str]]], batch_size: int = 16) -> torch.Tensor:
+    def beta(self, prompts: Sequence[str | Sequence[Mapping[str, str]]], batch_size: int = 16,
+             domains: Sequence[str] | None = None) -> torch.Tensor:
         """β(x) of each prompt, (N,) float32 on the CPU. Under ``normalize=batch_mean`` a prompt's β depends on the
-        other prompts of its batch of ``batch_size``, as in training."""
+        other prompts of its batch of ``batch_size``, as in training; ``beta_head=per_domain`` needs ``domains``."""
         device = next(self.policy.parameters()).device
         ids = self.encode_prompts(prompts)
         out = []
         for start in range(0, len(ids), batch_size):
             input_ids, mask = pad_rows(ids[start:start + batch_size], self.tokenizer.pad_token_id, "right")
-            out.append(self(input_ids.to(device), mask.to(device)).beta.float().cpu())
+            part = None if domains is None else list(domains[start:start + batch_size])
+            out.append(self(input_ids.to(device), mask.to(device), domains=part).beta.float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
     def generate(self, *args: Any, **kwargs: Any):
@@ -229,10 +235,10 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
         """A short README.md: base model, β configuration, how to load, and the eval numbers given."""
         c = self.beta_head.config
         w = float(self.beta_head.current_w().detach()) if w is None else w
-        beta = f"fixed β = {c.beta}" if c.mode == "fixed" else (f"β-DPO, β₀ = {c.beta}, α = {c.beta_dpo_alpha}, "
+        beta = describe_rule_mode(c) or (f"fixed β = {c.beta}" if c.mode == "fixed" else (f"β-DPO, β₀ = {c.beta}, α = {c.beta_dpo_alpha}, "
                                                                  f"filter ρ = {c.beta_dpo_filter}") if c.mode == "beta_dpo" else (
             f"β(x) = w · {c.ppl_transform}(x) · f(h), f = 1 + {c.epsilon}·tanh({c.context_net_type}(h)), "
-            f"w = {w:.4g} ({('trainable, as log w' if c.w_param == 'log' else 'trainable') if c.w_trainable else 'fixed'}), normalize={c.normalize}")
+            f"w = {w:.4g} ({('trainable, as log w' if c.w_param == 'log' else 'trainable') if c.w_trainable else 'fixed'}), normalize={c.normalize}"))
         lines = ["---", "library_name: transformers", "tags: [lbdpo, dpo]", "---", "",
                  "# Learnable-β DPO policy (lbdpo)", "",
                  f"- base model: `{self.base_model.get('name_or_path') or self.base_model.get('source', 'unknown')}`",

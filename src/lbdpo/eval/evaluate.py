@@ -13,6 +13,8 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..beta_modes import RULE_MODES, describe as describe_rule_mode
+from ..beta_head import BetaHeadConfig
 from ..build import build_datasets, to_container
 from ..data.collator import PreferenceCollator
 from ..data.tokenize import end_of_turn_ids, resolve_prompt_format
@@ -307,9 +309,11 @@ def render_report(data: dict[str, Any], samples_path: Path) -> str:
     """eval_report.md: headline numbers, per-domain table, generation numbers, skipped sections, figures."""
     lines = [f"# Evaluation of `{data['checkpoint']}`", ""]
     head = data.get("beta_head", {})
-    beta_desc = f"fixed β = {head.get('beta')}" if head.get("mode") == "fixed" else (
+    rule = describe_rule_mode(BetaHeadConfig.from_mapping(head), data.get("step")) \
+        if head.get("mode") in RULE_MODES else None  # per_domain, schedule
+    beta_desc = rule or (f"fixed β = {head.get('beta')}" if head.get("mode") == "fixed" else (
         f"learnable β: {head.get('ppl_transform')}, NN={head.get('context_net_type')}, ε={head.get('epsilon')}, "
-        f"w_trainable={head.get('w_trainable')}, normalize={head.get('normalize')}")
+        f"w_trainable={head.get('w_trainable')}, normalize={head.get('normalize')}"))
     lines += [f"- step: {data.get('step')}", f"- model: {data.get('model', {}).get('name_or_path')}",
               f"- β: {beta_desc}", f"- held-out pairs: {data.get('data', {}).get('eval_pairs')}", ""]
     pref = data.get("preference")

@@ -14,7 +14,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..beta_head import BetaHeadConfig
-from ..build import data_sources, to_container, tokenize_config
+from ..beta_modes import read_beta_schedule
+from ..build import data_sources, resolve_path, to_container, tokenize_config
+from ..data.label_noise import parse_label_noise
 from ..models import _DTYPES
 from ..scoring import FORWARDS, PACKED_ATTENTION
 from .host_memory import MAX_MMAP_THRESHOLD
@@ -126,6 +128,7 @@ def check_data_config(d: DictConfig) -> None:
             raise LbdpoError(f"data.{key}={d[key]} must be ≥ 0 (or null)")
     if d.get("eval_fraction") is not None and not 0 <= number("data.eval_fraction", d.eval_fraction) < 1:
         raise LbdpoError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1) (or null, with data.eval_size)")
+    parse_label_noise(to_container(d.get("label_noise")))  # its domain is checked against the pairs on load
     for split in ("train", "eval"):
         for source in data_sources(d.get(split)):
             path = source.get("path") or ""
@@ -133,6 +136,17 @@ def check_data_config(d: DictConfig) -> None:
                 from_env = " (its folder comes from LBDPO_SHARED_DATA or ../shared/data/preference)" \
                     if "preference" in path else ""
                 raise LbdpoError(f"data.{split}: {path} does not exist{from_env}")
+
+
+def check_beta_head(h: BetaHeadConfig) -> None:
+    """What the head's own validation cannot see: ``schedule`` and ``schedule_from`` both set (a saved head config
+    holds both, a run's config one), and the run ``schedule_from`` names (present, finished, with a β curve)."""
+    if h.mode != "schedule":
+        return
+    if h.schedule is not None and h.schedule_from is not None:
+        raise LbdpoError("beta_head.schedule and beta_head.schedule_from are both set: give one (the other null)")
+    if h.schedule_from is not None:
+        read_beta_schedule(resolve_path(h.schedule_from))
 
 
 def check_logger_config(lg: DictConfig) -> None:
@@ -181,7 +195,7 @@ def check_config(cfg: DictConfig, overrides: list[str] | None = None) -> None:
         check_new_keys(overrides, cfg)
     number("seed", cfg.seed, int)
     check_model_config(cfg.model)
-    BetaHeadConfig.from_mapping({**to_container(cfg.beta_head), "hidden_size": 1})
+    check_beta_head(BetaHeadConfig.from_mapping({**to_container(cfg.beta_head), "hidden_size": 1}))
     check_data_config(cfg.data)
     check_trainer_config(cfg.trainer)
     check_logger_config(cfg.logger)

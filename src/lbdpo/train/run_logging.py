@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
+
+from ..beta_modes import RULE_MODES, describe as describe_rule_mode
 from ..errors import LbdpoError
 
 log = logging.getLogger(__name__)
@@ -204,7 +206,9 @@ def print_banner(cfg: DictConfig, model, data_report: dict[str, Any], total_step
     table = Table(title=f"lbdpo run → {run_dir}", show_header=False)
     m, h, t = cfg.model, cfg.beta_head, cfg.trainer
     table.add_row("model", f"{m.name_or_path} ({m.source}, {m.dtype})")
-    if h.mode == "fixed":
+    if h.mode in RULE_MODES:  # per_domain, schedule: from the head's config (the schedule as read)
+        table.add_row("β", describe_rule_mode(model.beta_head.config))
+    elif h.mode == "fixed":
         table.add_row("β", f"fixed β = {h.beta}")
     elif h.mode == "beta_dpo":
         table.add_row("β", f"β-DPO: β₀={h.beta}, α={h.beta_dpo_alpha}, filter ρ={h.beta_dpo_filter}, "
@@ -213,6 +217,9 @@ def print_banner(cfg: DictConfig, model, data_report: dict[str, Any], total_step
         table.add_row("β", f"w·{h.ppl_transform}·f, NN={h.context_net_type}, ε={h.epsilon}, w_init={h.w_init}, "
                            f"w_trainable={h.w_trainable}, normalize={h.normalize}")
     table.add_row("data", f"{data_report['train_pairs']} train / {data_report['eval_pairs']} eval pairs")
+    if noise := data_report.get("label_noise"):
+        table.add_row("label noise", f"{noise['flipped']} of {noise['domain_pairs']} {noise['domain']} training "
+                                     f"pairs flipped (fraction {noise['fraction']:g}); eval pairs clean")
     for split in ("train", "eval"):
         loader = data_report.get(f"{split}_loader") or {}
         skips = {**{k: v for k, v in loader.get("skipped", {}).items() if v}, **data_report[f"{split}_tokenizer_skips"]}

@@ -24,6 +24,7 @@ from ..build import (
     to_container,
     tokenize_config,
 )
+from ..beta_modes import check_domains_present
 from ..data.collator import PreferenceCollator
 from ..dpo_model import DynamicBetaDPOModel
 from ..modeling import AutoModelForCausalLMWithBetaHead
@@ -196,6 +197,9 @@ def build_model_and_data(cfg: DictConfig, accelerator: Accelerator):
 
     with accelerator.main_process_first():
         train_ds, eval_ds, data_report = build_datasets(cfg.data, tokenizer, seed=int(cfg.seed))
+    if beta_head.config.mode == "per_domain":  # a domain of the map that no pair has is a typo, not a default
+        check_domains_present(beta_head.config.domain_betas, set(train_ds["domain"]) if "domain" in
+                              train_ds.column_names else set())
     collator = PreferenceCollator(tokenizer.pad_token_id, padding_side="right",
                                   pad_to_multiple_of=t.get("pad_to_multiple_of"))
 

@@ -39,7 +39,7 @@ def check_launch(accelerator: Accelerator, beta_head_cfg) -> None:
                                f"{accelerator.distributed_type} on {accelerator.device}: Accelerate runs {kind} only on "
                                "GPUs/accelerators (and trainer.cpu=true forces CPU); on CPU use torchrun (DDP)")
     w_is_parameter = beta_head_cfg.w_trainable and beta_head_cfg.normalize != "batch_mean"
-    if is_sharded(accelerator) and beta_head_cfg.mode != "fixed" and w_is_parameter and beta_head_cfg.w_init == "auto":
+    if is_sharded(accelerator) and beta_head_cfg.mode == "learnable" and w_is_parameter and beta_head_cfg.w_init == "auto":
         raise LbdpoError("beta_head.w_init=auto is not supported under FSDP (w is set inside the sharded forward, "
                          "where the write would be lost): give a number, e.g. the beta_head/w a 1-process run logs "
                          "at step 1")

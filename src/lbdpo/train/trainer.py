@@ -118,6 +118,7 @@ def optimizer_step(run: Run) -> StepResult:
     per_pair: dict[str, list[torch.Tensor]] = {k: [] for k in PER_PAIR_KEYS}
     domains: list[str | None] = []
     tokens, loss_finite = 0, torch.ones((), dtype=torch.bool, device=device)
+    run.inner.beta_head.set_step(state.step + 1)  # beta_head=schedule: β(t) of this step (1-based, as logged)
     for micro in range(micro_batches):
         batch = next(run.batches)
         sync = micro == micro_batches - 1
