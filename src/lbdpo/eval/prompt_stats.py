@@ -6,7 +6,7 @@
 Prints a markdown table: domain, prompts, mean prompt tokens, log PPL mean ± std (population std), and the scale
 of h (the last hidden state at the prompt's last token, what f(h) = 1 + ε·tanh(NN(h)) reads): mean ‖h‖₂ and
 ‖h‖₁. ‖h‖₁ bounds how far one Adam step of size lr per weight can move a linear NN(h): by lr·‖h‖₁, so with
-‖h‖₁ in the hundreds a head learning rate of 1e-3 can saturate tanh within a few steps (report.md §8).
+‖h‖₁ in the hundreds a head learning rate of 1e-3 can saturate tanh within a few steps (report.md §5).
 """
 
 from __future__ import annotations
