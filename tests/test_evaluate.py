@@ -73,6 +73,13 @@ def test_eval_json_report_and_plots(checkpoint, tmp_path, monkeypatch):
     assert set(by_domain) <= {"a", "b"} and sum(d["n"] for d in by_domain.values()) == 6
     pairs = [json.loads(l) for l in (tmp_path / "eval_pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 8 and {p["domain"] for p in pairs} == {"a", "b"}
+    # each pair's identity (runs are aligned by it): the key the statistics rebuild from the run's data config and seed
+    from omegaconf import OmegaConf
+
+    from lbdpo.eval.pair_sample import held_out_keys
+
+    run_config = OmegaConf.to_container(OmegaConf.load(checkpoint / "config.yaml"))
+    assert [p["key"] for p in pairs] == held_out_keys(run_config, saved, pairs) and len({p["key"] for p in pairs}) == 8
     assert all(p["margin"] == pytest.approx(0.0, abs=1e-5) for p in pairs)
     report = (tmp_path / "eval_report.md").read_text()
     assert "Preference metrics" in report and "KL" in report

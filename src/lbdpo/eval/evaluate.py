@@ -22,6 +22,7 @@ from ..dpo_model import DynamicBetaDPOModel
 from ..models import freeze, load_model, reference_model_config
 from ..modeling import AutoModelForCausalLMWithBetaHead
 from ..train.reference import add_reference_columns, cached_generations
+from .pair_sample import pair_key
 from .evaluation import (
     generate,
     generation_by_domain,
@@ -211,16 +212,21 @@ def run_preference(cfg, run_cfg, results: Results, policy, head, reference, toke
     results.set("reference_logps", "per-pair store" if cfg.reference_cache else "scored now")
     pref = preference_eval(model, eval_ds, collator, int(cfg.batch_size), float(cfg.common_beta), device)
     per_pair = pref.pop("per_pair")
+    if {"prompt", "chosen", "rejected"} <= set(eval_ds.column_names) and len(eval_ds) == len(per_pair["domain"]):
+        per_pair["key"] = [pair_key(*row) for row in zip(eval_ds["prompt"], eval_ds["chosen"], eval_ds["rejected"])]
     results.set("preference", pref)
     return per_pair
 
 
 def write_eval_pairs(per_pair: dict[str, list], path: Path) -> None:
-    """``eval_pairs.jsonl``: one line per held-out pair (dataset order): domain, β, log PPL, f, margin Δ, and
-    ``correct`` (Δ > 0, the preference accuracy at any β > 0): what paired tests between runs and the β analysis read."""
+    """``eval_pairs.jsonl``: one line per held-out pair (dataset order): its identity ``key``
+    (:func:`lbdpo.eval.pair_sample.pair_key`; each seed shuffles the held-out pairs, so runs are aligned by it), domain,
+    β, log PPL, f, margin Δ, and ``correct`` (Δ > 0, the preference accuracy at any β > 0): what paired tests between
+    runs and the β analysis read."""
     with open(path, "w") as f:
         for i, domain in enumerate(per_pair["domain"]):
-            row = {"domain": domain, **{k: round(per_pair[k][i], 6) for k in ("beta", "log_ppl", "f", "margin")}}
+            row = {**({"key": per_pair["key"][i]} if "key" in per_pair else {}), "domain": domain,
+                   **{k: round(per_pair[k][i], 6) for k in ("beta", "log_ppl", "f", "margin")}}
             f.write(json.dumps({**row, "correct": per_pair["margin"][i] > 0}) + "\n")
 
 
