@@ -16,6 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO_ROOT, random_pairs
+from test_train import make_cfg, pairs_file  # noqa: F401  (the fixture: the same 48 pairs)
 from lbdpo.beta_head import BetaHead, BetaHeadConfig, DynamicBetaDPOModel
 from lbdpo.beta_modes import interpolate, read_beta_schedule
 from lbdpo.data.collator import PreferenceCollator
@@ -25,7 +26,6 @@ from lbdpo.train.trainer import train
 CONF = str(REPO_ROOT / "conf")
 H = 8
 KNOTS = [[1, 0.1], [5, 0.5]]  # β(t) = 0.1·t on steps 1..5, 0.1 before, 0.5 after
-WORDS = "good fine great bad awful nice poor lovely grim superb dull bright".split()
 
 
 def head(**kwargs) -> BetaHead:
@@ -144,24 +144,6 @@ def test_dpo_forward_gives_each_pair_its_domains_beta(tiny_model):
 
 
 # --------------------------------------------------------------------------------------------- training, evaluation
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("".join(json.dumps({
-        "prompt": f"Review item {i}: {WORDS[i % 12]} {WORDS[(i * 5) % 12]}?",
-        "chosen": f"It is {WORDS[(i * 7) % 12]} and {WORDS[(i + 3) % 12]}.", "rejected": f"Sadly {WORDS[(i * 3) % 12]}.",
-        "domain": "en" if i % 3 else "fr"}) + "\n" for i in range(48)))
-    return path
-
-
-def make_cfg(pairs_file, *overrides):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("config", overrides=[
-            "model=tiny_random", "trainer=tiny", "logger=none", "data=jsonl", f"data.path={pairs_file}",
-            "data.max_length=48", "data.max_prompt_length=32", "data.eval_size=8", "data.eval_fraction=null",
-            "trainer.batch_size=4", *overrides])
 
 
 def read_lines(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
