@@ -56,7 +56,7 @@ import yaml
 from .errors import LbdpoError
 from .paths import project
 
-KEYS = {"name", "common", "arms", "seeds", "extra_seeds", "evaluate", "out", "results", "keep"}
+KEYS = {"name", "common", "arms", "seeds", "extra_seeds", "evaluate", "out", "results", "keep", "oracle"}
 ARCHIVED = ("metrics.jsonl", "pairs.jsonl", "eval.json", "eval_pairs.jsonl", "eval_report.md", "samples.jsonl",
             "runner.json", ".hydra/overrides.yaml", ".hydra/config.yaml")
 
@@ -73,6 +73,7 @@ class Experiment:
     keep: str = "final"  # what of an evaluated run folder stays: final (model, head, step) | all
     extra_seeds: dict[str, list[int]] | None = None  # arm → seeds beyond ``seeds`` (power for the arms that matter)
     home: Path = Path(".")  # the checkout (lbdpo.paths): its train.py / evaluate.py make the runs, started in it
+    oracle: list[str] | None = None  # arms whose out-of-sample best is compared with the best fixed β (eval/oracle.py)
 
     @classmethod
     def load(cls, path: Path) -> Experiment:
@@ -80,7 +81,7 @@ class Experiment:
         unknown = set(spec) - KEYS
         if unknown or not spec.get("name") or not spec.get("arms"):
             raise LbdpoError(f"{path}: needs name and arms (optional common, seeds, extra_seeds, evaluate, out, "
-                             f"results, keep); unknown keys {sorted(unknown)}")
+                             f"results, keep, oracle); unknown keys {sorted(unknown)}")
         if spec.get("keep", "final") not in ("final", "all"):
             raise LbdpoError(f"{path}: keep={spec['keep']!r} must be final or all")
         arms = {str(k): [str(o) for o in (v or [])] for k, v in spec["arms"].items()}
@@ -98,12 +99,15 @@ class Experiment:
             if arm not in arms or set(more) & set(seeds) or len(set(more)) != len(more):
                 raise LbdpoError(f"{path}: extra_seeds of {arm!r}: {more} must be new seeds (not in {seeds}, each "
                                  f"once) of an arm in arms {sorted(arms)}")
+        oracle = [str(a) for a in spec.get("oracle") or []]
+        if set(oracle) - set(arms) or len(oracle) == 1:
+            raise LbdpoError(f"{path}: oracle {oracle} must list two or more arms of {sorted(arms)}")
         home = project(Path(path).resolve().parent, needed_for=f"the experiment {path}")  # the file's checkout
         out, results = home / (spec.get("out") or "outputs/experiments"), home / (spec.get("results") or "results")
         return cls(name=str(spec["name"]), common=[str(o) for o in spec.get("common") or []], arms=arms,
                    seeds=seeds, evaluate={str(k): [str(o) for o in v] for k, v in evaluate.items()},
                    folder=out / str(spec["name"]), results=results / str(spec["name"]),
-                   keep=str(spec.get("keep", "final")), extra_seeds=extra, home=home)
+                   keep=str(spec.get("keep", "final")), extra_seeds=extra, home=home, oracle=oracle or None)
 
     def archived(self) -> tuple[str, ...]:
         """The files of a run folder that its results folder keeps: ``ARCHIVED`` and each extra evaluation's."""
@@ -323,43 +327,9 @@ def compare(exp: Experiment) -> None:
             archive_run(run_dir, target, names)  # not archived yet, or archived before a file was added to ARCHIVED
 
     if exp.results.is_dir() and any(p.is_dir() for p in exp.results.iterdir()):
-        table, _ = write_comparison(exp.results, exp.results / "compare", arm_order=list(exp.arms))
+        table, _ = write_comparison(exp.results, exp.results / "compare", arm_order=list(exp.arms), oracle=exp.oracle)
         write_dynamics(exp.results, exp.results / "compare", arm_order=list(exp.arms))
         print(table, flush=True)
-
-
-def median_pairs_per_s(metrics: Path, skip: int = 5) -> float | None:
-    """Median training throughput of a run (``pairs_per_s`` of metrics.jsonl after the first ``skip`` steps)."""
-    if not metrics.is_file():
-        return None
-    rates = sorted(row["pairs_per_s"] for row in map(json.loads, metrics.read_text().splitlines())
-                   if "pairs_per_s" in row and row.get("step", 0) > skip)
-    return rates[len(rates) // 2] if rates else None
-
-
-def status(exp: Experiment) -> str:
-    """A table of every run's state, measured minutes, runs side by side (jobs) and median pairs/s, and the
-    estimate for what is left."""
-    lines = ["| run | state | train min | eval min | jobs | pairs/s (median) |", "|---|---|---:|---:|---:|---:|"]
-    measured = []
-    for _, _, run_dir in exp.runs():
-        folder = next((d for d in (exp.results / run_dir.name, run_dir) if (d / "runner.json").is_file()), run_dir)
-        times = read_runner_json(folder)
-        state = state_of(run_dir, exp.results / run_dir.name)
-        if state == "done":  # a run that shared the machine with jobs - 1 others took 1/jobs of it
-            measured.append((times.get("train_s", 0.0) + times.get("eval_s", 0.0)) / times.get("jobs", 1))
-        rate = median_pairs_per_s(folder / "metrics.jsonl")
-        lines.append(f"| {run_dir.name} | {state} | {times.get('train_s', 0) / 60:.1f} | "
-                     f"{times.get('eval_s', 0) / 60:.1f} | {times.get('jobs', 1)} | "
-                     f"{'–' if rate is None else f'{rate:.2f}'} |")
-    left = sum(state_of(d, exp.results / d.name) != "done" for _, _, d in exp.runs())
-    if measured:
-        per_run = sorted(measured)[len(measured) // 2] / 60
-        lines.append(f"\n{len(measured)} done, {left} left; median {per_run:.1f} min of the machine per finished "
-                     f"run → about {left * per_run:.0f} min to go")
-    else:
-        lines.append(f"\nnothing finished yet; {left} runs left")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -391,6 +361,8 @@ def main(argv=None) -> None:
         sys.exit(1 if run_experiment(exp, args.only, args.stop_after_minutes, train=args.command == "run",
                                     jobs=args.jobs) else 0)
     if args.command == "status":
+        from .experiment_status import status
+
         print(status(exp))
     else:
         compare(exp)
