@@ -26,18 +26,17 @@ def pair_key(prompt, chosen, rejected) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=64)
-def _held_out(data_json: str, seed: int) -> tuple[tuple[str, str], ...] | None:
-    """(key, domain) of every held-out pair of ``data_json`` (a data config as JSON) at ``seed``, in the order
-    ``lbdpo.build.build_datasets`` gives them to evaluate.py (before its ``max_eval_pairs`` cut); None when the data
-    cannot be read here."""
+def held_out_dataset(data: dict, seed: int):
+    """The held-out pairs (a ``datasets.Dataset`` with prompt, chosen, rejected[, domain]) of the resolved data config
+    ``data`` at ``seed``, in the order ``lbdpo.build.build_datasets`` gives them to evaluate.py (before its
+    ``max_eval_pairs`` cut): the ``eval`` sources, else the seeded split of ``train``. None when the config has no
+    held-out pairs or the data cannot be read here."""
     from ..build import data_sources  # lazy: lbdpo.build loads torch
     from ..data.loading import load_mixture, train_eval_split
     from ..errors import LbdpoError
 
     import datasets
 
-    data = json.loads(data_json)
     bars = datasets.utils.logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # a compare.md rebuild prints its table, not a bar per seed
     try:
@@ -54,6 +53,15 @@ def _held_out(data_json: str, seed: int) -> tuple[tuple[str, str], ...] | None:
     finally:
         if bars:
             datasets.enable_progress_bars()
+    return held
+
+
+@functools.lru_cache(maxsize=64)
+def _held_out(data_json: str, seed: int) -> tuple[tuple[str, str], ...] | None:
+    """(key, domain) of every pair of :func:`held_out_dataset` (``data_json``: the data config as JSON)."""
+    held = held_out_dataset(json.loads(data_json), seed)
+    if held is None:
+        return None
     domains = held["domain"] if "domain" in held.column_names else [""] * len(held)
     return tuple((pair_key(p, c, r), d) for p, c, r, d in zip(held["prompt"], held["chosen"], held["rejected"],
                                                                 domains))
