@@ -254,7 +254,7 @@ def test_a_stop_reaches_every_running_child(tmp_path, monkeypatch):
 
 
 def test_median_pairs_per_s_skips_the_first_steps(tmp_path):
-    from lbdpo.experiment_status import median_pairs_per_s
+    from lbdpo.experiment_runs import median_pairs_per_s
 
     metrics = tmp_path / "metrics.jsonl"
     rows = [{"step": i, "pairs_per_s": 100.0 if i <= 5 else float(i)} for i in range(1, 10)] + [{"step": 9, "eval": 1}]

@@ -40,7 +40,6 @@ runs side by side, each with cores / N threads (on 2 cores, 1.2× the throughput
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -54,6 +53,7 @@ from pathlib import Path
 
 import yaml
 from .errors import LbdpoError
+from .experiment_runs import evaluated, read_runner_json, record, state_of, status, update_runner_json
 from .paths import project
 
 KEYS = {"name", "common", "arms", "seeds", "extra_seeds", "evaluate", "out", "results", "keep", "oracle"}
@@ -124,21 +124,8 @@ class Experiment:
         return [(arm, seed, self.folder / f"{arm}__seed-{seed}") for arm, seed in grid if not only or arm in only]
 
 
-def evaluated(run_dir: Path) -> bool:
-    """The runner's own record that evaluation finished (an interrupted one leaves a partial eval.json behind)."""
-    return bool(read_runner_json(run_dir).get("evaluated"))
 
 
-def state_of(run_dir: Path, archive: Path | None = None) -> str:
-    """``done`` (evaluated: its results archived, or evaluated in the run folder), ``trained`` (final checkpoint,
-    not evaluated), ``partial`` (a step-N checkpoint), or ``pending``."""
-    if (archive is not None and (archive / "eval.json").is_file()) or evaluated(run_dir):
-        return "done"
-    if (run_dir / "checkpoints" / "final" / "trainer_state.pt").is_file():
-        return "trained"
-    if any((run_dir / "checkpoints").glob("step-*/trainer_state.pt")):
-        return "partial"
-    return "pending"
 
 
 class Stop:
@@ -229,18 +216,10 @@ def evaluate_run(exp: Experiment, run_dir: Path, stop: Stop) -> bool:
     return True
 
 
-def read_runner_json(run_dir: Path) -> dict:
-    path = run_dir / "runner.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def update_runner_json(run_dir: Path, **values) -> None:
-    (run_dir / "runner.json").write_text(json.dumps({**read_runner_json(run_dir), **values}, indent=2))
 
 
-def record(run_dir: Path, key: str, seconds: float) -> None:
-    """Add ``seconds`` to ``key`` in runner.json: summed over the sessions a run spans."""
-    update_runner_json(run_dir, **{key: read_runner_json(run_dir).get(key, 0.0) + seconds})
 
 
 def train_and_evaluate(exp: Experiment, arm: str, seed: int, run_dir: Path, stop: Stop, train: bool,
@@ -361,8 +340,6 @@ def main(argv=None) -> None:
         sys.exit(1 if run_experiment(exp, args.only, args.stop_after_minutes, train=args.command == "run",
                                     jobs=args.jobs) else 0)
     if args.command == "status":
-        from .experiment_status import status
-
         print(status(exp))
     else:
         compare(exp)

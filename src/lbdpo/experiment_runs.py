@@ -1,11 +1,45 @@
-"""``python -m lbdpo.experiment status``: every run's state, measured minutes and throughput, and what is left."""
+"""An experiment's run folders as state: what the runner records (``runner.json``), each run's state, and the
+``python -m lbdpo.experiment status`` table (every run's state, measured minutes, throughput, what is left)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .experiment import Experiment, read_runner_json, state_of
+if TYPE_CHECKING:
+    from .experiment import Experiment
+
+
+def read_runner_json(run_dir: Path) -> dict:
+    path = run_dir / "runner.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_runner_json(run_dir: Path, **values) -> None:
+    (run_dir / "runner.json").write_text(json.dumps({**read_runner_json(run_dir), **values}, indent=2))
+
+
+def record(run_dir: Path, key: str, seconds: float) -> None:
+    """Add ``seconds`` to ``key`` in runner.json: summed over the sessions a run spans."""
+    update_runner_json(run_dir, **{key: read_runner_json(run_dir).get(key, 0.0) + seconds})
+
+
+def evaluated(run_dir: Path) -> bool:
+    """The runner's own record that evaluation finished (an interrupted one leaves a partial eval.json behind)."""
+    return bool(read_runner_json(run_dir).get("evaluated"))
+
+
+def state_of(run_dir: Path, archive: Path | None = None) -> str:
+    """``done`` (evaluated: its results archived, or evaluated in the run folder), ``trained`` (final checkpoint,
+    not evaluated), ``partial`` (a step-N checkpoint), or ``pending``."""
+    if (archive is not None and (archive / "eval.json").is_file()) or evaluated(run_dir):
+        return "done"
+    if (run_dir / "checkpoints" / "final" / "trainer_state.pt").is_file():
+        return "trained"
+    if any((run_dir / "checkpoints").glob("step-*/trainer_state.pt")):
+        return "partial"
+    return "pending"
 
 
 def median_pairs_per_s(metrics: Path, skip: int = 5) -> float | None:
