@@ -26,7 +26,7 @@ def record(run_dir: Path, key: str, seconds: float) -> None:
 
 
 def evaluated(run_dir: Path) -> bool:
-    """The runner's own record that evaluation finished (an interrupted one leaves a partial eval.json behind)."""
+    """The runner's own record that every evaluation set finished (eval.json alone does not say that all did)."""
     return bool(read_runner_json(run_dir).get("evaluated"))
 
 

@@ -42,6 +42,7 @@ from .scoring import hidden_at_prompt_end
 from .logprobs import forward_model, token_logps
 from .models import hidden_size_of, load_model, load_model_and_tokenizer, prepare_tokenizer
 from .errors import HubUnreachableError, LbdpoError, MissingFileError
+from .integrity import check_intact
 
 HEAD_WEIGHTS, HEAD_CONFIG, LBDPO_CONFIG = "beta_head.safetensors", "beta_head_config.json", "lbdpo_config.json"
 BUILTIN_SOURCES = ("smollm2_gguf", "tiny_random")  # model.source names accepted in place of a path
@@ -123,6 +124,8 @@ class AutoModelForCausalLMWithBetaHead(nn.Module):
             if not (folder / needed).is_file():
                 raise MissingFileError(f"{folder / needed} is missing: not a complete lbdpo model folder "
                                         "(save one with save_pretrained, or pass a plain HF model to get a fresh head)")
+        check_intact(folder, "save or copy the folder again (a training checkpoint: use another step-N)",
+                     skip=("trainer_state.pt", "config.yaml"))  # what a training checkpoint adds, not read here
         meta = json.loads((folder / LBDPO_CONFIG).read_text()) if (folder / LBDPO_CONFIG).is_file() else {}
         remote = {k: hf_kwargs[k] for k in ("trust_remote_code", "revision") if k in hf_kwargs}
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(folder, **remote), "right")

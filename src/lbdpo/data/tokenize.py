@@ -20,7 +20,9 @@ past assistant turns): we always condition on the generation prompt.
 
 Truncation (``max_prompt_length``, ``max_length``): prompts lose tokens from the LEFT (their end, with
 the generation prompt, is kept); responses lose tokens from the RIGHT. A pair whose response would be
-empty, or whose prompt has fewer than 2 tokens, is skipped and counted by reason.
+empty, or whose prompt has fewer than 2 tokens, is skipped and counted by reason. A kept pair that was cut
+is counted too, by what was cut (``TRUNCATION_REASONS``: the training banner's ``truncated`` row, and a
+warning when more than half the pairs were cut, :func:`truncation_warning`).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from datasets import Dataset
+from datasets import Dataset, Sequence, Value
 from transformers import PreTrainedTokenizerBase
 from ..errors import LbdpoError
 
@@ -41,6 +44,15 @@ log = logging.getLogger(__name__)
 PROMPT_FORMATS = ("chat", "raw", "auto")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 TOKENIZED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+# What truncation cut in a kept pair, and the config key that sets the limit. A pair may be cut in several ways;
+# "pairs_cut" in the counts is the number of pairs cut in any way.
+TRUNCATION_REASONS = {
+    "prompt_cut": "data.max_prompt_length",  # the prompt lost tokens from its start
+    "chosen_cut": "data.max_length",  # the chosen response lost tokens from its end (prompt + it > max_length)
+    "rejected_cut": "data.max_length",  # the same for the rejected response
+}
+MOSTLY_CUT = 0.5  # more than this fraction of a split's pairs cut → a warning
+CUT_COLUMN = "lbdpo_truncated"  # encode_pairs' column of what was cut (a name no source column is likely to have)
 
 
 @dataclass
@@ -149,51 +161,109 @@ class PairEncoder:
         n = len(batch["prompt"])
         rows = [{k: batch[k][i] for k in batch} for i in range(n)]
         chosen, rejected = self.response_ids(rows, "chosen"), self.response_ids(rows, "rejected")
-        out: dict[str, list] = {c: [] for c in TOKENIZED_COLUMNS}
-        out["skip_reason"] = []
+        out: dict[str, list] = {c: [] for c in (*TOKENIZED_COLUMNS, "skip_reason", CUT_COLUMN)}
         for row, c_ids, r_ids in zip(rows, chosen, rejected):
-            p, c, r, reason = self.encode_one(row, c_ids, r_ids)
+            p, c, r, reason, cuts = self.encode_one(row, c_ids, r_ids)
             out["prompt_input_ids"].append(p)
             out["chosen_input_ids"].append(c)
             out["rejected_input_ids"].append(r)
             out["skip_reason"].append(reason)
+            out[CUT_COLUMN].append(cuts)
         return out
 
-    def encode_one(self, row, chosen_ids, rejected_ids) -> tuple[list[int], list[int], list[int], str]:
+    def encode_one(self, row, chosen_ids, rejected_ids) -> tuple[list[int], list[int], list[int], str, str]:
         """Apply truncation to one pair (responses already end with their end-of-turn ids, if any);
-        returns (prompt, chosen, rejected, skip_reason or "")."""
+        returns (prompt, chosen, rejected, skip_reason or "", what was cut in a kept pair: comma-separated
+        ``TRUNCATION_REASONS`` keys, "" when nothing was or the pair is skipped)."""
         cfg = self.config
         try:
             prompt = self.prompt_ids(row)
         except (ValueError, json.JSONDecodeError) as err:
             log.debug("unformattable prompt: %s", err)
-            return [], [], [], "prompt_unformattable"
-        if len(prompt) > cfg.max_prompt_length:
+            return [], [], [], "prompt_unformattable", ""
+        cuts = ["prompt_cut"] if len(prompt) > cfg.max_prompt_length else []
+        if cuts:
             prompt = prompt[-cfg.max_prompt_length:]  # keep the end: the question and the generation prompt
         if len(prompt) < 2:
-            return [], [], [], "prompt_too_short"
+            return [], [], [], "prompt_too_short", ""
         budget = cfg.max_length - len(prompt)
         chosen = chosen_ids[:budget]
         rejected = rejected_ids[:budget]
         if not chosen_ids or not rejected_ids or budget < 1:
-            return [], [], [], "response_empty_after_truncation"
+            return [], [], [], "response_empty_after_truncation", ""
         if chosen == rejected:
-            return [], [], [], "identical_after_truncation"
-        return prompt, chosen, rejected, ""
+            return [], [], [], "identical_after_truncation", ""
+        cuts += [name for name, ids in (("chosen_cut", chosen_ids), ("rejected_cut", rejected_ids))
+                 if len(ids) > budget]
+        return prompt, chosen, rejected, "", ",".join(cuts)
+
+
+def encode_pairs(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig, desc: str = "tokenize"
+) -> Dataset:
+    """Every row of ``dataset`` encoded, none removed: the ``TOKENIZED_COLUMNS`` (empty lists for a skipped pair),
+    ``skip_reason`` (str, "" = kept) and ``CUT_COLUMN`` (str: comma-separated ``TRUNCATION_REASONS`` keys of a
+    kept pair, "" = not cut) added; ``len`` unchanged (an empty dataset gets the empty columns)."""
+    encoder = PairEncoder(tokenizer, config)
+    if len(dataset) == 0:  # datasets.map never calls the encoder on no rows, so it would add no columns
+        for name in TOKENIZED_COLUMNS:
+            dataset = dataset.add_column(name, [], feature=Sequence(Value("int64")))
+        for name in ("skip_reason", CUT_COLUMN):
+            dataset = dataset.add_column(name, [], feature=Value("string"))
+        return dataset
+    return dataset.map(encoder, batched=True, batch_size=256, num_proc=config.num_proc, desc=desc)
 
 
 def tokenize_pairs(
-    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig, desc: str = "tokenize"
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig, desc: str = "tokenize",
+    truncated: Counter | None = None,
 ) -> tuple[Dataset, Counter]:
     """Tokenize a ``prompt``/``chosen``/``rejected`` dataset; metadata columns (``domain``, …) are kept.
+
+    Args:
+        truncated: a Counter to fill with what truncation cut in the kept pairs: one count per
+            ``TRUNCATION_REASONS`` key that occurred, and ``pairs_cut`` (pairs cut in any way).
 
     Returns:
         (dataset with ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` added and skipped
         pairs removed, Counter of skip reasons).
     """
-    encoder = PairEncoder(tokenizer, config)
-    encoded = dataset.map(encoder, batched=True, batch_size=256, num_proc=config.num_proc, desc=desc)
+    encoded = encode_pairs(dataset, tokenizer, config, desc)
     skips = Counter(r for r in encoded["skip_reason"] if r)
+    if truncated is not None:
+        truncated.update(count_cuts(encoded[CUT_COLUMN]))
     if skips:
         encoded = encoded.filter(lambda reason: not reason, input_columns="skip_reason")
-    return encoded.remove_columns("skip_reason"), skips
+    return encoded.remove_columns(["skip_reason", CUT_COLUMN]), skips
+
+
+def count_cuts(cuts: list[str]) -> Counter:
+    """Counts of :func:`encode_pairs`' ``CUT_COLUMN`` values: per ``TRUNCATION_REASONS`` key, and ``pairs_cut``."""
+    cut = [c for c in cuts if c]
+    counts = Counter(name for c in cut for name in c.split(","))
+    if cut:
+        counts["pairs_cut"] = len(cut)
+    return counts
+
+
+def describe_truncation(truncated: Mapping[str, int], pairs: int) -> str:
+    """``"3 of 10 pairs (30%): prompt_cut=3, chosen_cut=1"``, or ``"none"`` (``pairs``: the kept pairs)."""
+    n = truncated.get("pairs_cut", 0)
+    if not n:
+        return "none"
+    reasons = ", ".join(f"{k}={truncated[k]}" for k in TRUNCATION_REASONS if truncated.get(k))
+    return f"{n} of {pairs} pairs ({n / max(pairs, 1):.0%}): {reasons}"
+
+
+def truncation_warning(truncated: Mapping[str, int], pairs: int, split: str, config: TokenizeConfig) -> str | None:
+    """A one-line warning when more than ``MOSTLY_CUT`` of a split's ``pairs`` were cut, naming the config keys
+    (with their values) to raise; None otherwise."""
+    n = truncated.get("pairs_cut", 0)
+    if not pairs or n <= MOSTLY_CUT * pairs:
+        return None
+    values = {"data.max_prompt_length": config.max_prompt_length, "data.max_length": config.max_length}
+    keys = dict.fromkeys(TRUNCATION_REASONS[k] for k in TRUNCATION_REASONS if truncated.get(k))
+    how = "all" if n == pairs else "most"
+    use = "the model trains on" if split == "train" else "evaluation scores"
+    return (f"{how} {split} pairs were cut by truncation ({describe_truncation(truncated, pairs)}); {use} "
+            f"fragments: raise {' / '.join(f'{k} (now {values[k]})' for k in keys)}")

@@ -193,7 +193,7 @@ def plot_dynamics(by_arm: dict[str, list[tuple[Path, dict]]], path: Path) -> Pat
     """One figure: per arm with pairs.jsonl (seed 0 drawn, others faint), β per domain, f spread and ρ(β, log PPL)
     over the training windows."""
 
-    from .plots import subplots
+    from .plots import fix_fonts, subplots
 
     arms = sorted(a for a, runs in by_arm.items() if any(r["windows"] for _, r in runs))
     if not arms:
@@ -219,6 +219,7 @@ def plot_dynamics(by_arm: dict[str, list[tuple[Path, dict]]], path: Path) -> Pat
         ax.set_xlabel("training step")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
+    fix_fonts(fig)  # CJK domain names: a CJK font if installed, else escaped (plots.py)
     fig.savefig(path, dpi=90)
     return path
 

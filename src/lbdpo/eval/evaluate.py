@@ -1,5 +1,10 @@
 """``evaluate.py``'s body: sections run in order, and eval.json is rewritten after each one, so results
-computed so far survive a failure in a later, optional step (generation, reward, plots)."""
+computed so far survive a failure in a later, optional step (generation, reward, plots).
+
+The evaluation owns its output folder (:mod:`lbdpo.eval.output`): a second one into it stops at once; its files are
+built in a staging folder of its own and put in place as one set when every section has run, so an error or a
+signal (one line, exit code 128 + the signal: :class:`lbdpo.errors.Interrupted`) leaves the previous complete
+results as they were. A damaged checkpoint file is named in one line (:mod:`lbdpo.integrity`)."""
 
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from ..dpo_model import DynamicBetaDPOModel
 from ..models import freeze, load_model, reference_model_config
 from ..modeling import AutoModelForCausalLMWithBetaHead
 from ..train.reference import add_reference_columns, cached_generations
+from ..train.signals import RaiseOnSignal, signal_name
+from .output import RESULT, commit, owned_eval_dir
 from .pair_sample import pair_key
 from .evaluation import (
     generate,
@@ -32,7 +39,8 @@ from .evaluation import (
     resolve_reward_fn,
     reward_comparison,
 )
-from ..errors import LbdpoError, MissingFileError
+from ..errors import Interrupted, LbdpoError, MissingFileError
+from ..integrity import check_intact, read_checked
 
 log = logging.getLogger(__name__)
 
@@ -125,31 +133,63 @@ def check_checkpoint_folder(ckpt: Path) -> None:
     if missing:
         raise MissingFileError(f"checkpoint={ckpt} is incomplete (missing {missing}): use another step-N or "
                                 "checkpoints/final")
+    check_intact(ckpt, DAMAGED_WHAT_TO_DO)
+
+
+DAMAGED_WHAT_TO_DO = "evaluate another checkpoint of the run (checkpoints/step-N or final), or copy this one again"
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
-    """Run every evaluation section for ``cfg.checkpoint``; returns the eval.json content."""
+    """Run every evaluation section for ``cfg.checkpoint``; returns the eval.json content. The output folder is
+    held for the evaluation and its files replaced as one set at the end (module doc).
+
+    Raises:
+        Interrupted: SIGINT / SIGTERM; the message says the folder keeps its previous complete results.
+        RunStateError: another evaluation holds the output folder.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_options(cfg)
     ckpt = Path(cfg.checkpoint)
     check_checkpoint_folder(ckpt)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else ckpt.parent.parent
+    with RaiseOnSignal() as signals:
+        try:
+            with owned_eval_dir(out_dir) as staging:
+                data = run_sections(cfg, ckpt, out_dir, staging)
+                signals.hold()  # a few renames: never cut halfway, nor called stopped once done
+                written = commit(staging, out_dir)
+        except KeyboardInterrupt as err:
+            none = "" if (out_dir / RESULT).is_file() else " (none: it holds no eval.json)"
+            raise Interrupted(getattr(err, "signum", 2), f"{signal_name(err)}: evaluation stopped; {out_dir} keeps "
+                              f"the previous complete results{none}") from None
+    if signals.pending:
+        log.warning("the stop request came as the results were being written: %s holds this evaluation whole", out_dir)
+    log.info("wrote %s into %s", ", ".join(written), out_dir)
+    return data
+
+
+def run_sections(cfg: DictConfig, ckpt: Path, out_dir: Path, staging: Path) -> dict[str, Any]:
+    """Every section, its files written into ``staging`` (figure paths recorded as they will be in ``out_dir``);
+    returns the eval.json content."""
     run_cfg = OmegaConf.load(ckpt / "config.yaml")
     lm = AutoModelForCausalLMWithBetaHead.from_pretrained(ckpt)
     policy, tokenizer, head = lm.policy, lm.tokenizer, lm.beta_head
     run_dir = ckpt.parent.parent
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     policy.to(device)
     head.to(device)
-    trainer_state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False) \
-        if (ckpt / "trainer_state.pt").is_file() else {}
-    results = Results(out_dir / "eval.json", {
+    trainer_state = {}
+    if (ckpt / "trainer_state.pt").is_file():
+        trainer_state = read_checked(ckpt / "trainer_state.pt", lambda p: torch.load(p, map_location="cpu",
+                                     weights_only=False), DAMAGED_WHAT_TO_DO)
+    results = Results(staging / RESULT, {
         "checkpoint": str(ckpt),
         "step": trainer_state.get("state", {}).get("step"),
         "beta_head": dataclasses.asdict(head.config),
         "model": to_container(run_cfg.model),
-        "seed": run_cfg.get("seed"),
+        "seed": run_cfg.get("seed"),  # the training run's seed (its data order and held-out split)
+        "eval_seed": int(cfg.seed),  # this evaluation's own (the sampled generations)
+        "eval_id": staging.name.removeprefix(".eval-tmp-"),  # one evaluation: every file of the set is its
     })
 
     reference = load_reference(cfg, run_cfg, len(tokenizer), device, results)
@@ -172,12 +212,12 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     per_pair = None
     if reference is not None:
         per_pair = run_preference(cfg, run_cfg, results, policy, head, reference, tokenizer, eval_ds, device)
-        write_eval_pairs(per_pair, out_dir / "eval_pairs.jsonl")
+        write_eval_pairs(per_pair, staging / "eval_pairs.jsonl")
     else:
         results.skip("preference", "needs the reference model")
 
     # ---- generation, reward, KL ----------------------------------------------------------------
-    samples_path = out_dir / "samples.jsonl"
+    samples_path = staging / "samples.jsonl"
     if cfg.generation.enabled and reference is not None:
         try:
             run_generation(cfg, run_cfg, results, policy, reference, tokenizer, eval_ds, data_cfg, device,
@@ -192,12 +232,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     figures: dict[str, str] = {}
     if cfg.plots:
         try:
-            figures = make_plots(out_dir, run_dir, per_pair)
+            figures = {k: str(out_dir / Path(v).name) for k, v in make_plots(staging, run_dir, per_pair).items()}
         except Exception as err:
             results.skip("plots", f"{type(err).__name__}: {err}")
     results.set("figures", figures)
-    (out_dir / "eval_report.md").write_text(render_report(results.data, samples_path))
-    log.info("wrote %s, %s and eval_report.md", results.path, samples_path)
+    (staging / "eval_report.md").write_text(render_report(results.data, samples_path))
     return results.data
 
 

@@ -8,6 +8,7 @@ before plotting. A panel of :func:`plot_training_curves` whose keys are absent s
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -21,6 +22,12 @@ KL_LABEL = "KL(π‖π_ref) (sequence-level, nats)"
 LOG_PPL_LABEL = "log PPL(x) under the policy"
 BETA_LABEL = "β(x)"
 MARKERS = ["o", "s", "D", "^", "v", "P", "X", "*", "<", ">", "h"]
+# Fonts that draw CJK text (matplotlib's default DejaVu Sans has none of its glyphs): the first installed one is the
+# fallback of a text with characters the default font lacks (fix_fonts); without any, those characters are escaped.
+CJK_FAMILIES = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC", "Noto Sans CJK KR", "Noto Sans SC",
+                "Source Han Sans SC", "Source Han Sans", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+                "Droid Sans Fallback", "AR PL UMing CN", "Microsoft YaHei", "SimHei", "PingFang SC",
+                "Hiragino Sans GB", "Arial Unicode MS")
 
 
 # ---------------------------------------------------------------- helpers
@@ -29,9 +36,50 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+@functools.lru_cache(maxsize=None)
+def _charmap(font_path: str) -> frozenset[int]:
+    """The code points a font file has glyphs for."""
+    from matplotlib import ft2font
+
+    return frozenset(ft2font.FT2Font(font_path).get_charmap())
+
+
+@functools.lru_cache(maxsize=None)
+def fallback_font(candidates: tuple[str, ...] = CJK_FAMILIES) -> tuple[str, str] | None:
+    """(family, file) of the first installed font among ``candidates``, or None."""
+    from matplotlib import font_manager
+
+    installed = {f.name: f.fname for f in font_manager.fontManager.ttflist}
+    return next(((name, installed[name]) for name in candidates if name in installed), None)
+
+
+def fix_fonts(fig, candidates: tuple[str, ...] = CJK_FAMILIES) -> None:
+    """Make every text of ``fig`` drawable: a text with characters its font lacks (a CJK domain name in a legend or
+    title) gets the first installed font of ``candidates`` as a fallback family when that font has them all, else
+    those characters written as escapes (``数据`` → ``\\u6570\\u636e``), never boxes. Per text object: no global
+    matplotlib setting changes. Tick labels a formatter writes at draw time are not seen (lbdpo's are numbers)."""
+    from matplotlib import font_manager
+    from matplotlib.text import Text
+
+    fallback = fallback_font(candidates)
+    for text in fig.findobj(Text):
+        content = text.get_text()
+        have = _charmap(font_manager.findfont(text.get_fontproperties()))
+        missing = {c for c in content if ord(c) not in have and not c.isspace()}
+        if not missing:
+            continue
+        if fallback and all(ord(c) in _charmap(fallback[1]) for c in missing):
+            text.set_fontfamily([*text.get_fontfamily(), fallback[0]])
+        else:  # U+XXXX inside mathtext ($…$), where a backslash would start a command
+            math = content.replace(r"\$", "").count("$") >= 2
+            text.set_text("".join((f"U+{ord(c):04X}" if math else c.encode("unicode_escape").decode())
+                                  if c in missing else c for c in content))
+
+
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fix_fonts(fig)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return path
 
