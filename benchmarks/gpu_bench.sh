@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of issue 11 and the GPU cost of experiment 2 (issue 14), in one command for a lent GPU machine
-# with no network: target architectures with random weights (conf/model/random_*.yaml; no weights can be
-# downloaded), bf16 autocast, one GPU. Prepare on the CPU machine (after `make setup`, with ../shared beside the repo):
+# The GPU benchmarks (issues 11, 14, 39), in one command for a lent GPU machine with no network: target architectures
+# with random weights (conf/model/random_*.yaml; no weights can be downloaded), bf16 autocast, one GPU.
+# The default stage, `table` (issue 39), is ONE call of at most 8 minutes that prints ONE table: TRL 1.16 against
+# lbdpo's GPU default (rows) and each packed layout (block mask, bucketed; attention per segment) at 8 pairs × 256
+# tokens and at the realistic shapes (Qwen2.5-0.5B 16 pairs × 1024, R1-Distill-Qwen-1.5B 8 pairs × 1024, with
+# checkpointing): median s/step and spread, pairs/s, real tokens/s, peak GPU memory, speed vs TRL
+# (benchmarks/gpu_table.py: one process, models built once per shape; a 380 s budget for starting arms).
+# Dry run on the CPU (every code path, tiny models, 2 pairs × 64):  bash benchmarks/gpu_bench.sh /tmp/out cpu tiny
+# Prepare on the CPU machine (after `make setup`, with ../shared beside the repo):
 #   bash benchmarks/gpu_bench.sh --prepare   fills the two ignored folders a device call carries:
 #     .device/cache/smollm2-135m-instruct/   the tokenizer files of the converted SmolLM2 (no weights)
 #     .device/data/                          hh_helpful-base_train_sample.jsonl, oasst1_zh_pairs.jsonl from ../shared
@@ -9,8 +15,8 @@
 #                                            dill, multiprocess, trl, vaderSentiment), for its Python 3.12
 # then on the GPU machine (device tool: carry .whl and .device):  bash benchmarks/gpu_bench.sh $OUT
 # Usage: bash benchmarks/gpu_bench.sh OUT_DIR [DEVICE] [SCALE] [STAGES]   (DEVICE=cpu SCALE=tiny: a dry run here)
-#   STAGES: any of speed,profile,train,r1d,compile,arms (default the first four, in that order). Each stage has its own
-#   time limit (330, 120, 120, 200, 300 s): pick stages that fit a 10-minute device call. `compile` times the packed
+#   STAGES: any of table,speed,profile,train,r1d,compile,arms (default: table). Each stage has its own time limit
+#   (470, 330, 120, 120, 200, 300, ARMS_LIMIT s): pick stages that fit a 10-minute device call. `compile` times the packed
 #   step against the padded rows (trainer.forward=rows) and torch.compile (trainer.compile=true), next to TRL. On the 2026-11-29 H200 each arm took ~70 s of
 #   start-up before its first step (imports, two random models built on the host; not broken down).
 set -u
@@ -28,16 +34,18 @@ if [ "${1:-}" = --prepare ]; then
     multiprocess==$(v multiprocess) trl==1.16.0 vaderSentiment==$(v vaderSentiment)
   du -sh .device .whl; exit 0
 fi
-out=${1:?output folder}; device=${2:-cuda}; scale=${3:-full}; stages=${4:-speed,profile,train,r1d}
+out=${1:?output folder}; device=${2:-cuda}; scale=${3:-full}; stages=${4:-table}
 mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1 && [ "$device" = cuda ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site || exit 1
 fi
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-} LBDPO_CACHE=$PWD/.device/cache LBDPO_SHARED_DATA=$PWD/.device/data
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# the prepared folders where they are (the GPU machine); else (a CPU dry run) the usual cache and ../shared
+[ -d .device/cache ] && export LBDPO_CACHE=$PWD/.device/cache
+[ -d .device/data ] && export LBDPO_SHARED_DATA=$PWD/.device/data
 py=${PYTHON:-python3}
-hh=.device/data/hh_helpful-base_train_sample.jsonl
+hh=${LBDPO_SHARED_DATA:-../shared/data/preference}/hh_helpful-base_train_sample.jsonl
 if [ "$scale" = tiny ]; then m05=tiny_random; m15=tiny_random; steps="--steps 3 --skip 1"; train_steps=3
 else m05=random_qwen2_5_0_5b; m15=random_r1_distill_qwen_1_5b; steps="--steps 20 --skip 5"; train_steps=30; fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -51,6 +59,13 @@ bench() {  # name, timeout, dpo_speed args...
   echo "rc=$? $(date +%T)"; cat "$out/$name.md"
 }
 on() { [[ ",$stages," == *",$1,"* ]]; }
+# 0. issue 39's one table (tiny: every shape as tiny_random, 2 pairs × 64 tokens, 2 steps: the CPU dry run)
+if on table; then
+  echo "== table $(date +%T)"
+  if [ "$scale" = tiny ]; then table_args="--scale tiny --steps 2 --skip 0"; else table_args="--budget-s ${TABLE_BUDGET:-380}"; fi
+  timeout 470 $py benchmarks/gpu_table.py --device "$device" --data "$hh" $table_args > "$out/table.md" 2> "$out/table.err"
+  echo "rc=$? $(date +%T)"; cat "$out/table.md"
+fi
 # 1. the issue's configuration (8 pairs, 256 tokens) on Qwen2.5-0.5B's architecture
 on speed && bench qwen05b_8x256 330 --model $m05 --arms trl,fixed,linear,mlp,trl_precompute,fixed_precompute
 # 2. where the packed step's time goes on the device: host vs CUDA time per operator

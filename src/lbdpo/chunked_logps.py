@@ -10,10 +10,16 @@ matmul, logsumexp and gather per chunk, in float32), and recomputes each chunk's
 (∂/∂z_v = 1[v = x_t] − softmax(z)_v), so at most one (chunk_size, V) float32 block exists at a time instead of
 (N, T, V) logits and their gradient. This is what Liger-Kernel's fused losses do for a scalar β; here it only
 produces log-probs, so the per-pair β, log PPL and h of Learnable-β DPO stay where they are.
+
+Precision: the lm_head products run as the surrounding autocast says, in the forward and in the backward alike
+(the backward of a custom autograd function runs outside autocast unless told: the forward's autocast state is
+restored there), so under ``trainer.mixed_precision=bf16`` both run in bf16 like the full lm_head would; softmax,
+logsumexp and the log-probs stay float32. Without autocast (the CPU default, the exactness tests) all is float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -38,6 +44,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size: int):
+        ctx.autocast = autocast_state(hidden.device.type)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             logits = _logits(hidden[start:start + chunk_size], weight, bias)
@@ -57,20 +64,31 @@ class ChunkedTokenLogps(torch.autograd.Function):
         # Positions whose log-prob gets no gradient (e.g. the prompt tokens of a detached log PPL) contribute
         # nothing: their logits are not recomputed.
         live = (grad_out != 0).nonzero().squeeze(-1)
-        for start in range(0, live.shape[0], ctx.chunk_size):
-            rows = live[start:start + ctx.chunk_size]
-            g_out = grad_out[rows].float()
-            # ∂ log p / ∂ logits = onehot(target) − softmax(logits), scaled by the incoming gradient
-            grad_logits = -torch.softmax(_logits(hidden[rows], weight, bias), dim=-1) * g_out[:, None]
-            grad_logits.scatter_add_(-1, targets[rows, None], g_out[:, None])
-            if need_h:
-                grad_h[rows] = (grad_logits @ weight.float()).to(hidden.dtype)
-            if need_w:
-                grad_w += grad_logits.T @ hidden[rows].float()
-            if need_b:
-                grad_b += grad_logits.sum(0)
+        device_type, dtype = hidden.device.type, ctx.autocast
+        with torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            for start in range(0, live.shape[0], ctx.chunk_size):
+                rows = live[start:start + ctx.chunk_size]
+                g_out = grad_out[rows].float()
+                # ∂ log p / ∂ logits = onehot(target) − softmax(logits), scaled by the incoming gradient
+                grad_logits = -torch.softmax(_logits(hidden[rows], weight, bias), dim=-1) * g_out[:, None]
+                grad_logits.scatter_add_(-1, targets[rows, None], g_out[:, None])
+                # the products in the autocast dtype when the forward ran under autocast, else in float32
+                if need_h:
+                    grad_h[rows] = (grad_logits @ (weight if dtype else weight.float())).to(hidden.dtype)
+                if need_w:
+                    grad_w += grad_logits.T @ (hidden[rows] if dtype else hidden[rows].float())
+                if need_b:
+                    grad_b += grad_logits.sum(0)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
+def autocast_state(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for ``device_type`` (None when autocast is off there)."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except RuntimeError:  # a device type autocast does not know
+        return None
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

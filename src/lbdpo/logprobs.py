@@ -8,14 +8,73 @@ identified through ``attention_mask`` (1 = real token), never through raw indice
 Shift convention (causal LM): logits at position t predict the token at position t + 1, so the
 log-prob of token t (t ≥ 1) is read from logits[t − 1]. Token 0 of a row (its first real token) has no
 prediction and never counts.
+
+The checks of a batch here (:func:`check`) read a tensor; on an accelerator each read stalls the host until the device
+is done. Inside :class:`DeferredChecks` (the trainer's step) they are recorded instead and read with the step's
+other values, then raise the same one-line error.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
 from .data.collator import IGNORE_INDEX  # the batch contract: labels are −100 off the response
 from .errors import LbdpoError
+
+
+_pending = threading.local()  # .checks: the DeferredChecks in force on this thread, if any
+
+
+class DeferredChecks:
+    """Batch checks that read a device tensor, deferred: inside ``with checks:`` :func:`check` records its condition
+    (a 0-dim bool tensor: no device read) instead of raising at once; the owner reads :meth:`flags` together with
+    whatever else it reads (the trainer: its one read a step) and calls :meth:`raise_failed`, which raises the
+    :class:`LbdpoError` the check would have raised. Reentrant (entered once per micro-batch); outside it every
+    check reads and raises at once."""
+
+    def __init__(self):
+        self.failed: dict[str, torch.Tensor] = {}  # message → whether it failed in any recorded call (0-dim bool)
+        self._outer: list[DeferredChecks | None] = []
+
+    def __enter__(self) -> "DeferredChecks":
+        self._outer.append(getattr(_pending, "checks", None))
+        _pending.checks = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _pending.checks = self._outer.pop()
+
+    def __len__(self) -> int:
+        return len(self.failed)
+
+    def record(self, failed: torch.Tensor, message: str) -> None:
+        seen = self.failed.get(message)
+        self.failed[message] = failed if seen is None else seen | failed
+
+    def flags(self, device: torch.device | str) -> torch.Tensor:
+        """(K,) float32 on ``device``: 1 where check k failed, in the order the checks first ran (K = len(self))."""
+        if not self.failed:
+            return torch.zeros(0, device=device)
+        return torch.stack(list(self.failed.values())).to(device=device, dtype=torch.float32)
+
+    def raise_failed(self, flags) -> None:
+        """Raise the :class:`LbdpoError` of the first check whose entry of ``flags`` (:meth:`flags` as read, or
+        summed over processes) is > 0; nothing when none is."""
+        for message, value in zip(self.failed, flags):
+            if value > 0:
+                raise LbdpoError(message)
+
+
+def check(failed: torch.Tensor, message: str) -> None:
+    """``LbdpoError(message)`` where the 0-dim bool ``failed`` holds: at once, or, inside :class:`DeferredChecks`,
+    when its owner reads the recorded flags."""
+    deferred = getattr(_pending, "checks", None)
+    if deferred is not None:
+        deferred.record(failed, message)
+    elif bool(failed):
+        raise LbdpoError(message)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -138,8 +197,7 @@ def last_prompt_token_index(attention_mask: torch.Tensor, prompt_lengths: torch.
     """
     pos = real_token_positions(attention_mask)
     hit = pos == (prompt_lengths.to(pos.device).unsqueeze(-1) - 1)
-    if not torch.all(hit.any(dim=-1)):
-        raise LbdpoError("a row has prompt_length larger than its number of real tokens (or < 1)")
+    check((~hit.any(dim=-1)).any(), "a row has prompt_length larger than its number of real tokens (or < 1)")
     return hit.long().argmax(dim=-1)
 
 
@@ -152,12 +210,11 @@ def masked_mean_nll(token_lp: torch.Tensor, predicted_mask: torch.Tensor) -> tor
             predicts it): build it with :func:`prompt_ppl_mask` or :func:`sequence_ppl_mask`.
 
     Returns:
-        (N,) float32 mean NLL. Raises ``ValueError`` when a row selects no predicted token.
+        (N,) float32 mean NLL. An :class:`LbdpoError` (:func:`check`) when a row selects no predicted token.
     """
     mask = predicted_mask[:, 1:].to(token_lp.dtype)
     counts = mask.sum(dim=-1)
-    if torch.any(counts == 0):
-        raise LbdpoError("perplexity needs at least two tokens per sequence (one predicted token)")
+    check((counts == 0).any(), "perplexity needs at least two tokens per sequence (one predicted token)")
     return -(token_lp * mask).sum(dim=-1) / counts
 
 

@@ -102,16 +102,37 @@ class PackedPairs:
         return [(s, e, allowed_keys(self.pair[:, s:e], self.part[:, s:e])) for s, e in zip(bounds[:-1], bounds[1:])]
 
 
+SMALLEST_WIDTH = 64  # the narrowest bucketed row
+
+
+def width_bucket(n: int) -> int:
+    """The smallest of 64·{1, 1.5, 2, 3, 4, 6, 8, …} (powers of two and 1.5 times them) that is ≥ ``n``: two
+    widths an octave, so a row is less than 1.5× its longest segment (above 64)."""
+    width = SMALLEST_WIDTH
+    while True:
+        for w in (width, width * 3 // 2):
+            if w >= n:
+                return w
+        width *= 2
+
+
 def pack_pairs(prompts: list[torch.Tensor], chosen: list[torch.Tensor], rejected: list[torch.Tensor],
-               pad_token_id: int = 0, multiple_of: int | None = None, one_row: bool = False) -> PackedPairs:
+               pad_token_id: int = 0, multiple_of: int | None = None, one_row: bool = False,
+               bucketed: bool = False) -> PackedPairs:
     """Pack B pairs (1-D token tensors) into rows as long as the longest segment, first fit by decreasing length
     (``one_row``: all segments back to back in a single row, for :func:`segment_attention`).
 
     ``multiple_of`` rounds the row length up (``trainer.pad_to_multiple_of``): fewer distinct shapes for a GPU's
     per-shape kernel plans and compiled graphs; the extra columns are padding, which changes no number.
+    ``bucketed`` (rows, not ``one_row``): the row length one of :func:`width_bucket`'s (then rounded to
+    ``multiple_of``) and the number of rows a power of two (rows of padding added), so that an epoch's batches
+    take a handful of (rows, width) shapes (6 on HH at 8 pairs, against 50: ``benchmarks/host_ops.py``).
     """
     lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
     capacity = sum(lengths) if one_row else max(lengths)
+    bucketed = bucketed and not one_row
+    if bucketed:
+        capacity = width_bucket(capacity)
     if multiple_of:
         capacity = -(-capacity // multiple_of) * multiple_of
     rows: list[int] = []  # free positions left in each row
@@ -124,7 +145,7 @@ def pack_pairs(prompts: list[torch.Tensor], chosen: list[torch.Tensor], rejected
         offsets[i] = (row, capacity - rows[row])
         rows[row] -= lengths[i]
     device = prompts[0].device
-    shape = (len(rows), capacity)
+    shape = (1 << (len(rows) - 1).bit_length() if bucketed else len(rows), capacity)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long, device=device)
     position_ids = torch.zeros(shape, dtype=torch.long, device=device)
     pair = torch.full(shape, -1, dtype=torch.long, device=device)
@@ -215,9 +236,38 @@ def packing_unsupported(model) -> str | None:
     return None
 
 
+def pair_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor,
+                pad_token_id: int = 0, multiple_of: int | None = None, one_row: bool = False, bucketed: bool = False):
+    """The host side of the packed forward: which token goes where. Per-pair Python bookkeeping, so done on host
+    copies of the batch, read from the device at once (one transfer, one sync).
+
+    Args: the batch contract's ``input_ids``, ``attention_mask`` (2B, T) and ``prompt_lengths`` (B,), on any device;
+    the rest as :func:`pack_pairs`.
+
+    Returns:
+        (:class:`PackedPairs` on the host, the host copy of ``input_ids``, each row's real-token columns and its
+        real tokens (2B 1-D tensors each), the prompt lengths as ints).
+    """
+    n, (n_rows, width) = prompt_lengths.shape[0], input_ids.shape
+    flat = torch.cat([input_ids.reshape(-1), attention_mask.reshape(-1).to(input_ids.dtype),
+                      prompt_lengths.to(device=input_ids.device, dtype=input_ids.dtype)]).cpu()  # the one read
+    ids, mask, lengths = flat[:n_rows * width], flat[n_rows * width:2 * n_rows * width], flat[2 * n_rows * width:]
+    ids, mask, lengths = ids.reshape(n_rows, width), mask.reshape(n_rows, width), lengths.tolist()
+    cols = [mask[r].nonzero().squeeze(-1) for r in range(2 * n)]  # columns of each row's real tokens
+    rows = [ids[r, cols[r]] for r in range(2 * n)]
+    for i, p in enumerate(lengths):
+        if not torch.equal(rows[i][:p], rows[n + i][:p]):
+            raise LbdpoError(f"pair {i}: its chosen and rejected rows do not start with the same {p} prompt tokens")
+    packed = pack_pairs([rows[i][:p] for i, p in enumerate(lengths)], [rows[i][p:] for i, p in enumerate(lengths)],
+                        [rows[n + i][p:] for i, p in enumerate(lengths)], pad_token_id, multiple_of,
+                        one_row=one_row, bucketed=bucketed)
+    return packed, ids, cols, rows, lengths
+
+
 def packed_pair_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             prompt_lengths: torch.Tensor, chunk_size: int, score_prompt: bool = True,
-                            pad_token_id: int = 0, multiple_of: int | None = None, per_segment: bool = False):
+                            pad_token_id: int = 0, multiple_of: int | None = None, per_segment: bool = False,
+                            bucketed: bool = False):
     """Token log-probs (2B, T − 1) float32 (0 off the scored positions) and h (B, H) (None without
     ``score_prompt``), each prompt computed once and no padding between pairs.
 
@@ -231,23 +281,16 @@ def packed_pair_token_logps(model, input_ids: torch.Tensor, attention_mask: torc
         multiple_of: round the packed rows' length up to a multiple of this (:func:`pack_pairs`).
         per_segment: the layout: one row, attention per segment (the model must be switched by
             :func:`enable_segment_attention`); else rows under one block mask.
+        bucketed: with the block mask, few distinct (rows, width) shapes (:func:`pack_pairs`); the same numbers.
     """
     n, device = prompt_lengths.shape[0], input_ids.device
-    # The layout (which token goes where) is per-pair Python bookkeeping: done on host copies, so an accelerator
-    # sees one transfer in and a few index tensors out instead of hundreds of tiny kernels and syncs.
-    ids, mask, lengths = input_ids.cpu(), attention_mask.cpu(), prompt_lengths.tolist()
-    cols = [mask[r].nonzero().squeeze(-1) for r in range(2 * n)]  # columns of each row's real tokens
-    rows = [ids[r, cols[r]] for r in range(2 * n)]
-    for i, p in enumerate(lengths):
-        if not torch.equal(rows[i][:p], rows[n + i][:p]):
-            raise LbdpoError(f"pair {i}: its chosen and rejected rows do not start with the same {p} prompt tokens")
     attn = model.config._attn_implementation
     if per_segment and attn != SEGMENT_ATTENTION:
         raise RunStateError(f"{type(model).__name__} is not switched to per-segment attention (its implementation is "
                             f"{attn!r}): call lbdpo.packed_pairs.enable_segment_attention(model) first")
-    packed = pack_pairs([rows[i][:p] for i, p in enumerate(lengths)], [rows[i][p:] for i, p in enumerate(lengths)],
-                        [rows[n + i][p:] for i, p in enumerate(lengths)], pad_token_id, multiple_of,
-                        one_row=per_segment)  # on the host
+    # the layout on host copies: an accelerator sees one transfer in and a few index tensors out
+    packed, ids, cols, rows, lengths = pair_layout(input_ids, attention_mask, prompt_lengths, pad_token_id, multiple_of,
+                                                   one_row=per_segment, bucketed=bucketed)
     offsets, packed = packed.offsets, packed.to(device)
     if per_segment:  # the decoder builds (and segment_attention ignores) a mask of its own
         masks = {"attention_mask": None, "segments": Segments(packed.segments())}

@@ -58,18 +58,21 @@ def resolve_forward(forward: str | None, packed_attention: str | None, device: t
 class ForwardPlan:
     """The path a model's batches take: ``forward`` rows | packed; ``packed_attention`` segments | block_mask with
     packed (None with rows); ``chunk_size`` lm_head positions per chunk (None: full logits, rows only);
-    ``pad_to_multiple_of`` the packed rows' length rounded up (padding: no number changes)."""
+    ``pad_to_multiple_of`` the packed rows' length rounded up (padding: no number changes); ``bucket_shapes``: the
+    block mask's rows (not ``segments``' one row) bucketed to few (rows, width) shapes
+    (:func:`lbdpo.packed_pairs.pack_pairs`; padding too)."""
 
     forward: str
     packed_attention: str | None
     chunk_size: int | None
     pad_to_multiple_of: int | None = None
+    bucket_shapes: bool = False
 
     def describe(self) -> str:
         """E.g. ``packed pairs, attention per segment (one row)``: the banner's "forward" row."""
         if self.forward == "packed":
             layout = "attention per segment (one row)" if self.packed_attention == "segments" else \
-                "rows under a block mask"
+                "rows under a block mask" + (", bucketed shapes" if self.bucket_shapes else "")
             return f"packed pairs, {layout}"
         return "one row per response, " + (f"chunked log-probs ({self.chunk_size})" if self.chunk_size else
                                            "full logits")
@@ -115,7 +118,10 @@ def plan_forward(model, forward: str = "rows", packed_attention: str = "auto", c
     elif chunk_size and (why := chunking_unsupported(model)):
         raise LbdpoError(f"trainer.logps_chunk_size={chunk_size}: {type(model).__name__} cannot score from chunks of "
                          f"its last hidden state ({why}); set trainer.logps_chunk_size=null")
-    return ForwardPlan(forward, layout, chunk_size, int(pad_to_multiple_of) if pad_to_multiple_of else None)
+    # a GPU plans its attention kernels, and torch.compile its graphs, per shape: there the block mask's rows take
+    # few shapes (a little more padding; also after a fall-back from segments); on the CPU without compile, none
+    bucket = forward == "packed" and (torch.device(device).type != "cpu" or compiled)
+    return ForwardPlan(forward, layout, chunk_size, int(pad_to_multiple_of) if pad_to_multiple_of else None, bucket)
 
 
 def hidden_at_prompt_end(last_hidden: torch.Tensor, attention_mask: torch.Tensor,
@@ -144,7 +150,8 @@ class Scorer:
         if plan.forward == "packed":
             return packed_pair_token_logps(model, input_ids, attention_mask, prompt_lengths, plan.chunk_size,
                                            score_prompt=score_prompt, multiple_of=plan.pad_to_multiple_of,
-                                           per_segment=plan.packed_attention == "segments")
+                                           per_segment=plan.packed_attention == "segments",
+                                           bucketed=plan.bucket_shapes)
         n = prompt_lengths.shape[0]
         if not plan.chunk_size:
             out = forward_model(model, input_ids, attention_mask, output_hidden_states=score_prompt)

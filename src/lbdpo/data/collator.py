@@ -34,18 +34,20 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_value: int, padding_side: str = 
         width: T (default: the longest row).
 
     Returns:
-        ``ids`` (N, T) long and ``attention_mask`` (N, T) long, 1 on the rows' own entries.
+        ``ids`` (N, T) long and ``attention_mask`` (N, T) long, 1 on the rows' own entries. Built from padded Python
+        lists in two tensor constructions (not per row: a training step's host work, benchmarks/host_ops.py).
     """
     if padding_side not in ("left", "right"):
         raise LbdpoError(f"padding_side={padding_side!r} must be 'left' or 'right'")
+    rows = [list(r) for r in rows]
     width = max(len(r) for r in rows) if width is None else width
-    ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
-        ids[i, span] = torch.tensor(list(row), dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
+    if any(len(r) > width for r in rows):
+        raise LbdpoError(f"a row of {max(len(r) for r in rows)} ids does not fit width={width}")
+    right = padding_side == "right"
+    ids = [r + [pad_value] * (width - len(r)) if right else [pad_value] * (width - len(r)) + r for r in rows]
+    mask = [[1] * len(r) + [0] * (width - len(r)) if right else [0] * (width - len(r)) + [1] * len(r) for r in rows]
+    return torch.tensor(ids, dtype=torch.long).reshape(len(rows), width), \
+        torch.tensor(mask, dtype=torch.long).reshape(len(rows), width)
 
 
 @dataclass
