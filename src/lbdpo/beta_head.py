@@ -26,6 +26,8 @@
   the auxiliary loss ``ppl_approx_loss_weight`` · mean (ℓ̂ − log PPL)² against the exact, detached value of
   the same forward; β then uses max(ℓ̂, 0) in place of log PPL. Its point is inference: β of a prompt from one
   hidden state, without scoring every prompt token. Its output bias starts at the first batch's mean log PPL.
+- ``objective``: ``dpo`` trains the head on the training loss (the design); ``validation`` on a held-out loss's
+  one-step look-ahead hypergradient (:mod:`lbdpo.beta_objective`, :mod:`lbdpo.train.beta_validation`).
 
 Known trap: with the DPO loss alone, dL/dβ = −Δ·σ(−βΔ) (Δ the log-ratio margin), which is negative
 whenever a pair's margin is positive, so a trainable w drifts upward as the policy learns. The
@@ -58,8 +60,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .beta_dpo import BetaDPO, check_beta_dpo_options
-from .beta_modes import RULE_MODES, describe, domain_beta, interpolate, read_beta_schedule
-from .beta_modes import validate as validate_rule_mode
+from .beta_modes import RULE_MODES, describe, domain_beta, interpolate, read_beta_schedule, validate as validate_rule_mode
+from .beta_objective import validate as validate_objective
 from .dpo_model import DynamicBetaDPOModel  # re-exported (the design documents' import); it never imports back
 from .errors import LbdpoError
 
@@ -106,6 +108,9 @@ class BetaHeadConfig:
     ppl_net_type: str = "linear"  # that network: "linear" or "mlp"
     ppl_mlp_hidden_size: int = 128  # hidden width of the "mlp" approximation network
     ppl_approx_loss_weight: float = 1.0  # weight of its regression loss (ℓ̂ − log PPL)²
+    objective: str = "dpo"  # what trains the head: "dpo" (the training loss) | "validation" (lbdpo.beta_objective)
+    val_every: int = 1  # objective="validation": the head's hypergradient every this many optimizer steps
+    val_beta: float = 0.1  # objective="validation": β₀ of the held-out DPO loss (fixed, so it does not depend on φ)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -122,6 +127,7 @@ class BetaHeadConfig:
                 except (TypeError, ValueError):
                     raise LbdpoError(f"beta_head.{f.name}={value!r} must be a number") from None
         validate_rule_mode(self)  # domain_betas, schedule, schedule_from: only under their modes, well formed
+        validate_objective(self)  # objective, val_every, val_beta, and what objective=validation needs
         if self.mode in FIXED_MODES:
             if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
                 raise LbdpoError(f"beta_head.beta={self.beta!r} must be a finite number > 0")
@@ -157,16 +163,13 @@ class BetaHeadConfig:
             raise LbdpoError("beta_head.use_ppl_approx needs ppl_mlp_hidden_size > 0 and ppl_approx_loss_weight > 0 "
                              f"(got {self.ppl_mlp_hidden_size}, {self.ppl_approx_loss_weight})")
         if not (0 < float(self.beta_min) < float(self.beta_max)):
-            raise LbdpoError(
-                f"beta_head.beta_min={self.beta_min!r} and beta_head.beta_max={self.beta_max!r} "
-                "must satisfy 0 < beta_min < beta_max"
-            )
+            raise LbdpoError(f"beta_head.beta_min={self.beta_min!r} and beta_head.beta_max={self.beta_max!r} "
+                             "must satisfy 0 < beta_min < beta_max")
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any], **overrides: Any) -> "BetaHeadConfig":
         """Build from a dict / OmegaConf node; unknown keys raise a ``ValueError`` that names them."""
-        data = dict(cfg)
-        data.update(overrides)
+        data = {**dict(cfg), **overrides}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -390,10 +393,8 @@ class BetaHead(nn.Module):
         c = self.config
         if self.fixed:
             return describe(c) or f"mode={c.mode}, beta={c.beta}"
-        return (
-            f"ppl_transform={c.ppl_transform}, net={c.context_net_type}, epsilon={c.epsilon}, "
-            f"w_trainable={c.w_trainable}, w_param={c.w_param}, w_init={c.w_init}, normalize={c.normalize}"
-        )
+        return (f"ppl_transform={c.ppl_transform}, net={c.context_net_type}, epsilon={c.epsilon}, w_trainable="
+                f"{c.w_trainable}, w_param={c.w_param}, w_init={c.w_init}, normalize={c.normalize}, objective={c.objective}")
 
 
 __all__ = ["BetaHead", "BetaHeadConfig", "DynamicBetaDPOModel", "PPL_TRANSFORMS"]

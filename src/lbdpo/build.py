@@ -99,7 +99,7 @@ def build_datasets(data_cfg: DictConfig, tokenizer, seed: int, tokenize_train: b
     """
     from .data.label_noise import apply_label_noise
     from .data.loading import load_mixture, train_eval_split
-    from .data.tokenize import tokenize_pairs
+    from .data.tokenize import tokenize_pairs, truncation_warning
 
     eval_sources = data_sources(data_cfg.get("eval"))
     if eval_sources and not tokenize_train:  # evaluation with its own eval files: the train files are not read
@@ -124,8 +124,10 @@ def build_datasets(data_cfg: DictConfig, tokenizer, seed: int, tokenize_train: b
 
     tok_cfg = tokenize_config(data_cfg)
     train_ds, train_skips, label_noise = None, Counter(), None
+    cut = {"train": Counter(), "eval": Counter()}  # what truncation cut in the kept pairs (tokenize.TRUNCATION_REASONS)
     if tokenize_train:
-        train_ds, train_skips = tokenize_pairs(train_raw, tokenizer, tok_cfg, desc="tokenize train")
+        train_ds, train_skips = tokenize_pairs(train_raw, tokenizer, tok_cfg, desc="tokenize train",
+                                               truncated=cut["train"])
         if len(train_ds) == 0:
             raise LbdpoError(f"no training pairs left after tokenization: {len(train_raw)} pairs skipped "
                              f"({', '.join(f'{k}={v}' for k, v in train_skips.items())}); raise data.max_length / "
@@ -134,7 +136,7 @@ def build_datasets(data_cfg: DictConfig, tokenizer, seed: int, tokenize_train: b
         train_ds, label_noise = apply_label_noise(train_ds, to_container(data_cfg.get("label_noise")), seed)
     eval_ds, eval_skips = (None, Counter())
     if eval_raw is not None:
-        eval_ds, eval_skips = tokenize_pairs(eval_raw, tokenizer, tok_cfg, desc="tokenize eval")
+        eval_ds, eval_skips = tokenize_pairs(eval_raw, tokenizer, tok_cfg, desc="tokenize eval", truncated=cut["eval"])
     report = {
         "train_loader": train_report.as_dict() if train_report else None,
         "train_tokenizer_skips": dict(train_skips),
@@ -143,5 +145,11 @@ def build_datasets(data_cfg: DictConfig, tokenizer, seed: int, tokenize_train: b
         "train_pairs": len(train_ds) if train_ds is not None else None,
         "eval_pairs": len(eval_ds) if eval_ds is not None else 0,
         "label_noise": label_noise,  # {domain, fraction, domain_pairs, flipped}, or None
+        "train_truncated": dict(cut["train"]), "eval_truncated": dict(cut["eval"]),  # {reason: pairs, pairs_cut}
     }
+    warnings = [truncation_warning(cut[split], len(ds), split, tok_cfg)
+                for split, ds in (("train", train_ds), ("eval", eval_ds)) if ds is not None]
+    report["truncation_warnings"] = [w for w in warnings if w]  # > half a split's pairs cut: also in the banner
+    for warning in report["truncation_warnings"]:
+        log.warning(warning)
     return train_ds, eval_ds, report

@@ -102,6 +102,7 @@ class DPOOutput:
     log_ppl_approx: torch.Tensor | None = None  # see PromptStats
     beta_exact: torch.Tensor | None = None
     kept: torch.Tensor | None = None  # β-DPO: 1 for the pairs the loss averages (its filtering), else 0
+    hidden: torch.Tensor | None = None  # (B, H) h, detached: the head's input (beta_head.objective=validation)
 
     @functools.cached_property
     def metrics(self) -> dict[str, float]:
@@ -337,4 +338,5 @@ class DynamicBetaDPOModel(nn.Module):
             log_ppl_approx=None if stats.log_ppl_approx is None else stats.log_ppl_approx.detach(),
             beta_exact=stats.beta_exact,
             kept=kept,
+            hidden=stats.hidden.detach(),
         )

@@ -147,8 +147,10 @@ def _check_required_columns(names: set[str], origin: str, columns: Mapping[str, 
         )
 
 
-def _convert_rows(rows: list[Any], origin: str, columns: Mapping[str, str], report: FilterReport) -> list[dict]:
-    """Renames, checks and converts the rows of one file (or hub split), counting skips in ``report``."""
+def _convert_rows(rows: list[Any], origin: str, columns: Mapping[str, str], report: FilterReport,
+                  skipped_at: list[tuple[int, str]] | None = None) -> list[dict]:
+    """Renames, checks and converts the rows of one file (or hub split), counting skips in ``report`` (and, with
+    ``skipped_at``, listing each as (index in ``rows``, reason))."""
     renamed = [_rename_columns(r, columns) if isinstance(r, dict) else r for r in rows]
     names = {k for r in renamed if isinstance(r, dict) for k in r}
     original = {k for r in rows if isinstance(r, dict) for k in r}
@@ -163,12 +165,14 @@ def _convert_rows(rows: list[Any], origin: str, columns: Mapping[str, str], repo
         _check_required_columns(names, origin, columns)
     has_prompt = "prompt" in names
     kept = []
-    for row in renamed:
+    for index, row in enumerate(renamed):
         report.rows_in += 1
         try:
             kept.append(convert_row(row, has_prompt))
         except RowSkipped as skip:
             report.count(skip.args[0])
+            if skipped_at is not None:
+                skipped_at.append((index, skip.args[0]))
     report.rows_kept += len(kept)
     return kept
 
@@ -313,7 +317,7 @@ def load_mixture(sources: list[Mapping[str, Any]], seed: int = 0) -> tuple[datas
         if len(ds) == 0:
             reasons = "; ".join(f"{k}={v}" for k, v in part.skipped.items() if v) or "the source has no rows"
             raise LbdpoError(f"{source}: no usable preference pairs ({part.rows_in} rows read; skipped: {reasons}); "
-                             "`python -m lbdpo.data.check FILE` lists the bad rows")
+                             "`python -m lbdpo.data.check FILE --rows` lists the bad rows")
         if "domain" not in ds.column_names:  # keep a file's own per-row domains unless the spec names one
             ds = ds.add_column("domain", [Path(str(source)).stem] * len(ds))
         n = spec.get("num_samples")
@@ -350,3 +354,24 @@ def train_eval_split(
                          f"data has {len(ds)} usable pairs)")
     parts = ds.train_test_split(test_size=size, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
+
+
+def hold_out_pairs(ds: datasets.Dataset, fraction: float, seed: int = 0) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """``data.beta_val_fraction``: a seeded slice of the training pairs held out from the policy (the held-out pairs of
+    ``beta_head.objective=validation``). Returns (the rest, the slice), each in ``ds``'s order; a fraction of 0 returns
+    ``ds`` itself and an empty slice. The slice depends on ``seed`` and ``ds`` only (not on the β mode), so every arm
+    of an experiment with the same fraction and seed trains on the same pairs. round(fraction · len(ds)) pairs, at
+    least 1 for a fraction > 0; an error naming the key when that leaves no training pair."""
+    if not 0 <= float(fraction) < 1:
+        raise LbdpoError(f"data.beta_val_fraction={fraction} must be in [0, 1) (or null: 0.1 under "
+                         "beta_head.objective=validation, else 0)")
+    if fraction == 0:
+        return ds, ds.select([])
+    size = max(1, round(float(fraction) * len(ds)))
+    if size >= len(ds):
+        raise LbdpoError(f"data.beta_val_fraction={fraction}: holding out {size} of {len(ds)} training pairs leaves "
+                         "none to train on; lower it or add pairs")
+    picked = np.random.default_rng([int(seed), 0xBE7A]).permutation(len(ds))[:size]  # its own stream, not the splits'
+    held = np.zeros(len(ds), dtype=bool)
+    held[picked] = True
+    return ds.select(np.flatnonzero(~held)), ds.select(np.flatnonzero(held))

@@ -202,6 +202,8 @@ def print_banner(cfg: DictConfig, model, data_report: dict[str, Any], total_step
     from rich.console import Console
     from rich.table import Table
 
+    from ..data.tokenize import describe_truncation
+
     console = Console()
     table = Table(title=f"lbdpo run → {run_dir}", show_header=False)
     m, h, t = cfg.model, cfg.beta_head, cfg.trainer
@@ -220,11 +222,18 @@ def print_banner(cfg: DictConfig, model, data_report: dict[str, Any], total_step
     if noise := data_report.get("label_noise"):
         table.add_row("label noise", f"{noise['flipped']} of {noise['domain_pairs']} {noise['domain']} training "
                                      f"pairs flipped (fraction {noise['fraction']:g}); eval pairs clean")
+    if held := data_report.get("beta_val_pairs"):  # data.beta_val_fraction
+        table.add_row("held out for β", f"{held} of the {data_report['train_pairs']} training pairs, never trained on")
     for split in ("train", "eval"):
         loader = data_report.get(f"{split}_loader") or {}
         skips = {**{k: v for k, v in loader.get("skipped", {}).items() if v}, **data_report[f"{split}_tokenizer_skips"]}
         if loader:
             table.add_row(f"skipped ({split})", ", ".join(f"{k}={v}" for k, v in skips.items()) or "none")
+        if data_report[f"{split}_pairs"]:  # what truncation cut in the kept pairs (data/tokenize.py)
+            cut = data_report.get(f"{split}_truncated") or {}
+            table.add_row(f"truncated ({split})", describe_truncation(cut, data_report[f"{split}_pairs"]))
+    for warning in data_report.get("truncation_warnings") or []:
+        table.add_row("[bold red]!!! truncation[/]", warning)
     for name, module in (("policy", model.policy_model), ("beta head", model.beta_head)):
         total, trainable = count_params(module)
         table.add_row(f"params: {name}", f"{trainable:,} trainable / {total:,}")

@@ -26,8 +26,11 @@ from ..build import (
 )
 from ..beta_modes import check_domains_present
 from ..data.collator import PreferenceCollator
+from ..data.loading import hold_out_pairs
 from ..dpo_model import DynamicBetaDPOModel
 from ..modeling import AutoModelForCausalLMWithBetaHead
+from .beta_validation import BetaValidation, beta_val_fraction, build_beta_validation
+from .beta_validation import check_launch as check_beta_validation
 from .checkpoint import TrainerState, load_trainer_state, resolve_resume_path
 from .checks import check_config, check_resume_matches
 from .host_memory import pin_mmap_threshold
@@ -162,6 +165,7 @@ class Run:
     last_eval: dict[str, float] = field(default_factory=dict)
     health: dict[str, str] = field(default_factory=dict)  # problem kind → first warning (see trainer.health_problems)
     first_log_ppl: float | None = None  # the first logged step's prompt log PPL (collapse is a rise from it)
+    beta_val: BetaValidation | None = None  # beta_head.objective=validation: the head's hypergradient (else None)
 
     @property
     def t(self) -> DictConfig:
@@ -175,7 +179,8 @@ class Run:
 def build_model_and_data(cfg: DictConfig, accelerator: Accelerator):
     """Policy (+ LoRA, activation checkpointing) and BetaHead as one AutoModelForCausalLMWithBetaHead (what
     checkpoints save), tokenized data, and the reference, wired into a :class:`DynamicBetaDPOModel`.
-    Returns (dpo model, the policy+head object, train_ds, eval_ds or None, data_report, collator)."""
+    Returns (dpo model, the policy+head object, train_ds, eval_ds or None, data_report, collator, beta_val_ds: the
+    held-out slice of ``data.beta_val_fraction``, possibly empty)."""
     t = cfg.trainer
     need_reference = t.reference in ("auto", "copy", "precompute")
     policy, reference, tokenizer = build_policy_and_reference(cfg, need_reference=need_reference)
@@ -200,6 +205,9 @@ def build_model_and_data(cfg: DictConfig, accelerator: Accelerator):
     if beta_head.config.mode == "per_domain":  # a domain of the map that no pair has is a typo, not a default
         check_domains_present(beta_head.config.domain_betas, set(train_ds["domain"]) if "domain" in
                               train_ds.column_names else set())
+    # data.beta_val_fraction: a seeded slice of the training pairs, never trained on (objective=validation's loss)
+    train_ds, beta_val_ds = hold_out_pairs(train_ds, beta_val_fraction(cfg), seed=int(cfg.seed))
+    data_report["beta_val_pairs"] = len(beta_val_ds)
     collator = PreferenceCollator(tokenizer.pad_token_id, padding_side="right",
                                   pad_to_multiple_of=t.get("pad_to_multiple_of"))
 
@@ -220,13 +228,16 @@ def build_model_and_data(cfg: DictConfig, accelerator: Accelerator):
             train_ds = add_reference_columns(model.reference_logps, train_ds, *args, name="train")
             if eval_ds is not None:
                 eval_ds = add_reference_columns(model.reference_logps, eval_ds, *args, name="eval")
+            if len(beta_val_ds):
+                beta_val_ds = add_reference_columns(model.reference_logps, beta_val_ds, *args, name="beta_val")
         model.drop_reference()
         del reference
         gc.collect()
     train_ds = train_ds.remove_columns([c for c in train_ds.column_names if c not in DATA_COLUMNS])
     if eval_ds is not None:
         eval_ds = eval_ds.remove_columns([c for c in eval_ds.column_names if c not in DATA_COLUMNS])
-    return model, lm, train_ds, eval_ds, data_report, collator
+    beta_val_ds = beta_val_ds.remove_columns([c for c in beta_val_ds.column_names if c not in DATA_COLUMNS])
+    return model, lm, train_ds, eval_ds, data_report, collator, beta_val_ds
 
 
 def describe_processes(accelerator: Accelerator, inner) -> str:
@@ -250,7 +261,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if t.get("malloc_mmap_threshold"):
         pin_mmap_threshold(int(t.malloc_mmap_threshold))  # before any model is loaded
-    model, lm, train_ds, eval_ds, data_report, collator = build_model_and_data(cfg, accelerator)
+    check_beta_validation(cfg, accelerator)  # objective=validation's launch and data.beta_val_fraction
+    model, lm, train_ds, eval_ds, data_report, collator, beta_val_ds = build_model_and_data(cfg, accelerator)
 
     pairs_per_step = int(t.batch_size) * int(t.gradient_accumulation_steps) * accelerator.num_processes
     steps_per_epoch = len(train_ds) // pairs_per_step
@@ -287,4 +299,5 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     batches = TrainBatches(train_ds, collator, accelerator, t, int(cfg.seed), state, pairs_per_step)
     return Run(cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=model, lm=lm,
                optimizer=optimizer, scheduler=scheduler, batches=batches, eval_loader=eval_loader, logger=logger,
-               state=state, total_steps=total_steps, pairs_per_step=pairs_per_step, train_pairs=len(train_ds))
+               state=state, total_steps=total_steps, pairs_per_step=pairs_per_step, train_pairs=len(train_ds),
+               beta_val=build_beta_validation(cfg, accelerator, inner, beta_val_ds, collator))
