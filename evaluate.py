@@ -22,4 +22,10 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    from lbdpo.cli import check_overrides
+
+    check_overrides(sys.argv[1:], Path(__file__).resolve().parent / "conf", "evaluate")  # a typo: one line, exit 2
     main()

@@ -1,4 +1,4 @@
-"""Override mistakes on train.py's command line (src/lbdpo/cli.py, check_overrides) end in one line and exit code 2,
+"""Override mistakes on train.py's and evaluate.py's command lines (src/lbdpo/cli.py, check_overrides) end in one line and exit code 2,
 as every deliberate error does: a typo'd key names the closest valid keys, a missing group option the closest
 options, an unquoted non-ASCII value how to quote it. Valid overrides, Hydra's own flags and HYDRA_FULL_ERROR=1 are
 left to Hydra. Real subprocesses."""
@@ -28,6 +28,29 @@ def test_typo_key_is_one_line_exit_2_with_the_closest_keys():
     assert out.stderr.count("\n") == 1 and out.stdout == ""
     assert out.stderr.startswith("error: no such config key: trainer.max_step (closest valid: trainer.max_steps")
     assert "add a new key on purpose with +trainer.max_step=3" in out.stderr
+
+
+def test_evaluate_typo_key_is_one_line_exit_2_and_valid_keys_get_through(tmp_path):
+    """evaluate.py checks its own config (conf/evaluate.yaml): a typo'd key is refused before anything loads; the
+    same command with the key spelled right gets through to the evaluation (which then names the missing checkpoint)."""
+    def evaluate(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO_ROOT / "evaluate.py"), *overrides], capture_output=True,
+                              text=True, cwd=REPO_ROOT, timeout=300)
+
+    missing = tmp_path / "no-run" / "checkpoints" / "final"
+    out = evaluate(f"checkpoint={missing}", "max_pair=5", f"hydra.run.dir={tmp_path / 'logs'}")
+    assert out.returncode == 2 and out.stdout == "" and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr == ("error: no such config key: max_pair (closest valid: max_pairs); fix the spelling, or add "
+                          "a new key on purpose with +max_pair=5\n")
+    assert not (tmp_path / "logs").exists()  # refused before Hydra ran
+    out = evaluate(f"checkpoint={missing}", "generation.num_prompt=3")
+    assert out.returncode == 2 and out.stderr.startswith(
+        "error: no such config key: generation.num_prompt (closest valid: generation.num_prompts"), out.stderr
+    assert override_problem(["checkpoint=X", "trainer.max_steps=3"], CONF, "evaluate").startswith(
+        "no such config key: trainer.max_steps")  # a training key is no evaluation key
+    valid = evaluate(f"checkpoint={missing}", "max_pairs=5", f"hydra.run.dir={tmp_path / 'logs'}")
+    assert valid.returncode == 2 and "Traceback" not in valid.stderr, valid.stderr[-2000:]
+    assert valid.stderr.splitlines()[-1].startswith(f"error: {missing / 'config.yaml'} is missing")
 
 
 def test_unquoted_non_ascii_path_says_how_to_quote_and_quoting_works(tmp_path):

@@ -4,7 +4,8 @@ computed so far survive a failure in a later, optional step (generation, reward,
 The evaluation owns its output folder (:mod:`lbdpo.eval.output`): a second one into it stops at once; its files are
 built in a staging folder of its own and put in place as one set when every section has run, so an error or a
 signal (one line, exit code 128 + the signal: :class:`lbdpo.errors.Interrupted`) leaves the previous complete
-results as they were. A damaged checkpoint file is named in one line (:mod:`lbdpo.integrity`)."""
+results as they were; so does a write that fails (disk full, no permission: one :class:`lbdpo.errors.SaveError`
+line naming the folder and its free space). A damaged checkpoint file is named in one line (:mod:`lbdpo.integrity`)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from ..models import freeze, load_model, reference_model_config
 from ..modeling import AutoModelForCausalLMWithBetaHead
 from ..train.reference import add_reference_columns, cached_generations
 from ..train.signals import RaiseOnSignal, signal_name
-from .output import RESULT, commit, owned_eval_dir
+from .output import RESULT, Results, commit, disk_full, owned_eval_dir, write_eval_pairs
 from .pair_sample import pair_key
 from .evaluation import (
     generate,
@@ -43,30 +44,6 @@ from ..errors import Interrupted, LbdpoError, MissingFileError
 from ..integrity import check_intact, read_checked
 
 log = logging.getLogger(__name__)
-
-
-class Results:
-    """eval.json, rewritten atomically after every section."""
-
-    def __init__(self, path: Path, initial: dict[str, Any]):
-        self.path = path
-        self.data = initial
-        self.data.setdefault("skipped", {})
-        self.save()
-
-    def set(self, key: str, value: Any) -> None:
-        self.data[key] = value
-        self.save()
-
-    def skip(self, section: str, reason: str) -> None:
-        log.warning("skipping %s: %s", section, reason)
-        self.data["skipped"][section] = reason
-        self.save()
-
-    def save(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=float))
-        tmp.replace(self.path)
 
 
 def pick_device(name: str) -> torch.device:
@@ -146,6 +123,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     Raises:
         Interrupted: SIGINT / SIGTERM; the message says the folder keeps its previous complete results.
         RunStateError: another evaluation holds the output folder.
+        SaveError: the results could not be written (disk full, no permission); the folder keeps the previous set.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_options(cfg)
@@ -223,6 +201,8 @@ def run_sections(cfg: DictConfig, ckpt: Path, out_dir: Path, staging: Path) -> d
             run_generation(cfg, run_cfg, results, policy, reference, tokenizer, eval_ds, data_cfg, device,
                            samples_path, reward_fn)
         except Exception as err:
+            if disk_full(err):  # the results cannot be written: stop (one SaveError line), not a recorded skip
+                raise
             results.skip("generation", f"{type(err).__name__}: {err}")
             log.debug(traceback.format_exc())
     elif not cfg.generation.enabled:
@@ -234,6 +214,8 @@ def run_sections(cfg: DictConfig, ckpt: Path, out_dir: Path, staging: Path) -> d
         try:
             figures = {k: str(out_dir / Path(v).name) for k, v in make_plots(staging, run_dir, per_pair).items()}
         except Exception as err:
+            if disk_full(err):
+                raise
             results.skip("plots", f"{type(err).__name__}: {err}")
     results.set("figures", figures)
     (staging / "eval_report.md").write_text(render_report(results.data, samples_path))
@@ -255,18 +237,6 @@ def run_preference(cfg, run_cfg, results: Results, policy, head, reference, toke
         per_pair["key"] = [pair_key(*row) for row in zip(eval_ds["prompt"], eval_ds["chosen"], eval_ds["rejected"])]
     results.set("preference", pref)
     return per_pair
-
-
-def write_eval_pairs(per_pair: dict[str, list], path: Path) -> None:
-    """``eval_pairs.jsonl``: one line per held-out pair (dataset order): its identity ``key``
-    (:func:`lbdpo.eval.pair_sample.pair_key`; each seed shuffles the held-out pairs, so runs are aligned by it), domain,
-    β, log PPL, f, margin Δ, and ``correct`` (Δ > 0, the preference accuracy at any β > 0): what paired tests between
-    runs and the β analysis read."""
-    with open(path, "w") as f:
-        for i, domain in enumerate(per_pair["domain"]):
-            row = {**({"key": per_pair["key"][i]} if "key" in per_pair else {}), "domain": domain,
-                   **{k: round(per_pair[k][i], 6) for k in ("beta", "log_ppl", "f", "margin")}}
-            f.write(json.dumps({**row, "correct": per_pair["margin"][i] > 0}) + "\n")
 
 
 def run_generation(cfg, run_cfg, results: Results, policy, reference, tokenizer, eval_ds, data_cfg, device,
