@@ -165,7 +165,7 @@ def evaluate(checkpoint: Path, out_dir: Path) -> list[dict]:
     return read_lines(out_dir, "eval_pairs.jsonl")
 
 
-def test_per_domain_run_trains_and_evaluates_each_pair_at_its_domains_beta(pairs_file, tmp_path):
+def test_per_domain_run_trains_and_evaluates_each_pair_at_its_domains_beta(pairs_file, tmp_path):  # noqa: F811
     run = tmp_path / "run"
     train(make_cfg(pairs_file, "beta_head=per_domain", "beta_head.domain_betas={fr: 0.5}", "trainer.max_steps=4",
                    "trainer.eval_every=2"), run)
@@ -183,7 +183,7 @@ def test_per_domain_run_trains_and_evaluates_each_pair_at_its_domains_beta(pairs
 
 
 @pytest.fixture(scope="module")
-def schedule_run(pairs_file, tmp_path_factory):
+def schedule_run(pairs_file, tmp_path_factory):  # noqa: F811
     run = tmp_path_factory.mktemp("schedule")
     train(make_cfg(pairs_file, "beta_head=schedule", "beta_head.schedule=[[1, 0.1], [5, 0.5]]", "trainer.max_steps=6",
                    "trainer.save_every=3", "trainer.keep_last=0", "trainer.eval_every=3"), run)
@@ -207,7 +207,7 @@ def test_schedule_run_uses_beta_of_each_step_and_evaluates_at_the_last(schedule_
     assert len(rows) == 8 and all(r["beta"] == pytest.approx(0.5) for r in rows)
 
 
-def test_resumed_schedule_run_continues_on_the_curve(schedule_run, pairs_file, tmp_path):
+def test_resumed_schedule_run_continues_on_the_curve(schedule_run, pairs_file, tmp_path):  # noqa: F811
     shutil.copytree(schedule_run / "checkpoints" / "step-3", tmp_path / "checkpoints" / "step-3")
     train(make_cfg(pairs_file, "beta_head=schedule", "beta_head.schedule=[[1, 0.1], [5, 0.5]]", "trainer.max_steps=6",
                    "trainer.save_every=3", "trainer.eval_every=3", "trainer.resume_from=auto"), tmp_path)
@@ -218,7 +218,7 @@ def test_resumed_schedule_run_continues_on_the_curve(schedule_run, pairs_file, t
             assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
 
 
-def test_schedule_from_replays_another_runs_mean_beta(schedule_run, pairs_file, tmp_path):
+def test_schedule_from_replays_another_runs_mean_beta(schedule_run, pairs_file, tmp_path):  # noqa: F811
     """A learnable run, then a schedule run replaying it: at every step the replay's β is the source's mean β."""
     source = tmp_path / "learnable"
     train(make_cfg(pairs_file, "beta_head.w_init=0.05", "trainer.max_steps=4", "trainer.eval_every=0"), source)
@@ -242,7 +242,7 @@ def test_schedule_from_replays_another_runs_mean_beta(schedule_run, pairs_file, 
     (["beta_head=schedule", "beta_head.schedule_from=/nonexistent/run"], "beta_head.schedule_from"),
     (["beta_head.domain_betas={fr: 0.5}"], "beta_head.domain_betas is read only"),
 ])
-def test_bad_mode_options_fail_before_anything_loads(pairs_file, tmp_path, monkeypatch, overrides, key):
+def test_bad_mode_options_fail_before_anything_loads(pairs_file, tmp_path, monkeypatch, overrides, key):  # noqa: F811
     import lbdpo.train.setup as setup_module
 
     monkeypatch.setattr(setup_module, "build_model_and_data", lambda *a, **k: pytest.fail("loaded before checking"))
@@ -254,7 +254,7 @@ def test_bad_mode_options_fail_before_anything_loads(pairs_file, tmp_path, monke
                                    "data.label_noise={domain:fr,fraction:0.5}"],
                                   ["beta_head=schedule", "beta_head.schedule=[[1,0.1],[3,0.4]]"]],
                          ids=["per_domain+label_noise", "schedule"])
-def test_two_processes_match_one(pairs_file, tmp_path, mode):
+def test_two_processes_match_one(pairs_file, tmp_path, mode):  # noqa: F811
     """DDP on 2 CPU processes (torchrun) = 1 process with the same global batch: losses, β per step and per pair."""
     common = ["model=tiny_random", "trainer=tiny", "logger=none", "data=jsonl", f"data.path={pairs_file}",
               "data.max_length=48", "data.max_prompt_length=32", "data.eval_size=8", "data.eval_fraction=null",

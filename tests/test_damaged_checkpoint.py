@@ -34,7 +34,7 @@ STEPS = ("trainer.max_steps=6", "trainer.save_every=2", "trainer.keep_last=0", "
 
 
 @pytest.fixture(scope="module")
-def run6(pairs_file, tmp_path_factory):
+def run6(pairs_file, tmp_path_factory):  # noqa: F811
     """A whole 6-step run: checkpoints step-2, step-4, final."""
     run_dir = tmp_path_factory.mktemp("run6")
     train(make_cfg(pairs_file, *STEPS), run_dir)
@@ -108,7 +108,7 @@ def test_the_check_flags_a_file_exactly_when_its_loader_fails(run6, tmp_path, na
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "trainer_state.pt", "beta_head.safetensors"])
-def test_resume_auto_passes_over_a_damaged_newest_checkpoint(run6, pairs_file, tmp_path, caplog, name):
+def test_resume_auto_passes_over_a_damaged_newest_checkpoint(run6, pairs_file, tmp_path, caplog, name):  # noqa: F811
     run_dir = unfinished_copy(run6, tmp_path / "run")
     damaged = run_dir / "checkpoints" / "step-4" / name
     truncate(damaged, damaged.stat().st_size // 2)
@@ -123,7 +123,7 @@ def test_resume_auto_passes_over_a_damaged_newest_checkpoint(run6, pairs_file, t
     assert damaged_files(run_dir / "checkpoints" / "step-4") == {}  # the step-4 written again is whole
 
 
-def test_only_damaged_checkpoints_start_over_and_an_explicit_damaged_one_is_refused(run6, pairs_file, tmp_path,
+def test_only_damaged_checkpoints_start_over_and_an_explicit_damaged_one_is_refused(run6, pairs_file, tmp_path,  # noqa: F811
                                                                                     caplog):
     run_dir = unfinished_copy(run6, tmp_path / "run")
     for step in (2, 4):
@@ -143,7 +143,7 @@ def test_only_damaged_checkpoints_start_over_and_an_explicit_damaged_one_is_refu
     assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in read_metrics(run6)[0]], abs=1e-5)
 
 
-def test_a_file_whole_in_structure_that_its_loader_refuses_is_named(run6, pairs_file, tmp_path):
+def test_a_file_whole_in_structure_that_its_loader_refuses_is_named(run6, pairs_file, tmp_path):  # noqa: F811
     """Damage the size check cannot see (a tensor's dtype made unknown, sizes unchanged): the loader's failure becomes
     the same one line."""
     run_dir = unfinished_copy(run6, tmp_path / "run")
@@ -201,7 +201,7 @@ def fail_second_save(monkeypatch, owner, name: str, error: BaseException, seen: 
 
 
 @pytest.mark.parametrize("kind", ["ENOSPC", "unexpected pos", "safetensors"])
-def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_earlier_checkpoint(pairs_file, tmp_path, monkeypatch,
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_earlier_checkpoint(pairs_file, tmp_path, monkeypatch,  # noqa: F811
                                                                                  kind):
     from lbdpo.modeling import AutoModelForCausalLMWithBetaHead
 

@@ -95,7 +95,7 @@ def test_disk_full_in_an_optional_section_stops_rather_than_skipping(ckpt, previ
         return make_plots
 
     monkeypatch.setattr("lbdpo.eval.evaluate.make_plots", plots_fail(ValueError("no figure")))
-    data = evaluate_checkpoint(eval_cfg(ckpt, out, "generation.enabled=false"))  # an ordinary failure: a skip
+    data = evaluate_checkpoint(eval_cfg(ckpt, out, "generation.enabled=false"))  # an ordinary failure: a skip  # noqa: F811
     assert data["skipped"]["plots"] == "ValueError: no figure" and data["figures"] == {}
     before = checksums(out)
     monkeypatch.setattr("lbdpo.eval.evaluate.make_plots", plots_fail(RuntimeError("Error while writing: No space "

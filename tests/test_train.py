@@ -84,8 +84,9 @@ def test_metrics_and_checkpoint(default_run):
     policy = AutoModelForCausalLM.from_pretrained(final_dir)
     assert AutoTokenizer.from_pretrained(final_dir).pad_token is not None
     assert json.loads((final_dir / "beta_head_config.json").read_text())["mode"] == "learnable"
-    head_state = load_file(final_dir / "beta_head.safetensors")
-    assert head_state["w"].item() == pytest.approx(steps[-1]["beta_head/w"], rel=1e-6)
+    # the logged w is the w of the step's forward (before its update): step 4 logs what step 3's update left
+    head_state = load_file(run_dir / "checkpoints" / "step-3" / "beta_head.safetensors")
+    assert head_state["w"].item() == pytest.approx(steps[3]["beta_head/w"], rel=1e-6)
     assert sum(p.numel() for p in policy.parameters()) > 0
     # no temporary directories left behind
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]

@@ -20,12 +20,14 @@
 - ``mode=beta_dpo``: β-DPO (Wu et al. 2024), one detached β per batch from the batch's margins, with optional
   margin-guided filtering (:mod:`lbdpo.beta_dpo`; ``beta`` is its β₀). This head returns β₀; the DPO model applies
   the batch-level correction once the margins are known (:attr:`BetaHead.batch_level`).
-- ``mode=per_domain``: β_i = ``domain_betas[domain_i]`` (else ``beta``); ``mode=schedule``: one β(t), piecewise linear
+- ``mode=per_domain``: β_i = ``domain_betas[domain_i]`` (else ``beta``); ``per_domain_learned``: one learned log β per
+  domain (:mod:`lbdpo.beta_domains`, both through :class:`DomainBetas`); ``mode=schedule``: one β(t), piecewise linear
   in the optimizer step t (:meth:`BetaHead.set_step`), e.g. replaying another run's mean β: :mod:`lbdpo.beta_modes`.
 - ``use_ppl_approx``: a second network on h predicts log PPL(x) (ℓ̂ = NN_ppl(LayerNorm(h))), trained only by
   the auxiliary loss ``ppl_approx_loss_weight`` · mean (ℓ̂ − log PPL)² against the exact, detached value of
   the same forward; β then uses max(ℓ̂, 0) in place of log PPL. Its point is inference: β of a prompt from one
-  hidden state, without scoring every prompt token. Its output bias starts at the first batch's mean log PPL.
+  hidden state, without scoring every prompt token. Its output bias starts at the first batch's mean log PPL
+  (:mod:`lbdpo.beta_init`, which also sets w under ``w_init=auto``; neither reads the device once it has run).
 - ``objective``: ``dpo`` trains the head on the training loss (the design); ``validation`` on a held-out loss's
   one-step look-ahead hypergradient (:mod:`lbdpo.beta_objective`, :mod:`lbdpo.train.beta_validation`).
 
@@ -56,11 +58,12 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from .beta_dpo import BetaDPO, check_beta_dpo_options
-from .beta_modes import RULE_MODES, describe, domain_beta, interpolate, read_beta_schedule, validate as validate_rule_mode
+from .beta_init import InitFlags, auto_init_w, init_ppl_approx
+from .beta_domains import DOMAIN_MODES, DomainBetas
+from .beta_modes import RULE_MODES, describe, interpolate, read_beta_schedule, validate as validate_rule_mode
 from .beta_objective import validate as validate_objective
 from .dpo_model import DynamicBetaDPOModel  # re-exported (the design documents' import); it never imports back
 from .errors import LbdpoError
@@ -70,7 +73,7 @@ NET_TYPES = ("linear", "mlp")
 NORMALIZATIONS = ("none", "batch_mean")
 W_PARAMS = ("linear", "log")
 MODES = ("learnable", "fixed", "beta_dpo", *RULE_MODES)
-FIXED_MODES = ("fixed", "beta_dpo", *RULE_MODES)  # no learnable β: no parameters, β from the config
+FIXED_MODES = ("fixed", "beta_dpo", *RULE_MODES)  # not the formula: β from the config (per_domain_learned: a table)
 
 
 @dataclass
@@ -79,7 +82,8 @@ class BetaHeadConfig:
 
     mode: str = "learnable"  # "learnable": β(x) from the formula; "fixed": β ≡ `beta` (plain DPO); MODES lists all
     beta: float = 0.1  # the constant β of mode="fixed"; β₀ of mode="beta_dpo"; unlisted domains' β of "per_domain"
-    domain_betas: dict[str, float] | None = None  # mode="per_domain": domain → its fixed β
+    domain_betas: dict[str, float] | None = None  # mode="per_domain": domain → its fixed β (per_domain_learned: start)
+    domains: list[str] | None = None  # mode="per_domain_learned": its table's domains, set from the training data
     schedule: list[list[float]] | None = None  # mode="schedule": knots [[step, β], ...] of a piecewise-linear β(step)
     schedule_from: str | None = None  # mode="schedule": a run (folder, metrics.jsonl) whose beta/mean is replayed
     beta_dpo_alpha: float = 0.6  # β-DPO's α: β_batch = β₀·[1 + α·(mean margin − M₀)]
@@ -201,10 +205,12 @@ class BetaHead(nn.Module):
             config = dataclasses.replace(config, schedule=read_beta_schedule(config.schedule_from))
         self.config = config
         self.fixed = config.mode in FIXED_MODES  # no learnable β: β from `beta`, the domain map or the schedule
+        self.domain_table = DomainBetas(config) if config.mode in DOMAIN_MODES else None  # β by domain (beta_domains)
         self.epsilon = float(config.epsilon)
         self.batch_level = BetaDPO(config.beta, config.beta_dpo_alpha, config.beta_dpo_filter,
                                    config.beta_dpo_momentum) if config.mode == "beta_dpo" else None
         self.log_w = None  # the trained parameter under w_param="log" (then there is no attribute w: see current_w)
+        self.init_flags = InitFlags()  # done-flags of the first-batch initialisations, mirrored on the host (beta_init)
         if self.fixed:
             # No parameters: a buffer keeps the β value in checkpoints and on the right device (schedule: β(t))
             self.register_buffer("w", torch.tensor(float(config.beta)))
@@ -228,7 +234,7 @@ class BetaHead(nn.Module):
             self.register_buffer("w", torch.tensor(w0))
         # The w that w_prior_weight pulls towards; for "auto" it is set with w on the first batch.
         self.register_buffer("w_init_value", torch.tensor(w0))
-        self.register_buffer("w_initialized", torch.tensor(not auto))
+        self.init_flags.add(self, "w_initialized", not auto)
 
         # f ≡ 1 when ε = 0: no NN, so no parameter that never receives a gradient (DDP rejects those)
         self.context_net = None if self.epsilon == 0.0 else scalar_net(
@@ -237,7 +243,7 @@ class BetaHead(nn.Module):
         if config.use_ppl_approx:
             self.ppl_net = nn.Sequential(nn.LayerNorm(config.hidden_size, elementwise_affine=False), scalar_net(
                 config.ppl_net_type, config.hidden_size, config.ppl_mlp_hidden_size, 0.0, config.init_std))
-            self.register_buffer("ppl_net_initialized", torch.tensor(False))
+            self.init_flags.add(self, "ppl_net_initialized", False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written before w became 1-D hold it as a 0-d tensor (and a buffer w is 0-d): same value
@@ -245,6 +251,7 @@ class BetaHead(nn.Module):
         if key in state_dict and state_dict[key].numel() == 1 and self.log_w is None:
             state_dict[key] = state_dict[key].reshape(self.w.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.init_flags.reload(self)  # the loaded done-flags (lbdpo.beta_init)
 
     def current_w(self) -> torch.Tensor:
         """w as β uses it: the parameter or buffer ``w``, or exp(``log_w``) under ``w_param=log`` (differentiable)."""
@@ -285,26 +292,6 @@ class BetaHead(nn.Module):
             return torch.ones(h.shape[0], dtype=h.dtype, device=h.device)
         return 1.0 + self.epsilon * torch.tanh(self.context_net(h).squeeze(-1))
 
-    @torch.no_grad()
-    def _auto_init_w(self, g: torch.Tensor) -> None:
-        """w_init="auto": choose w so that the (global) batch-mean β equals target_beta. Runs once, on the
-        first batch whose T(PPL)·f is finite (a non-finite batch is skipped by the trainer and leaves w as is)."""
-        mean_g = g.detach().float().mean()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(mean_g, op=dist.ReduceOp.SUM)
-            mean_g /= dist.get_world_size()
-        if not torch.isfinite(mean_g):
-            return
-        if not mean_g > 0:
-            raise LbdpoError(f"beta_head.w_init='auto' cannot be set: mean of T(PPL)·f on the first batch is {mean_g}")
-        w = self.config.target_beta / mean_g
-        if self.log_w is not None:
-            self.log_w.copy_(torch.log(w))
-        else:
-            self.w.copy_(w)
-        self.w_init_value.copy_(w)
-        self.w_initialized.fill_(True)
-
     def forward(self, context_embedding: torch.Tensor, ppl: torch.Tensor | None = None, *,
                 log_ppl: torch.Tensor | None = None, return_details: bool = False,
                 domains: Sequence[str] | None = None):
@@ -316,7 +303,7 @@ class BetaHead(nn.Module):
                 token NLL, which avoids an exp/log round trip; exactly one of the two is needed.
             return_details: also return a dict with ``f`` (B,) and ``ppl_term`` (B,); with ``use_ppl_approx``
                 also ``log_ppl_approx`` (B,) and ``beta_exact`` (B,), the β the exact log PPL would give.
-            domains: B domain names, one per prompt: needed by ``mode=per_domain``, ignored by the other modes.
+            domains: B domain names, one per prompt: needed by ``per_domain(_learned)``, ignored by the other modes.
 
         Returns:
             β (B,) float32, in [beta_min, beta_max] for finite input; or ``(β, details)`` when ``return_details``.
@@ -331,8 +318,8 @@ class BetaHead(nn.Module):
         batch = log_ppl.shape[0]
 
         if self.fixed:
-            beta = self.w.expand(batch).float() if self.config.mode != "per_domain" else domain_beta(
-                self.config.domain_betas, self.config.beta, domains, batch, self.w.device)
+            beta = self.w.expand(batch).float() if self.domain_table is None else self.domain_table(
+                domains, batch, self.w.device)
             details = {"f": torch.ones_like(beta), "ppl_term": torch.ones_like(beta)}
             return (beta, details) if return_details else beta
 
@@ -345,8 +332,8 @@ class BetaHead(nn.Module):
             t = self.ppl_term(details["log_ppl_approx"].detach().clamp(min=0.0))
         else:
             t = self.ppl_term(log_ppl)
-        if not bool(self.w_initialized):
-            self._auto_init_w(t * f)
+        if not self.init_flags["w_initialized"]:  # w_init=auto, on the first finite batch (no device read after)
+            auto_init_w(self, t * f)
         beta = self.combine(t, f)
         if self.ppl_net is not None:  # what the exact log PPL would have given, to compare rankings
             details["beta_exact"] = self.combine(self.ppl_term(log_ppl), f).detach()
@@ -364,16 +351,8 @@ class BetaHead(nn.Module):
         """ℓ̂ = NN_ppl(LayerNorm(h)): (B, H) → (B,). h is always detached (the approximation never trains the
         policy). On the first finite batch the output bias is shifted so that mean ℓ̂ = mean log PPL."""
         approx = self.ppl_net(context_embedding.to(self._anchor.dtype).detach()).squeeze(-1)
-        if not bool(self.ppl_net_initialized):
-            shift = (log_ppl.detach() - approx.detach()).float().mean()
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(shift, op=dist.ReduceOp.SUM)
-                shift /= dist.get_world_size()
-            if torch.isfinite(shift):
-                with torch.no_grad():
-                    [m for m in self.ppl_net.modules() if isinstance(m, nn.Linear)][-1].bias.add_(shift)
-                    self.ppl_net_initialized.fill_(True)
-                approx = approx + shift
+        if not self.init_flags["ppl_net_initialized"]:
+            approx = init_ppl_approx(self, approx, log_ppl)
         return approx
 
     def auxiliary_loss(self, log_ppl: torch.Tensor, log_ppl_approx: torch.Tensor | None) -> torch.Tensor:

@@ -6,6 +6,8 @@ at a fixed β₀ (``val_beta``), computed every ``val_every`` optimizer steps (n
 steps); the derivation, the finite-difference product and the held-out slice are in
 :mod:`lbdpo.train.beta_validation`. This module only holds what a :class:`lbdpo.beta_head.BetaHeadConfig` can check
 on its own: the keys, and the head options the hypergradient cannot serve (each refused with one line naming it).
+Two heads train under either objective: the design's ``learnable`` formula and ``per_domain_learned``
+(:mod:`lbdpo.beta_domains`, one log β per domain).
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ def validate(config: Any) -> None:
     beta = config.val_beta
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta > 0):
         raise LbdpoError(f"beta_head.val_beta={beta!r} must be a finite number > 0 (β₀ of the held-out loss)")
-    if config.objective != "validation":
-        return
+    if config.objective != "validation" or config.mode == "per_domain_learned":
+        return  # per_domain_learned: its β depends on neither h nor log PPL, and its log β per domain always trains
     if config.mode != "learnable":
-        raise LbdpoError(f"beta_head.objective=validation trains the learnable head, and mode={config.mode} has no "
-                         "trainable β: use beta_head=linear (or mlp), or beta_head.objective=dpo")
+        raise LbdpoError(f"beta_head.objective=validation trains a learned β, and mode={config.mode} has no "
+                         "trainable β: use beta_head=linear (or mlp, or per_domain_learned), or "
+                         "beta_head.objective=dpo")
     for key in ("detach_hidden", "detach_ppl"):
         if not getattr(config, key):
             raise LbdpoError(f"beta_head.{key}=false with beta_head.objective=validation: the hypergradient needs β "

@@ -11,17 +11,22 @@ prediction and never counts.
 
 The checks of a batch here (:func:`check`) read a tensor; on an accelerator each read stalls the host until the device
 is done. Inside :class:`DeferredChecks` (the trainer's step) they are recorded instead and read with the step's
-other values, then raise the same one-line error.
+other values, then raise the same one-line error. For the same reason :func:`forward_model` hands a decoder that
+applies a custom 4D mask one built on the device (:func:`row_attention_mask`): from a 2D mask, transformers' sdpa path
+reads the mask on the host (``fast_all(padding_mask)``) to decide whether it can skip it, once per forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import weakref
 
 import torch
 
 from .data.collator import IGNORE_INDEX  # the batch contract: labels are −100 off the response
 from .errors import LbdpoError
+from .packed_pairs import packing_unsupported  # the one rule for "applies a custom 4D mask as given"
 
 
 _pending = threading.local()  # .checks: the DeferredChecks in force on this thread, if any
@@ -83,8 +88,55 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+_ROW_MASK_KINDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → (attention impl., its mask kind)
+
+
+def row_mask_kind(model) -> str | None:
+    """Which mask :func:`forward_model` gives ``model``: ``"bool"`` (sdpa, and lbdpo's per-segment sdpa, which runs
+    plain sdpa on unpacked rows) or ``"additive"`` (eager) — a 4D mask from :func:`row_attention_mask` — where its
+    decoder applies a custom 4D mask as given: sdpa or eager attention, no sliding window, a decoder of transformers
+    itself (Llama, Qwen2, … : their ``create_causal_mask`` returns a 4D mask as it is). The rule is packed pairs'
+    (:func:`lbdpo.packed_pairs.packing_unsupported`). None elsewhere (flash-attention and flex build their own masks,
+    a sliding window would be dropped, remote code such as InternLM2 may reject a 4D mask): the 2D padding mask,
+    as before. Decided once per model (again if its attention implementation is switched)."""
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    known = None
+    with contextlib.suppress(TypeError):  # a model that cannot be weakly referenced is decided at every call
+        known = _ROW_MASK_KINDS.get(model)
+    if known is None or known[0] != attn:
+        known = (attn, None if packing_unsupported(model) else "additive" if attn == "eager" else "bool")
+        with contextlib.suppress(TypeError):
+            _ROW_MASK_KINDS[model] = known
+    return known[1]
+
+
+def row_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The 4D attention mask of padded rows, built on their device without reading it: query q attends to key k where
+    k ≤ q and k is a real token (causal ∧ key-is-real: what transformers builds from the 2D mask), and every query to
+    itself, so that no query row is empty (a padded query before a left-padded row's first real token has no key
+    left: sdpa would give NaN there; a padded position's output is never read).
+
+    Args:
+        attention_mask: (N, T), 1 on real tokens (any padding side).
+        dtype: None → bool, True = attend (sdpa); a float dtype → additive, 0 or the dtype's min (eager).
+
+    Returns:
+        (N, 1, T, T). N·T² entries, as transformers' own mask of padded rows: 32 MiB in bool at 32 rows × 1024
+        tokens (64 MiB additive in bf16, 128 MiB in float32).
+    """
+    t = attention_mask.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()  # [q, k]: k ≤ q
+    allowed = causal & attention_mask.bool()[:, None, None, :]  # (N, 1, T, T)
+    allowed |= torch.eye(t, dtype=torch.bool, device=attention_mask.device)
+    if dtype is None:
+        return allowed
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), torch.finfo(dtype).min)
+
+
 def forward_model(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_hidden_states: bool = False):
-    """One forward of a HF causal LM over a padded batch (any padding side), positions from the mask.
+    """One forward of a HF causal LM over a padded batch (any padding side), positions from the mask; the mask as
+    :func:`row_mask_kind` decides (4D, built on the device, or the 2D mask itself): the same logits at every real
+    position.
 
     Args:
         model: a causal LM (or a peft-wrapped one); input_ids, attention_mask: (N, T).
@@ -92,9 +144,12 @@ def forward_model(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     Returns:
         the model's output (``logits`` (N, T, V); ``hidden_states`` when asked).
     """
+    kind = row_mask_kind(model)
+    mask = attention_mask if kind is None else row_attention_mask(
+        attention_mask, model.get_input_embeddings().weight.dtype if kind == "additive" else None)
     return model(
         input_ids=input_ids,
-        attention_mask=attention_mask,
+        attention_mask=mask,
         position_ids=position_ids_from_mask(attention_mask),
         output_hidden_states=output_hidden_states,
         use_cache=False,

@@ -46,7 +46,8 @@ What the trainer does (:meth:`BetaValidation.record` after each training micro-b
 :meth:`BetaValidation.apply` after the last backward, before the gradient norms and clipping): on a step t with
 t % ``val_every`` == 0, one held-out forward + backward at β₀ gives v and the logged held-out loss, then two
 forwards per training micro-batch give d; the head's β parameters' gradients (w or log w, the context network; not
-the ``use_ppl_approx`` network, which keeps its regression gradient) are replaced by the hypergradient; the policy's
+the ``use_ppl_approx`` network, which keeps its regression gradient; under ``beta_head=per_domain_learned`` its one
+log β per domain, :mod:`lbdpo.beta_domains`) are replaced by the hypergradient; the policy's
 gradient is untouched. On the other steps they get no gradient (None: AdamW skips them). Cost on a val step: one
 micro-batch's forward + backward (and its reference forward with a reference copy) plus 2M policy forwards.
 
@@ -247,7 +248,8 @@ def heldout_gradient(model, batch: dict[str, Any], params: dict[str, torch.Tenso
 
 
 def head_beta_parameters(head) -> list[nn.Parameter]:
-    """The parameters β is made of (w or log w, the context network): not the ``use_ppl_approx`` network's."""
+    """The parameters β is made of (w or log w, the context network; per_domain_learned: its log β per domain): not
+    the ``use_ppl_approx`` network's."""
     return [p for k, p in head.named_parameters() if p.requires_grad and not k.startswith("ppl_net.")]
 
 

@@ -24,7 +24,7 @@ from ..build import (
     to_container,
     tokenize_config,
 )
-from ..beta_modes import check_domains_present
+from ..beta_domains import bind_domains
 from ..data.collator import PreferenceCollator
 from ..data.loading import hold_out_pairs
 from ..dpo_model import DynamicBetaDPOModel
@@ -68,8 +68,9 @@ def build_optimizer(model: DynamicBetaDPOModel, t: DictConfig) -> torch.optim.Op
     beta_head_weight_decay), and w or log w (beta_head_lr, no weight decay). ``trainer.adamw_fused``: torch's fused kernel
     (one pass per tensor, no parameter-sized temporaries; the same update up to float rounding)."""
     policy_params = [p for p in model.policy_model.parameters() if p.requires_grad]
-    head_w = [p for n, p in model.beta_head.named_parameters() if n in ("w", "log_w")]
-    head_nn = [p for n, p in model.beta_head.named_parameters() if n not in ("w", "log_w")]
+    no_decay = ("w", "log_w", "domain_table.log_beta")  # w, log w, per_domain_learned's log β per domain
+    head_w = [p for n, p in model.beta_head.named_parameters() if n in no_decay]
+    head_nn = [p for n, p in model.beta_head.named_parameters() if n not in no_decay]
     groups = [
         {"name": "policy", "params": policy_params, "lr": float(t.policy_lr), "weight_decay": float(t.weight_decay)},
         {"name": "beta_head", "params": head_nn, "lr": float(t.beta_head_lr),
@@ -202,9 +203,8 @@ def build_model_and_data(cfg: DictConfig, accelerator: Accelerator):
 
     with accelerator.main_process_first():
         train_ds, eval_ds, data_report = build_datasets(cfg.data, tokenizer, seed=int(cfg.seed))
-    if beta_head.config.mode == "per_domain":  # a domain of the map that no pair has is a typo, not a default
-        check_domains_present(beta_head.config.domain_betas, set(train_ds["domain"]) if "domain" in
-                              train_ds.column_names else set())
+    # per_domain(_learned): a domain of the map that no pair has is a typo, not a default; the learned table's domains
+    bind_domains(beta_head, set(train_ds["domain"]) if "domain" in train_ds.column_names else set())
     # data.beta_val_fraction: a seeded slice of the training pairs, never trained on (objective=validation's loss)
     train_ds, beta_val_ds = hold_out_pairs(train_ds, beta_val_fraction(cfg), seed=int(cfg.seed))
     data_report["beta_val_pairs"] = len(beta_val_ds)

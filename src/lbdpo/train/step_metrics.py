@@ -3,11 +3,13 @@
 On a GPU a small model's step is bound by the host, and every read of a device value (``.item()``, ``.cpu()``,
 ``float(t)``, ``if t:``) makes the host wait until all queued work is done. So everything a step reports — the NaN
 guard's flag, the gradient norms, the real-token count, the deferred batch checks
-(:class:`lbdpo.logprobs.DeferredChecks`), β-DPO's running statistics, a fixed w, and every per-pair value — is
+(:class:`lbdpo.logprobs.DeferredChecks`), β-DPO's running statistics, the head's w, and every per-pair value — is
 stacked into one vector on the device, gathered across processes in one collective (the one the guard's decision
-needs anyway) and read once (:func:`read_step`); :func:`log_step` then works on host values. The one other read: w after
-the update, on a logged step of a head whose w trains (the update changes it, and the read must come before the
-update to decide it). ``benchmarks/host_ops.py`` counts the reads of a step.
+needs anyway) and read once (:func:`read_step`); :func:`log_step` then works on host values. The logged w
+(``beta_head/w``) is therefore the w of the step's forward, read before the update (the read decides whether to
+update): the w that gave the step's β, as :class:`lbdpo.dpo_model.DPOOutput` reports it; a trainable w's update shows
+at the next step (and in the checkpoint written after the step). The same for ``beta_head/beta/<domain>`` of the
+learned per-domain head (:mod:`lbdpo.beta_domains`). ``benchmarks/host_ops.py`` counts the reads of a step.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class StepResult:
     head_grad_norm: float  # the BetaHead's part of it
     skip: bool = False  # a non-finite loss or gradient norm on some process: the update is skipped on all
     batch_level: dict[str, float] = field(default_factory=dict)  # β-DPO's running statistics (beta_dpo/M0, /sigma)
-    w: float | None = None  # the head's w, read with the rest when the update cannot change it (a buffer)
+    w: float = float("nan")  # the head's w in the step's forward: before the update (a trainable w's moves after)
     extra: dict[str, float] = field(default_factory=dict)  # more metrics of the step (beta_val/… under validation)
 
 
@@ -60,11 +62,15 @@ def read_step(accelerator: Accelerator, beta_head, bad: torch.Tensor, norms: tor
         LbdpoError: a deferred batch check failed on some process (every process raises: all read the same flags).
     """
     device = accelerator.device
-    w, level = beta_head.current_w(), beta_head.batch_level
+    level = beta_head.batch_level
+    w = full(beta_head.current_w().detach())  # the forward's w, before the update (FSDP2: w's shards gathered)
     dtype = torch.float32 if device.type == "mps" else torch.float64  # exact for float32 values and token counts
     head = [tokens.to(dtype).reshape(1), bad.reshape(1), norms, checks.flags(device)]  # ← HEAD entries, then flags
     head += [level.margin_mean.reshape(1), level.margin_std.reshape(1)] if level is not None else []
-    head += [] if w.requires_grad else [w.reshape(1)]
+    head += [w.reshape(1)]
+    table = getattr(beta_head, "domain_table", None)  # per_domain_learned: each domain's β of the forward, as w
+    learned = [] if table is None or table.log_beta is None else list(table.index)
+    head += [full(table.betas().detach())] if learned else []
     pairs = [(k, sum(x.numel() for x in v), v[0].dtype) for k, v in per_pair.items() if v]
     # one vector (cat promotes every entry to ``dtype``), gathered: (processes, entries); then read, as lists
     local = torch.cat([torch.cat(head), *(x for k, v in per_pair.items() for x in v)])
@@ -75,8 +81,9 @@ def read_step(accelerator: Accelerator, beta_head, bad: torch.Tensor, norms: tor
                         skip=sum(r[1] for r in rows) > 0)
     if level is not None:
         result.batch_level, col = {"beta_dpo/M0": mine[col], "beta_dpo/sigma": mine[col + 1]}, col + 2
-    if not w.requires_grad:
-        result.w, col = mine[col], col + 1
+    result.w, col = mine[col], col + 1
+    result.extra.update({f"beta_head/beta/{d}": mine[col + i] for i, d in enumerate(learned)})
+    col += len(learned)
     for k, n, kind in pairs:  # process-major, as accelerator.gather of each key would give
         result.values[k], col = torch.tensor([x for r in rows for x in r[col:col + n]], dtype=kind), col + n
     return result
@@ -87,9 +94,8 @@ def log_step(run: Run, result: StepResult, elapsed: float) -> dict[str, float]:
     values = result.values
     metrics = preference_metrics(values) if "losses" in values and values["losses"].isfinite().all() \
         else {"loss": float("nan")}
-    w = result.w if result.w is not None else float(full(run.inner.beta_head.current_w().detach()))
     metrics.update({
-        "beta_head/w": w,  # after the update (a trainable w: read here, after it)
+        "beta_head/w": result.w,  # the w of this step's forward, before its update (read_step)
         **result.batch_level,
         "grad_norm/total": result.grad_norm,
         "grad_norm/policy": result.policy_grad_norm,

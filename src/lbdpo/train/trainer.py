@@ -148,7 +148,7 @@ def optimizer_step(run: Run) -> StepResult:
     # one collective and one device read: the decision, the norms and the step's metrics
     result = read_step(accelerator, run.inner.beta_head, bad, torch.cat([group_norms, total_norm.reshape(1)]), tokens,
                        per_pair, checks, domains)
-    result.extra = extra
+    result.extra.update(extra)
     if result.skip:
         run.optimizer.zero_grad(set_to_none=True)
         if accelerator.scaler is not None:  # fp16: the unscaled-but-unused gradients must reset the scaler
