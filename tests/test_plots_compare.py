@@ -90,6 +90,7 @@ def test_frontier(tmp_path):
         {"kl": 2.0, "reward": 0.6, "label": "fixed_b03", "kind": "fixed", "beta": 0.3},
         {"kl": 3.0, "reward": 0.75, "label": "learn_eps01", "kind": "learnable", "reward_std": 0.02},
         {"kl": 3.5, "reward": 0.7, "label": "learn_eps0", "kind": "learnable"},
+        {"kl": 4.0, "reward": 0.72, "label": "noisy_b03", "kind": "rule"},
     ]
     assert_png(plot_frontier(points, tmp_path / "frontier.png"))
     assert_png(plot_frontier(points[2:], tmp_path / "learnable_only.png"))
@@ -199,3 +200,17 @@ def test_reports_show_paths_relative_to_the_working_directory(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert shown_path(tmp_path / "results" / "x") == "results/x"  # no machine-specific prefix in committed files
     assert shown_path(Path("/elsewhere/y")) == "/elsewhere/y"
+
+
+@pytest.mark.parametrize("mode, kind", [("fixed", "fixed"), ("per_domain", "rule"), ("schedule", "rule"),
+                                        ("learnable", "learnable"), ("beta_dpo", "learnable"),
+                                        ("per_domain_learned", "learnable")])
+def test_a_runs_kind_follows_its_beta_mode(tmp_path, mode, kind):
+    """β set by the config per domain or per step is a "rule", not "learnable"; only a single fixed β is "fixed" (the
+    frontier is built from those alone); the plot accepts every kind compare gives."""
+    from lbdpo.eval.compare import read_run
+
+    fake_run(tmp_path, "run", "a", 0, mode, 0.7, 0.02, kl=2.0, reward=0.5)
+    run = read_run(tmp_path / "run")
+    assert run["kind"] == kind and (run["beta"] == 0.1) == (kind == "fixed")
+    assert_png(plot_frontier([{"kl": 2.0, "reward": 0.5, "label": "a", "kind": run["kind"]}], tmp_path / "f.png"))

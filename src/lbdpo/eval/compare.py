@@ -132,7 +132,8 @@ def read_run(run_dir: Path) -> dict | None:
         "overrides": overrides,
         "metrics_path": metrics_path,
         "eval_json": eval_json_path,
-        "kind": "fixed" if fixed else "learnable",
+        "kind": "fixed" if fixed else "rule" if mode in ("per_domain", "schedule") else "learnable",  # rule: β set
+        # by the config per domain or per step, not learned (compared with the fixed-β frontier as learnable arms are)
         "beta": _number(_get(config, ("beta_head", "beta"))) if fixed else None,
         "values": values,
         "mode": mode,

@@ -308,7 +308,8 @@ def plot_overlaid_curves(runs: Mapping[str, Path], key: str, path, smooth: int =
 def plot_frontier(points: list[dict], path) -> Path | None:
     """Reward-vs-KL frontier (DPO paper, Fig. 2): fixed-β points joined by a curve, learnable variants as markers.
 
-    Each point: ``kl``, ``reward``, ``label``, ``kind`` ("fixed" | "learnable"), optional ``beta`` (fixed
+    Each point: ``kl``, ``reward``, ``label``, ``kind`` ("fixed" | "learnable" | "rule": β set per domain or per step
+    by the config, drawn hollow), optional ``beta`` (fixed
     points are annotated "β=<beta>", else with their label) and optional ``kl_std`` / ``reward_std``
     (error bars). Fixed points are sorted by KL before they are joined.
 
@@ -318,8 +319,8 @@ def plot_frontier(points: list[dict], path) -> Path | None:
     fixed, learnable = [], []
     for p in points:
         kind = p.get("kind")
-        if kind not in ("fixed", "learnable"):
-            raise LbdpoError(f"point {p.get('label')!r} has kind={kind!r}; expected 'fixed' or 'learnable'")
+        if kind not in ("fixed", "learnable", "rule"):
+            raise LbdpoError(f"point {p.get('label')!r} has kind={kind!r}; expected 'fixed', 'learnable' or 'rule'")
         if _is_number(p.get("kl")) and _is_number(p.get("reward")):
             (fixed if kind == "fixed" else learnable).append(p)
     if not fixed and not learnable:
@@ -340,7 +341,8 @@ def plot_frontier(points: list[dict], path) -> Path | None:
     for i, p in enumerate(learnable):
         ax.errorbar([p["kl"]], [p["reward"]], xerr=[err(p, "kl_std")], yerr=[err(p, "reward_std")],
                     fmt=MARKERS[i % len(MARKERS)], color=f"C{i % 10}", markersize=8, capsize=3,
-                    label=str(p.get("label", f"learnable {i}")))
+                    markerfacecolor="none" if p["kind"] == "rule" else f"C{i % 10}",
+                    label=str(p.get("label", f"learnable {i}")) + (" (rule)" if p["kind"] == "rule" else ""))
         ax.annotate(str(p.get("label", "")), (p["kl"], p["reward"]), textcoords="offset points", xytext=(5, 5),
                     fontsize=8, color=f"C{i % 10}")
     ax.set_xlabel(KL_LABEL)
