@@ -17,6 +17,8 @@ folder ``<out>/<name>/<arm>__seed-<S>/``, then ``evaluate.py`` on its final chec
     # evaluate: {heldout: [max_pairs=1000], online: [data=hh_local]}   the first writes into the run folder,
     #                                        each other one into <run>/eval_<name>/ (compare.md: "Other evaluation sets")
     keep: final                              # after evaluation keep the final model only (default) | all
+    oracle: [fixed_b01, noisy_b03]           # an arm family whose best, chosen out of sample, meets the best fixed β
+    contrasts: [[learn_design, schedule_design]]   # arm pairs A − B compared seed by seed (compare.md)
 
 Run folders hold checkpoints (hundreds of MB each) and stay out of git. Once a run is evaluated, ``keep: final``
 deletes its ``step-N`` checkpoints and the optimizer state of ``checkpoints/final`` (for SmolLM2-135M a run folder
@@ -56,7 +58,7 @@ from .errors import LbdpoError
 from .experiment_runs import evaluated, read_runner_json, record, state_of, status, update_runner_json
 from .paths import project
 
-KEYS = {"name", "common", "arms", "seeds", "extra_seeds", "evaluate", "out", "results", "keep", "oracle"}
+KEYS = {"name", "common", "arms", "seeds", "extra_seeds", "evaluate", "out", "results", "keep", "oracle", "contrasts"}
 ARCHIVED = ("metrics.jsonl", "pairs.jsonl", "eval.json", "eval_pairs.jsonl", "eval_report.md", "samples.jsonl",
             "runner.json", ".hydra/overrides.yaml", ".hydra/config.yaml")
 
@@ -74,6 +76,7 @@ class Experiment:
     extra_seeds: dict[str, list[int]] | None = None  # arm → seeds beyond ``seeds`` (power for the arms that matter)
     home: Path = Path(".")  # the checkout (lbdpo.paths): its train.py / evaluate.py make the runs, started in it
     oracle: list[str] | None = None  # arms whose out-of-sample best is compared with the best fixed β (eval/oracle.py)
+    contrasts: list[list[str]] | None = None  # arm pairs [A, B] compared seed by seed (eval/contrasts.py)
 
     @classmethod
     def load(cls, path: Path) -> Experiment:
@@ -81,7 +84,7 @@ class Experiment:
         unknown = set(spec) - KEYS
         if unknown or not spec.get("name") or not spec.get("arms"):
             raise LbdpoError(f"{path}: needs name and arms (optional common, seeds, extra_seeds, evaluate, out, "
-                             f"results, keep, oracle); unknown keys {sorted(unknown)}")
+                             f"results, keep, oracle, contrasts); unknown keys {sorted(unknown)}")
         if spec.get("keep", "final") not in ("final", "all"):
             raise LbdpoError(f"{path}: keep={spec['keep']!r} must be final or all")
         arms = {str(k): [str(o) for o in (v or [])] for k, v in spec["arms"].items()}
@@ -102,12 +105,18 @@ class Experiment:
         oracle = [str(a) for a in spec.get("oracle") or []]
         if set(oracle) - set(arms) or len(oracle) == 1:
             raise LbdpoError(f"{path}: oracle {oracle} must list two or more arms of {sorted(arms)}")
+        contrasts = spec.get("contrasts") or []
+        if not isinstance(contrasts, list) or not all(
+                isinstance(c, list) and len(c) == 2 and set(map(str, c)) <= set(arms) and c[0] != c[1] for c in contrasts):
+            raise LbdpoError(f"{path}: contrasts {contrasts} must be a list of [A, B] pairs of two different arms of "
+                             f"{sorted(arms)}, e.g. [[learn_design, schedule_design]]")
         home = project(Path(path).resolve().parent, needed_for=f"the experiment {path}")  # the file's checkout
         out, results = home / (spec.get("out") or "outputs/experiments"), home / (spec.get("results") or "results")
         return cls(name=str(spec["name"]), common=[str(o) for o in spec.get("common") or []], arms=arms,
                    seeds=seeds, evaluate={str(k): [str(o) for o in v] for k, v in evaluate.items()},
                    folder=out / str(spec["name"]), results=results / str(spec["name"]),
-                   keep=str(spec.get("keep", "final")), extra_seeds=extra, home=home, oracle=oracle or None)
+                   keep=str(spec.get("keep", "final")), extra_seeds=extra, home=home, oracle=oracle or None,
+                   contrasts=[[str(a), str(b)] for a, b in contrasts] or None)
 
     def archived(self) -> tuple[str, ...]:
         """The files of a run folder that its results folder keeps: ``ARCHIVED`` and each extra evaluation's."""
@@ -306,7 +315,8 @@ def compare(exp: Experiment) -> None:
             archive_run(run_dir, target, names)  # not archived yet, or archived before a file was added to ARCHIVED
 
     if exp.results.is_dir() and any(p.is_dir() for p in exp.results.iterdir()):
-        table, _ = write_comparison(exp.results, exp.results / "compare", arm_order=list(exp.arms), oracle=exp.oracle)
+        table, _ = write_comparison(exp.results, exp.results / "compare", arm_order=list(exp.arms), oracle=exp.oracle,
+                                    contrasts=exp.contrasts)
         write_dynamics(exp.results, exp.results / "compare", arm_order=list(exp.arms))
         print(table, flush=True)
 

@@ -28,7 +28,7 @@ import yaml
 
 from ..train.run_logging import is_seed_override, is_sweep_override
 from .frontier import plot_frontier_fit
-from .oracle import oracle_section
+from .contrasts import design_sections
 from .pair_sample import read_held_out
 from .plots import plot_frontier, plot_overlaid_curves, read_metrics_jsonl
 from .significance import accuracy_table, blocked_table, moonshot_table, pair_sampling_note
@@ -304,10 +304,12 @@ def markdown_table(arms: list[dict]) -> str:
 # ---------------------------------------------------------------- outputs
 
 def write_comparison(multirun_dir: Path, out_dir: Path, arm_order: list[str] | None = None,
-                     oracle: list[str] | None = None) -> tuple[str, dict[str, Path | None]]:
+                     oracle: list[str] | None = None, contrasts: list[list[str]] | None = None,
+                     ) -> tuple[str, dict[str, Path | None]]:
     """Write ``compare.md`` and the figures into ``out_dir``; return the table and {name: path or None if skipped}.
     ``arm_order``: arm names listed first, in this order (an experiment's order); the rest follow. ``oracle``: arms
-    whose leave-one-seed-out best is compared with the best fixed β (:mod:`lbdpo.eval.oracle`).
+    whose leave-one-seed-out best is compared with the best fixed β (:mod:`lbdpo.eval.oracle`); ``contrasts``: arm
+    pairs (A, B) compared seed by seed (:mod:`lbdpo.eval.contrasts`).
 
     Raises ValueError when ``multirun_dir`` holds no run.
     """
@@ -350,8 +352,7 @@ def write_comparison(multirun_dir: Path, out_dir: Path, arm_order: list[str] | N
     tests = moonshot_table(arms)
     if tests:
         md += ["## Against the best fixed β and β-DPO", "", tests, ""]
-    if oracle:
-        md += ["## The best of an arm family, chosen out of sample", "", oracle_section(arms, oracle), ""]
+    md += design_sections(arms, oracle, contrasts)  # what the experiment file asks for: oracle:, contrasts:
     blocked = blocked_table(arms)
     if blocked:
         md += ["## The same, blocked by seed (secondary analysis)", "", blocked, ""]
