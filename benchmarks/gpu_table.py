@@ -10,11 +10,13 @@ Shapes (``--shapes``, comma-separated names): ``small`` = random Qwen2.5-0.5B ar
 activation checkpointing on both sides (as ``trainer=gpu`` does; without it rows of 1024 tokens do not fit an 80 GB
 GPU, ``benchmarks/memory_estimate.py``). Arms: ``trl`` (TRL 1.16 ``DPOTrainer``), ``rows`` (lbdpo's GPU default:
 ``trainer=gpu``, one padded row per response, full logits, fused AdamW), ``block_mask`` (packed pairs under the
-block mask, bucketed shapes), ``segments`` (packed, attention per segment). Same numerics on both sides: float32
+block mask, bucketed shapes), ``segments`` (packed, attention per segment), ``flex`` (the block mask's rows under
+FlexAttention's BlockMask, ``src/lbdpo/packed_flex.py``: empty tiles skipped; its first steps pay flex_attention's
+compilation, which ``--skip`` leaves out). Same numerics on both sides: float32
 master weights, bf16 autocast, bf16 reference copy; HH pairs from ``--data``.
 
 Why one process: a process per arm paid ≈ 100 s of start-up on the 2026-12-04 H200 (imports, two random models
-built on the host), which would not fit 12 arms in one call. Here the imports are paid once and each shape's two
+built on the host), which would not fit 15 arms in one call. Here the imports are paid once and each shape's two
 models are built once on the host and deep-copied for every arm (``lbdpo.train.setup``'s model builder is swapped
 for the copy; TRL is handed the copies). Each step is timed to the end of its device work (a synchronize after it,
 both sides); peak GPU memory is reset before every arm. A time budget (``--budget-s``) skips the arms that would not
@@ -49,6 +51,7 @@ ARMS = {  # lbdpo arms: Hydra overrides on top of trainer=gpu (forward=auto is r
     "rows": ["trainer.forward=rows"],
     "block_mask": ["trainer.forward=packed", "trainer.packed_attention=block_mask"],
     "segments": ["trainer.forward=packed", "trainer.packed_attention=segments"],
+    "flex": ["trainer.forward=packed", "trainer.packed_attention=flex"],
 }
 
 
@@ -178,7 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {list(SHAPES)}")
-    parser.add_argument("--arms", default="trl,rows,block_mask,segments")
+    parser.add_argument("--arms", default=",".join(["trl", *ARMS]))
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--skip", type=int, default=4, help="warm-up steps left out (new shapes, allocator)")
     parser.add_argument("--budget-s", type=float, default=450, help="start no arm after this many seconds")

@@ -49,7 +49,7 @@ BAD_OPTIONS = [
     (["trainer.label_smoothing=0.5"], r"trainer\.label_smoothing=0\.5 must be in \[0, 0\.5\)"),
     (["trainer.malloc_mmap_threshold=0"], r"trainer\.malloc_mmap_threshold=0 must be in 1\.\.33554432 bytes"),
     (["trainer.malloc_mmap_threshold=1e9"], r"trainer\.malloc_mmap_threshold=1000000000\.0 must be"),
-    (["trainer.packed_attention=flash"], r"trainer\.packed_attention='flash' must be auto, segments or block_mask"),
+    (["trainer.packed_attention=flash"], r"trainer\.packed_attention='flash' must be auto, segments, block_mask or flex"),
     (["trainer.packed_attention=segments", "trainer.compile=true"],
      r"trainer\.packed_attention=segments with trainer\.compile=true.*set trainer\.packed_attention=block_mask"),
 ]

@@ -200,7 +200,7 @@ def test_importing_registers_nothing_and_restore_switches_back(tiny_model):
 
     code = ("import lbdpo.packed_pairs, lbdpo.dpo_model, lbdpo.scoring, lbdpo.train.setup\n"
             "from transformers import AttentionInterface\n"
-            "print('lbdpo_segments' in AttentionInterface._global_mapping)")
+            "print({'lbdpo_segments', 'lbdpo_flex'} & set(AttentionInterface._global_mapping) != set())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
     ids, mask = torch.tensor([[5, 6, 7, 5, 6, 8]] * 2), torch.ones(2, 6, dtype=torch.long)

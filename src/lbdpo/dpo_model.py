@@ -35,6 +35,7 @@ from .errors import LbdpoError
 from .logprobs import masked_mean_nll, prompt_ppl_mask, response_logps
 from .losses import dpo_loss, logratio_margin
 from .metrics import preference_metrics
+from .packed_flex import enable_flex_attention
 from .packed_pairs import enable_segment_attention, restore_attention
 from .scoring import ForwardPlan, Scorer, plan_forward
 
@@ -180,16 +181,18 @@ class DynamicBetaDPOModel(nn.Module):
         self.scorer = Scorer(self._switch_attention(plan, explicit=packed_attention != "auto"))
 
     def _switch_attention(self, plan: ForwardPlan, explicit: bool) -> ForwardPlan:
-        """Switch the policy and reference to per-segment attention when ``plan`` asks for it; a model that cannot
-        switch is refused (an explicit ``segments``) or puts both on the block mask (``auto``, one log line)."""
-        if plan.packed_attention != "segments":
+        """Switch the policy and reference to per-segment attention (or FlexAttention) when ``plan`` asks for it; a
+        model that cannot switch is refused (an explicit layout) or puts both on the block mask (``auto``, one log
+        line)."""
+        enable = {"segments": enable_segment_attention, "flex": enable_flex_attention}.get(plan.packed_attention)
+        if enable is None:
             return plan
         for model in (self.policy_model, self.ref_model):
-            if model is not None and (why := enable_segment_attention(model)):
+            if model is not None and (why := enable(model)):
                 self.restore_attention()
                 if explicit:
-                    raise LbdpoError(f"trainer.packed_attention=segments: {why}; set trainer.packed_attention="
-                                     "block_mask (or auto)")
+                    raise LbdpoError(f"trainer.packed_attention={plan.packed_attention}: {why}; set "
+                                     "trainer.packed_attention=block_mask (or auto)")
                 log.info("trainer.packed_attention=auto: rows under a block mask, since %s", why)
                 return dataclasses.replace(plan, packed_attention="block_mask")
         return plan

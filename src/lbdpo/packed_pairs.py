@@ -46,18 +46,26 @@ from .errors import LbdpoError, RunStateError
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # the part of a segment a token belongs to
 SEGMENT_ATTENTION = "lbdpo_segments"  # sdpa, one call per packed segment (registered by enable_segment_attention)
-MASK_ATTENTION = ("eager", "sdpa", SEGMENT_ATTENTION)  # implementations that apply a custom 4D mask as given
+FLEX_ATTENTION = "lbdpo_flex"  # FlexAttention under a BlockMask, else sdpa (lbdpo.packed_flex.enable_flex_attention)
+SWITCHED = (SEGMENT_ATTENTION, FLEX_ATTENTION)  # lbdpo's attention functions: sdpa on every unpacked forward
+MASK_ATTENTION = ("eager", "sdpa", *SWITCHED)  # implementations that apply a custom 4D mask as given
+
+
+def may_attend(q_pair: torch.Tensor, k_pair: torch.Tensor, q_part: torch.Tensor, k_part: torch.Tensor,
+               q_col: torch.Tensor, k_col: torch.Tensor) -> torch.Tensor:
+    """The layout's one rule, elementwise (any broadcastable shapes): query q may attend to key k — same pair,
+    k ≤ q (columns: a segment is contiguous), and k a prompt token or in q's own part — or k is q itself (so no
+    query row is empty, padding's included). :func:`allowed_keys` (4D masks) and the FlexAttention ``mask_mod``
+    (:func:`lbdpo.packed_flex.pair_block_mask`) both apply it."""
+    return ((q_pair == k_pair) & (k_col <= q_col) & ((k_part == PROMPT) | (k_part == q_part))) | (q_col == k_col)
 
 
 def allowed_keys(pair: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-    """(R, 1, C, C) bool from ``pair``, ``part`` (R, C): query q may attend to key k — same pair, k ≤ q, and k a
-    prompt token or in q's own part; padding (pair −1) attends to itself, so no query row is empty."""
-    c = pair.shape[1]
-    q_pair, k_pair = pair[:, :, None], pair[:, None, :]
-    q_part, k_part = part[:, :, None], part[:, None, :]
-    causal = torch.ones(c, c, dtype=torch.bool, device=pair.device).tril()
-    allowed = (q_pair == k_pair) & causal & ((k_part == PROMPT) | (k_part == q_part))
-    allowed |= torch.eye(c, dtype=torch.bool, device=pair.device)
+    """(R, 1, C, C) bool from ``pair``, ``part`` (R, C): :func:`may_attend` for every (query, key) of a row;
+    padding (pair −1) attends to earlier padding and itself."""
+    cols = torch.arange(pair.shape[1], device=pair.device)
+    allowed = may_attend(pair[:, :, None], pair[:, None, :], part[:, :, None], part[:, None, :], cols[:, None],
+                         cols[None, :])
     return allowed[:, None]
 
 
@@ -203,31 +211,43 @@ def enable_segment_attention(model) -> str | None:
     A change to the model the caller gave, for as long as it is scored packed: its other forwards (unpacked rows,
     generation) are sdpa's as before, and the name is not saved with its config; :func:`restore_attention` undoes it.
     """
-    if why := segment_attention_unsupported(model):
-        return why
-    AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
-    AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)  # the masks of its unpacked forwards: sdpa's
+    return segment_attention_unsupported(model) or switch_attention(model, SEGMENT_ATTENTION, segment_attention)
+
+
+def switch_attention(model, name: str, function) -> str | None:
+    """Register ``function`` as transformers' attention ``name`` (once; the masks of its unpacked forwards are sdpa's)
+    and switch ``model`` (an sdpa model, or a peft one) to it through the public ``set_attn_implementation``. None
+    when done, else why not (the model is then left on sdpa)."""
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, sdpa_mask)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the transformers model
-    base.set_attn_implementation(SEGMENT_ATTENTION)  # warns and does nothing where the class cannot switch
-    if base.config._attn_implementation != SEGMENT_ATTENTION:
+    base.set_attn_implementation(name)  # warns and does nothing where the class cannot switch
+    if base.config._attn_implementation != name:
         restore_attention(model)
         return f"{type(base).__name__} cannot switch its attention implementation (not on transformers' AttentionInterface)"
     return None
 
 
 def restore_attention(model) -> None:
-    """Undo :func:`enable_segment_attention`: ``model`` back on sdpa (nothing when it is not switched)."""
+    """Undo :func:`enable_segment_attention` (or :func:`lbdpo.packed_flex.enable_flex_attention`): ``model`` back on
+    sdpa (nothing when it is not switched)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "_attn_implementation", None) == SEGMENT_ATTENTION:
+    if getattr(base.config, "_attn_implementation", None) in SWITCHED:
         base.set_attn_implementation("sdpa")
 
 
 def packing_unsupported(model) -> str | None:
     """Why ``model``'s decoder cannot run packed pairs (None when it can): it must apply a custom 4D mask."""
-    config = getattr(model, "config", None)
-    attn = getattr(config, "_attn_implementation", None)
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if attn not in MASK_ATTENTION:
         return f"its attention implementation is {attn!r} (packing needs one of {MASK_ATTENTION})"
+    return decoder_unsupported(model)
+
+
+def decoder_unsupported(model) -> str | None:
+    """Why ``model``'s decoder cannot take a mask of lbdpo's (None when it can), whatever its attention function: a
+    sliding window would be dropped, remote code is untested."""
+    config = getattr(model, "config", None)
     layer_types = getattr(config, "layer_types", None) or ()
     if getattr(config, "use_sliding_window", False) or "sliding_attention" in layer_types:
         return "it uses sliding-window attention (a custom mask would drop the window)"
@@ -267,7 +287,7 @@ def pair_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_le
 def packed_pair_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             prompt_lengths: torch.Tensor, chunk_size: int, score_prompt: bool = True,
                             pad_token_id: int = 0, multiple_of: int | None = None, per_segment: bool = False,
-                            bucketed: bool = False):
+                            bucketed: bool = False, mask_builder=None):
     """Token log-probs (2B, T − 1) float32 (0 off the scored positions) and h (B, H) (None without
     ``score_prompt``), each prompt computed once and no padding between pairs.
 
@@ -282,6 +302,8 @@ def packed_pair_token_logps(model, input_ids: torch.Tensor, attention_mask: torc
         per_segment: the layout: one row, attention per segment (the model must be switched by
             :func:`enable_segment_attention`); else rows under one block mask.
         bucketed: with the block mask, few distinct (rows, width) shapes (:func:`pack_pairs`); the same numbers.
+        mask_builder: rows only: the decoder's ``attention_mask`` from the :class:`PackedPairs` on the device (e.g.
+            :func:`lbdpo.packed_flex.pair_block_mask`); None: the 4D block mask (:meth:`PackedPairs.attention_mask`).
     """
     n, device = prompt_lengths.shape[0], input_ids.device
     attn = model.config._attn_implementation
@@ -294,6 +316,8 @@ def packed_pair_token_logps(model, input_ids: torch.Tensor, attention_mask: torc
     offsets, packed = packed.offsets, packed.to(device)
     if per_segment:  # the decoder builds (and segment_attention ignores) a mask of its own
         masks = {"attention_mask": None, "segments": Segments(packed.segments())}
+    elif mask_builder is not None:
+        masks = {"attention_mask": mask_builder(packed)}
     else:
         masks = {"attention_mask": packed.attention_mask(None if attn == "sdpa" else torch.float32)}
     hidden = model.get_decoder()(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,

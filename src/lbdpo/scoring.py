@@ -7,10 +7,11 @@ Two paths, the same numbers (tests against one unpadded sequence at a time):
              Log-probs from the full logits (N, T, V), or with ``chunk_size`` from the last hidden state, that many
              positions of lm_head at a time (:mod:`lbdpo.chunked_logps`, no vocabulary-sized tensor).
     packed   each pair one segment [prompt | chosen | rejected] (:mod:`lbdpo.packed_pairs`): each prompt computed once,
-             chunked log-probs. Layout ``segments`` (one row without padding, attention per segment: least work) or
-             ``block_mask`` (rows under one 4D mask: fewest kernels).
+             chunked log-probs. Layout ``segments`` (one row without padding, attention per segment: least work),
+             ``block_mask`` (rows under one 4D mask: fewest kernels) or ``flex`` (the same rows under FlexAttention's
+             BlockMask, :mod:`lbdpo.packed_flex`: empty tiles skipped; opt-in until measured on a GPU).
 
-``trainer.forward`` (auto | rows | packed) and ``trainer.packed_attention`` (auto | segments | block_mask) pick one;
+``trainer.forward`` (auto | rows | packed) and ``trainer.packed_attention`` (auto | segments | block_mask | flex) pick one;
 :func:`plan_forward` resolves them against a model. ``auto`` takes the default measured fastest on the device
 (:func:`resolve_forward`) and, where the model cannot run it, the next path with one log line. A path asked for
 explicitly that the model cannot run is refused with an :class:`lbdpo.errors.LbdpoError`, never replaced.
@@ -28,13 +29,14 @@ from .chunked_logps import chunked_token_logps, chunking_unsupported, decoder_hi
 from .data.collator import IGNORE_INDEX
 from .errors import LbdpoError
 from .logprobs import (forward_model, last_prompt_token_index, position_ids_from_mask, prompt_ppl_mask,
-                       response_logps, token_logps)
+                       response_logps, row_attention_mask, row_mask_kind, token_logps)
+from .packed_flex import flex_pair_token_logps, flex_unsupported
 from .packed_pairs import packed_pair_token_logps, packing_unsupported, segment_attention_unsupported
 
 log = logging.getLogger(__name__)
 
 FORWARDS = ("rows", "packed")  # trainer.forward (and auto)
-PACKED_ATTENTION = ("segments", "block_mask")  # trainer.packed_attention (and auto)
+PACKED_ATTENTION = ("segments", "block_mask", "flex")  # trainer.packed_attention (and auto, which never picks flex)
 PACKED_CHUNK_SIZE = 1024  # lm_head positions per chunk on the packed path when trainer.logps_chunk_size is null
 
 
@@ -43,7 +45,8 @@ def resolve_forward(forward: str | None, packed_attention: str | None, device: t
     """``auto`` (or None) → the measured default for ``device`` (docs/performance.md, benchmarks/RESULTS.md):
     forward = packed on CPU (3.07× TRL's step on SmolLM2), rows on an accelerator (H200, Qwen2.5-0.5B architecture:
     0.182 s/step against 0.272 packed); packed_attention = segments on CPU, block_mask on an accelerator or under
-    torch.compile. Returns (forward, packed_attention or None for rows); explicit values pass through."""
+    torch.compile; never flex (opt-in until a GPU measures it). Returns (forward, packed_attention or None for rows);
+    explicit values pass through."""
     on_cpu = torch.device(device).type == "cpu"
     if forward in (None, "auto"):
         forward = "packed" if on_cpu else "rows"
@@ -56,10 +59,10 @@ def resolve_forward(forward: str | None, packed_attention: str | None, device: t
 
 @dataclass(frozen=True)
 class ForwardPlan:
-    """The path a model's batches take: ``forward`` rows | packed; ``packed_attention`` segments | block_mask with
-    packed (None with rows); ``chunk_size`` lm_head positions per chunk (None: full logits, rows only);
+    """The path a model's batches take: ``forward`` rows | packed; ``packed_attention`` segments | block_mask | flex
+    with packed (None with rows); ``chunk_size`` lm_head positions per chunk (None: full logits, rows only);
     ``pad_to_multiple_of`` the packed rows' length rounded up (padding: no number changes); ``bucket_shapes``: the
-    block mask's rows (not ``segments``' one row) bucketed to few (rows, width) shapes
+    rows of ``block_mask`` and ``flex`` (not ``segments``' one row) bucketed to few (rows, width) shapes
     (:func:`lbdpo.packed_pairs.pack_pairs`; padding too)."""
 
     forward: str
@@ -72,7 +75,8 @@ class ForwardPlan:
         """E.g. ``packed pairs, attention per segment (one row)``: the banner's "forward" row."""
         if self.forward == "packed":
             layout = "attention per segment (one row)" if self.packed_attention == "segments" else \
-                "rows under a block mask" + (", bucketed shapes" if self.bucket_shapes else "")
+                ("rows under a FlexAttention block mask" if self.packed_attention == "flex" else
+                 "rows under a block mask") + (", bucketed shapes" if self.bucket_shapes else "")
             return f"packed pairs, {layout}"
         return "one row per response, " + (f"chunked log-probs ({self.chunk_size})" if self.chunk_size else
                                            "full logits")
@@ -90,7 +94,7 @@ def plan_forward(model, forward: str = "rows", packed_attention: str = "auto", c
     if forward not in ("auto", *FORWARDS):
         raise LbdpoError(f"trainer.forward={forward!r} must be auto, rows or packed")
     if packed_attention not in ("auto", *PACKED_ATTENTION):
-        raise LbdpoError(f"trainer.packed_attention={packed_attention!r} must be auto, segments or block_mask")
+        raise LbdpoError(f"trainer.packed_attention={packed_attention!r} must be auto, segments, block_mask or flex")
     if chunk_size is not None and int(chunk_size) < 1:
         raise LbdpoError(f"trainer.logps_chunk_size={chunk_size} must be ≥ 1 or null")
     if device is None:
@@ -113,13 +117,23 @@ def plan_forward(model, forward: str = "rows", packed_attention: str = "auto", c
                              "(or auto)")
         log.info("trainer.packed_attention=auto: rows under a block mask, since %s", why)
         layout = "block_mask"
+    if forward == "packed" and layout == "flex":  # asked for (auto never picks it)
+        on_cpu = torch.device(device).type == "cpu"
+        if why := flex_unsupported(model) or (on_cpu and compiled and "torch.compile would lower FlexAttention to "
+                                                "inductor's CPU kernel, which has no backward"):
+            raise LbdpoError(f"trainer.packed_attention=flex: {type(model).__name__} cannot run FlexAttention ({why}); "
+                             "set trainer.packed_attention=block_mask (or auto)")
+        if on_cpu:
+            log.info("trainer.packed_attention=flex on the CPU: torch's unfused FlexAttention (exact, not fast; "
+                     "segments is the CPU's packed attention)")
     if forward == "packed":
         chunk_size = chunk_size or PACKED_CHUNK_SIZE
     elif chunk_size and (why := chunking_unsupported(model)):
         raise LbdpoError(f"trainer.logps_chunk_size={chunk_size}: {type(model).__name__} cannot score from chunks of "
                          f"its last hidden state ({why}); set trainer.logps_chunk_size=null")
-    # a GPU plans its attention kernels, and torch.compile its graphs, per shape: there the block mask's rows take
-    # few shapes (a little more padding; also after a fall-back from segments); on the CPU without compile, none
+    # a GPU plans its attention kernels, and torch.compile its graphs (flex's kernel too), per shape: there the rows of
+    # block_mask and flex take few shapes (a little more padding; also after a fall-back from segments); on the CPU
+    # without compile, none
     bucket = forward == "packed" and (torch.device(device).type != "cpu" or compiled)
     return ForwardPlan(forward, layout, chunk_size, int(pad_to_multiple_of) if pad_to_multiple_of else None, bucket)
 
@@ -148,17 +162,19 @@ class Scorer:
         """
         plan = self.plan
         if plan.forward == "packed":
-            return packed_pair_token_logps(model, input_ids, attention_mask, prompt_lengths, plan.chunk_size,
-                                           score_prompt=score_prompt, multiple_of=plan.pad_to_multiple_of,
-                                           per_segment=plan.packed_attention == "segments",
-                                           bucketed=plan.bucket_shapes)
+            packed = flex_pair_token_logps if plan.packed_attention == "flex" else packed_pair_token_logps
+            return packed(model, input_ids, attention_mask, prompt_lengths, plan.chunk_size, score_prompt=score_prompt,
+                          multiple_of=plan.pad_to_multiple_of, per_segment=plan.packed_attention == "segments",
+                          bucketed=plan.bucket_shapes)
         n = prompt_lengths.shape[0]
         if not plan.chunk_size:
             out = forward_model(model, input_ids, attention_mask, output_hidden_states=score_prompt)
             token_lp, hidden = token_logps(out.logits, input_ids), out.hidden_states[-1] if score_prompt else None
         else:
-            hidden, lm_head = decoder_hidden_and_head(model, input_ids, attention_mask,
-                                                      position_ids_from_mask(attention_mask))
+            kind = row_mask_kind(model)  # the decoder's mask as forward_model gives it: 4D, built on the device
+            mask = attention_mask if kind is None else row_attention_mask(
+                attention_mask, model.get_input_embeddings().weight.dtype if kind == "additive" else None)
+            hidden, lm_head = decoder_hidden_and_head(model, input_ids, mask, position_ids_from_mask(attention_mask))
             scored = labels[:, 1:] != IGNORE_INDEX
             if score_prompt:
                 scored[:n] |= prompt_ppl_mask(attention_mask[:n], prompt_lengths)[:, 1:]

@@ -88,7 +88,7 @@ def check_trainer_config(t: DictConfig) -> None:
     if t.get("forward", "auto") not in ("auto", *FORWARDS):
         raise LbdpoError(f"trainer.forward={t.forward!r} must be auto, rows or packed")
     if t.get("packed_attention", "auto") not in ("auto", *PACKED_ATTENTION):
-        raise LbdpoError(f"trainer.packed_attention={t.packed_attention!r} must be auto, segments or block_mask")
+        raise LbdpoError(f"trainer.packed_attention={t.packed_attention!r} must be auto, segments, block_mask or flex")
     if t.get("packed_attention") == "segments" and t.get("compile"):
         raise LbdpoError("trainer.packed_attention=segments with trainer.compile=true: its per-segment loop would "
                          "recompile the decoder for every batch; set trainer.packed_attention=block_mask (or auto)")
