@@ -2,11 +2,13 @@
 # The GPU benchmarks (issues 11, 14, 39), in one command for a lent GPU machine with no network: target architectures
 # with random weights (conf/model/random_*.yaml; no weights can be downloaded), bf16 autocast, one GPU.
 # The default stage, `table` (issue 39), is ONE call of at most 8 minutes that prints ONE table: TRL 1.16 against
-# lbdpo's GPU default (rows) and each packed layout (block mask, bucketed; attention per segment) at 8 pairs × 256
+# lbdpo's GPU default (rows) and each packed layout (block mask, bucketed; attention per segment; FlexAttention,
+# trainer.packed_attention=flex: its first steps compile flex_attention and are skipped) at 8 pairs × 256
 # tokens and at the realistic shapes (Qwen2.5-0.5B 16 pairs × 1024, R1-Distill-Qwen-1.5B 8 pairs × 1024, with
 # checkpointing): median s/step and spread, pairs/s, real tokens/s, peak GPU memory, speed vs TRL
 # (benchmarks/gpu_table.py: one process, models built once per shape; a 380 s budget for starting arms).
 # Dry run on the CPU (every code path, tiny models, 2 pairs × 64):  bash benchmarks/gpu_bench.sh /tmp/out cpu tiny
+#   (the table stage's dry run is tests/test_gpu_bench.py, ≈ 1 minute; on the CPU flex runs torch's unfused reference)
 # Prepare on the CPU machine (after `make setup`, with ../shared beside the repo):
 #   bash benchmarks/gpu_bench.sh --prepare   fills the two ignored folders a device call carries:
 #     .device/cache/smollm2-135m-instruct/   the tokenizer files of the converted SmolLM2 (no weights)
@@ -91,3 +93,4 @@ on compile && bench qwen05b_compile 300 --model $m05 --arms trl,fixed,rows,fixed
 # 6. any arms of dpo_speed.py on Qwen2.5-0.5B's architecture: ARMS (comma-separated) within ARMS_LIMIT seconds; each
 #    arm's result reaches $out/qwen05b_arms.err as it finishes, so a cut call keeps the arms that ran
 on arms && bench qwen05b_arms "${ARMS_LIMIT:-420}" --model $m05 --arms "${ARMS:-trl,fixed,fixed_pad64,fixed_no_cudnn_sdp}"
+exit 0  # each stage printed its own rc= line; a stage left out is not a failure

@@ -6,6 +6,8 @@ import copy
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,15 @@ def write_item_pairs(path, n: int = 64):
              "rejected": f"No {words[(i * 7) % 8]}."} for i in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def train_two_processes(pairs_file, options: list[str], run_dir: Path, batch_size: int = 2) -> None:
+    """train.py under torchrun (2 CPU processes, gloo) on ``pairs_file`` with tiny_random, the data settings of
+    test_train.make_cfg and ``options``, ``batch_size`` pairs per process, into ``run_dir``; asserts it exits 0."""
+    common = ["model=tiny_random", "trainer=tiny", "logger=none", "data=jsonl", f"data.path={pairs_file}",
+              "data.max_length=48", "data.max_prompt_length=32", "data.eval_size=8", "data.eval_fraction=null"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          str(REPO_ROOT / "train.py"), *common, *options, f"trainer.batch_size={batch_size}",
+                          f"hydra.run.dir={run_dir}"], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]

@@ -7,16 +7,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TINY_CFG, random_pairs
+from conftest import TINY_CFG, random_pairs, train_two_processes
 from test_beta_modes import evaluate, read_lines, steps_of
 from test_beta_validation import exact_hypergradients, flat
 from test_train import make_cfg, pairs_file  # noqa: F401  (the fixture: 48 pairs, domains en and fr)
@@ -324,13 +321,7 @@ def test_two_processes_match_one_process(pairs_file, tmp_path, objective):  # no
     options = [*LEARN, f"beta_head.objective={objective}", "trainer.max_steps=3", "trainer.eval_every=0",
                "trainer.beta_head_lr=0.05"]
     train(make_cfg(pairs_file, *options), tmp_path / "one")  # in this process, batch_size 4
-    common = ["model=tiny_random", "trainer=tiny", "logger=none", "data=jsonl", f"data.path={pairs_file}",
-              "data.max_length=48", "data.max_prompt_length=32", "data.eval_size=8", "data.eval_fraction=null", *options]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          str(REPO_ROOT / "train.py"), *common, "trainer.batch_size=2",
-                          f"hydra.run.dir={tmp_path / 'two'}"], capture_output=True, text=True, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
+    train_two_processes(pairs_file, options, tmp_path / "two")
     one, two = steps_of(tmp_path / "one"), steps_of(tmp_path / "two")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):

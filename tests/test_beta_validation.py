@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from conftest import REPO_ROOT, TINY_CFG, random_pairs
+from conftest import TINY_CFG, random_pairs, train_two_processes
 from test_train import make_cfg, pairs_file, read_metrics  # noqa: F401  (pairs_file: the module fixture)
 from lbdpo.beta_head import BetaHead, BetaHeadConfig
 from lbdpo.data.collator import PreferenceCollator
@@ -326,13 +323,7 @@ def test_two_processes_match_one_process(pairs_file, tmp_path):  # noqa: F811
     the hypergradient and w equal a one-process run's with the same global batch."""
     options = ["trainer.max_steps=2", "trainer.eval_every=0", "trainer.log_pairs=false", *VAL]
     train(make_cfg(pairs_file, *options), tmp_path / "one")  # in this process, batch_size 4
-    common = ["model=tiny_random", "trainer=tiny", "logger=none", "data=jsonl", f"data.path={pairs_file}",
-              "data.max_length=48", "data.max_prompt_length=32", "data.eval_size=8", "data.eval_fraction=null", *options]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          str(REPO_ROOT / "train.py"), *common, "trainer.batch_size=2",
-                          f"hydra.run.dir={tmp_path / 'two'}"], capture_output=True, text=True, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
+    train_two_processes(pairs_file, options, tmp_path / "two")
     s1, _ = read_metrics(tmp_path / "one")
     s2, _ = read_metrics(tmp_path / "two")
     assert len(s1) == len(s2) == 2

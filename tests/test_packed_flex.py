@@ -7,20 +7,20 @@ kernel gets; the GPU's compiled kernel itself is not run here."""
 from __future__ import annotations
 
 import copy
+
 import pytest
 import torch
+from test_packed_pairs import brute_force, scored_entries
 from torch.nn.attention.flex_attention import create_mask
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from lbdpo.beta_head import BetaHead, BetaHeadConfig
 from lbdpo.data import PreferenceCollator
 from lbdpo.dpo_model import DynamicBetaDPOModel
-from lbdpo.beta_head import BetaHead, BetaHeadConfig
 from lbdpo.errors import LbdpoError
-from lbdpo.packed_flex import (TILE, enable_flex_attention, flex_pair_token_logps, flex_unsupported,
-                               pair_block_mask)
+from lbdpo.packed_flex import TILE, enable_flex_attention, flex_pair_token_logps, flex_unsupported, pair_block_mask
 from lbdpo.packed_pairs import FLEX_ATTENTION, pack_pairs, restore_attention
 from lbdpo.scoring import plan_forward, resolve_forward
-from test_packed_pairs import brute_force, scored_entries
 
 LLAMA = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
@@ -42,7 +42,7 @@ def flex_copy(model):
 
 def test_the_block_mask_is_the_layout_rule_and_skips_empty_tiles():
     lengths = [(150, 60, 90), (30, 5, 9), (70, 40, 20), (12, 30, 30), (100, 20, 10), (8, 3, 2), (40, 60, 50)]
-    seg = lambda n: torch.randint(3, 50, (n,), generator=torch.Generator().manual_seed(n))  # noqa: E731
+    seg = lambda n: torch.randint(3, 50, (n,), generator=torch.Generator().manual_seed(n))
     packed = pack_pairs(*([seg(part[i]) for part in lengths] for i in range(3)))  # rows of 300: 3 tiles, 1 partial
     rows, width = packed.pair.shape
     assert rows == 3 and width == 300
@@ -140,7 +140,7 @@ def test_flex_is_opt_in_and_refused_clearly_where_it_cannot_run(tiny_model, monk
     monkeypatch.undo()
     assert "not 'sdpa'" in flex_unsupported(eager) and enable_flex_attention(eager) is not None
     assert eager.config._attn_implementation == "eager"  # refused: left as it was
-    import lbdpo.packed_flex as packed_flex
+    from lbdpo import packed_flex
 
     monkeypatch.setattr(packed_flex, "flex_unavailable", lambda: "torch 2.4 has no torch.nn.attention.flex_attention")
     refused(tiny_model, "torch 2.4 has no")
@@ -186,8 +186,8 @@ def test_the_compiled_kernel_is_not_rebuilt_per_batch(monkeypatch):
     backend on the CPU (no inductor, no grad); outputs equal the CPU reference path's."""
     import types
 
-    from torch._dynamo.testing import CompileCounter
     import transformers.integrations.flex_attention as hf_flex
+    from torch._dynamo.testing import CompileCounter
 
     from lbdpo.packed_flex import reference_flex_attention
 
@@ -197,7 +197,7 @@ def test_the_compiled_kernel_is_not_rebuilt_per_batch(monkeypatch):
     monkeypatch.setattr(hf_flex.WrappedFlexAttention, "_is_flex_compiled", False)
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
-    seg = lambda hi: torch.randint(3, 50, (int(torch.randint(2, hi, (1,), generator=g)),), generator=g)  # noqa: E731
+    seg = lambda hi: torch.randint(3, 50, (int(torch.randint(2, hi, (1,), generator=g)),), generator=g)
     graphs, shapes = [], []
     for hi, n in zip([40, 40, 40, 40, 120, 120, 300, 300, 40, 120, 300, 200, 40, 80, 300, 250],
                      [4, 8, 5, 1, 4, 8, 2, 6, 8, 3, 4, 1, 7, 2, 8, 4]):  # longest prompt, pairs

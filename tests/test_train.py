@@ -562,9 +562,11 @@ def test_chunked_and_packed_runs_match_the_full_logits_run(pairs_file, tmp_path,
     arms = {"full": ["trainer.forward=rows", "trainer.logps_chunk_size=null"],
             "chunked": ["trainer.forward=rows", "trainer.logps_chunk_size=16"],
             "packed": ["trainer.logps_chunk_size=16"],  # the default: forward=auto
-            "block_mask": ["trainer.forward=packed", "trainer.packed_attention=block_mask"]}
+            "block_mask": ["trainer.forward=packed", "trainer.packed_attention=block_mask"],
+            "flex": ["trainer.forward=packed", "trainer.packed_attention=flex"]}
     banners = {"full": "one row per response, full logits", "chunked": "one row per response, chunked log-probs (16)",
-               "packed": "packed pairs, attention per segment (one row)", "block_mask": "packed pairs, rows under a block mask"}
+               "packed": "packed pairs, attention per segment (one row)", "block_mask": "packed pairs, rows under a block mask",
+               "flex": "packed pairs, rows under a FlexAttention block mask"}
     if reference == "copy":  # padding columns only
         arms["packed_rounded"] = [*arms["packed"], "trainer.pad_to_multiple_of=16"]
     pack = packed_pairs.pack_pairs

@@ -8,8 +8,9 @@ every row to the longest. Here each pair becomes one segment
 
 and a token attends to the earlier tokens of its own segment, except that rejected tokens do not see the
 chosen ones (query q, key k: same pair, k ≤ q, and k is a prompt token or in q's own part). With the positions
-above, every prompt and response token gets the hidden state it gets in its own unpadded row. Two layouts, the
-same numbers:
+above, every prompt and response token gets the hidden state it gets in its own unpadded row (the rule:
+:func:`may_attend`). Two layouts, the same numbers (and the block mask's rows under FlexAttention,
+:mod:`lbdpo.packed_flex`):
 
 - block mask (``sdpa``/``eager`` attention): segments packed first-fit-decreasing into rows as long as the
   longest segment, one attention call over the rows under a 4D mask. Few kernels (the GPU default), but the
@@ -29,7 +30,8 @@ token. Needs a decoder that takes a custom 4D mask (``eager`` or ``sdpa`` attent
 :func:`packing_unsupported` says why not (:func:`lbdpo.scoring.plan_forward` refuses or, under ``auto``, takes rows).
 
 Nothing happens at import: the attention function is registered with transformers, and a model switched to it, only
-by :func:`enable_segment_attention` (called where a packed scorer is built); :func:`restore_attention` switches back.
+by :func:`enable_segment_attention` (or :func:`lbdpo.packed_flex.enable_flex_attention`; called where a packed scorer
+is built); :func:`restore_attention` switches back.
 """
 
 from __future__ import annotations

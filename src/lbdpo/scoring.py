@@ -118,14 +118,7 @@ def plan_forward(model, forward: str = "rows", packed_attention: str = "auto", c
         log.info("trainer.packed_attention=auto: rows under a block mask, since %s", why)
         layout = "block_mask"
     if forward == "packed" and layout == "flex":  # asked for (auto never picks it)
-        on_cpu = torch.device(device).type == "cpu"
-        if why := flex_unsupported(model) or (on_cpu and compiled and "torch.compile would lower FlexAttention to "
-                                                "inductor's CPU kernel, which has no backward"):
-            raise LbdpoError(f"trainer.packed_attention=flex: {type(model).__name__} cannot run FlexAttention ({why}); "
-                             "set trainer.packed_attention=block_mask (or auto)")
-        if on_cpu:
-            log.info("trainer.packed_attention=flex on the CPU: torch's unfused FlexAttention (exact, not fast; "
-                     "segments is the CPU's packed attention)")
+        check_flex(model, torch.device(device).type == "cpu", compiled)
     if forward == "packed":
         chunk_size = chunk_size or PACKED_CHUNK_SIZE
     elif chunk_size and (why := chunking_unsupported(model)):
@@ -136,6 +129,21 @@ def plan_forward(model, forward: str = "rows", packed_attention: str = "auto", c
     # without compile, none
     bucket = forward == "packed" and (torch.device(device).type != "cpu" or compiled)
     return ForwardPlan(forward, layout, chunk_size, int(pad_to_multiple_of) if pad_to_multiple_of else None, bucket)
+
+
+def check_flex(model, on_cpu: bool, compiled: bool) -> None:
+    """Refuse ``trainer.packed_attention=flex`` where ``model`` cannot run it (an :class:`LbdpoError` naming the option
+    and what to set instead: :func:`lbdpo.packed_flex.flex_unsupported`, or torch.compile on the CPU); one log line
+    where it runs on the CPU, as torch's unfused reference."""
+    why = flex_unsupported(model)
+    if not why and on_cpu and compiled:
+        why = "torch.compile would lower FlexAttention to inductor's CPU kernel, which has no backward"
+    if why:
+        raise LbdpoError(f"trainer.packed_attention=flex: {type(model).__name__} cannot run FlexAttention ({why}); "
+                         "set trainer.packed_attention=block_mask (or auto)")
+    if on_cpu:
+        log.info("trainer.packed_attention=flex on the CPU: torch's unfused FlexAttention (exact, not fast; "
+                 "segments is the CPU's packed attention)")
 
 
 def hidden_at_prompt_end(last_hidden: torch.Tensor, attention_mask: torch.Tensor,
