@@ -65,7 +65,9 @@ on() { [[ ",$stages," == *",$1,"* ]]; }
 if on table; then
   echo "== table $(date +%T)"
   if [ "$scale" = tiny ]; then table_args="--scale tiny --steps 2 --skip 0"; else table_args="--budget-s ${TABLE_BUDGET:-380}"; fi
-  timeout 470 $py benchmarks/gpu_table.py --device "$device" --data "$hh" $table_args > "$out/table.md" 2> "$out/table.err"
+  # TABLE_ARMS (comma-separated, default every arm with trl first): e.g. without trl installed, lbdpo's arms only
+  timeout 470 $py benchmarks/gpu_table.py --device "$device" --data "$hh" $table_args ${TABLE_ARMS:+--arms "$TABLE_ARMS"} \
+    > "$out/table.md" 2> "$out/table.err"
   echo "rc=$? $(date +%T)"; cat "$out/table.md"
 fi
 # 1. the configuration (8 pairs, 256 tokens) on Qwen2.5-0.5B's architecture
