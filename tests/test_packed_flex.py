@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from test_packed_pairs import brute_force, scored_entries
+from test_packed_pairs import assert_grads_match_brute_force, brute_force, scored_entries
 from torch.nn.attention.flex_attention import create_mask
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -100,18 +100,7 @@ def test_gradients_match_one_sequence_at_a_time(tiny_model_and_tokenizer, arch):
     weights = torch.randn(2 * n, batch["input_ids"].shape[1] - 1, generator=torch.Generator().manual_seed(0))
     token_lp, h = flex_pair_token_logps(flex, batch["input_ids"], mask, batch["prompt_lengths"], 5, bucketed=True)
     ((token_lp * weights).sum() + h.square().sum()).backward()
-    total = 0
-    for i, pair in enumerate(pairs):
-        for row, response in ((i, pair["chosen_input_ids"]), (n + i, pair["rejected_input_ids"])):
-            lp, hi = brute_force(brute, pair["prompt_input_ids"], response)
-            first = 0 if row < n else len(pair["prompt_input_ids"]) - 1
-            total = total + (lp[first:] * weights[row][scored_entries(mask[row])][first:]).sum()
-            if row < n:
-                total = total + hi.square().sum()
-    total.backward()
-    for (name, p), q in zip(flex.named_parameters(), brute.parameters()):
-        scale = float(q.grad.abs().max())  # float32 sums in another order: 1e-5 of the largest entry
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-5 * max(scale, 1.0), rtol=1e-4, msg=name)
+    assert_grads_match_brute_force(flex, brute, pairs, mask, weights)
 
 
 def test_flex_is_opt_in_and_refused_clearly_where_it_cannot_run(tiny_model, monkeypatch):

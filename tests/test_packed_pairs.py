@@ -160,14 +160,21 @@ def test_gradients_match_one_sequence_at_a_time(tiny_model, tiny_model_and_token
     tok = tiny_model_and_tokenizer[1]
     pairs = random_pairs(4, len(tok), seed=12, prompt_range=(2, 10), response_range=(1, 8))
     batch = PreferenceCollator(tok.pad_token_id, "left")(pairs)
-    n, mask = len(pairs), batch["attention_mask"]
+    mask = batch["attention_mask"]
     weights = torch.randn(batch["input_ids"].shape[0], batch["input_ids"].shape[1] - 1,
                           generator=torch.Generator().manual_seed(0))
     packed_model, brute_model = with_layout(copy.deepcopy(tiny_model), layout), tiny_model
     token_lp, h = packed_pair_token_logps(packed_model, batch["input_ids"], mask, batch["prompt_lengths"], 5,
                                           per_segment=layout == "segments")
     ((token_lp * weights).sum() + h.square().sum()).backward()
-    total = 0
+    assert_grads_match_brute_force(packed_model, brute_model, pairs, mask, weights)
+
+
+def assert_grads_match_brute_force(model, brute_model, pairs, mask, weights):
+    """``model``'s gradients (the caller has back-propagated Σ weights · token log-probs + Σ h² of its packed forward
+    over ``pairs``: chosen rows 0..n−1, rejected n..2n−1, ``mask`` their (2n, T) padded mask) equal those of the same
+    objective computed one unpadded sequence at a time on ``brute_model`` (same weights)."""
+    n, total = len(pairs), 0
     for i, pair in enumerate(pairs):
         for row, response in ((i, pair["chosen_input_ids"]), (n + i, pair["rejected_input_ids"])):
             lp, hi = brute_force(brute_model, pair["prompt_input_ids"], response)
@@ -176,7 +183,7 @@ def test_gradients_match_one_sequence_at_a_time(tiny_model, tiny_model_and_token
             if row < n:
                 total = total + hi.square().sum()
     total.backward()
-    for (name, p), q in zip(packed_model.named_parameters(), brute_model.parameters()):
+    for (name, p), q in zip(model.named_parameters(), brute_model.parameters()):
         scale = float(q.grad.abs().max())  # float32 sums in another order: 1e-5 of the largest entry
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5 * max(scale, 1.0), rtol=1e-4, msg=name)
 
