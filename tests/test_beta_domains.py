@@ -4,7 +4,6 @@ to a noisy domain, and training runs (β per domain logged and used, checkpoints
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import re
@@ -15,7 +14,7 @@ import torch
 
 from conftest import TINY_CFG, random_pairs, train_two_processes
 from test_beta_modes import evaluate, read_lines, steps_of
-from test_beta_validation import exact_hypergradients, flat
+from test_beta_validation import exact_hypergradients, flat, perturbed_policy
 from test_train import make_cfg, pairs_file  # noqa: F401  (the fixture: 48 pairs, domains en and fr)
 from lbdpo import AutoModelForCausalLMWithBetaHead
 from lbdpo.beta_domains import bind_domains, domain_metrics
@@ -23,7 +22,6 @@ from lbdpo.beta_head import BetaHead, BetaHeadConfig
 from lbdpo.data.collator import PreferenceCollator
 from lbdpo.dpo_model import DynamicBetaDPOModel
 from lbdpo.errors import LbdpoError
-from lbdpo.models import freeze, load_model_and_tokenizer
 from lbdpo.train import beta_validation as bv
 from lbdpo.train.trainer import train
 
@@ -133,13 +131,7 @@ def test_only_this_mode_reads_domains_and_both_objectives_train_it():
 @pytest.fixture(scope="module")
 def policy_pair():
     """A policy a little away from its reference (margins ≠ 0), eager attention (double backward on CPU)."""
-    torch.manual_seed(0)
-    policy, tok = load_model_and_tokenizer(TINY_CFG)
-    policy.set_attn_implementation("eager")
-    reference = freeze(copy.deepcopy(policy))
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.02 * p.std() * torch.randn_like(p))
+    policy, reference, tok = perturbed_policy()
     return policy, reference, PreferenceCollator(tok.pad_token_id)
 
 

@@ -29,10 +29,10 @@ VAL = ("beta_head.objective=validation", "beta_head.w_init=0.05")
 # ---------------------------------------------------------------------------------------------- the hypergradient
 
 
-@pytest.fixture(scope="module")
-def setting():
-    """A policy a little away from its reference (margins ≠ 0), a head whose β differs per pair, two training
-    micro-batches of 3 pairs and a held-out one. Eager attention: sdpa's CPU kernel has no double backward."""
+def perturbed_policy():
+    """tiny_random as policy (eager attention: sdpa's CPU kernel has no double backward), its frozen copy as
+    reference, then the policy nudged by 2 % of each parameter's sd so that margins are not 0: (policy, reference,
+    tokenizer)."""
     torch.manual_seed(0)
     policy, tok = load_model_and_tokenizer(TINY_CFG)
     policy.set_attn_implementation("eager")
@@ -40,6 +40,14 @@ def setting():
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.02 * p.std() * torch.randn_like(p))
+    return policy, reference, tok
+
+
+@pytest.fixture(scope="module")
+def setting():
+    """A policy a little away from its reference (margins ≠ 0), a head whose β differs per pair, two training
+    micro-batches of 3 pairs and a held-out one. Eager attention: sdpa's CPU kernel has no double backward."""
+    policy, reference, tok = perturbed_policy()
     head = BetaHead(BetaHeadConfig(hidden_size=64, epsilon=0.5, w_init=0.03, init_std=0.5))
     collate = PreferenceCollator(tok.pad_token_id)
     batches = [collate(random_pairs(3, 2000, seed=s)) for s in (1, 2)]
