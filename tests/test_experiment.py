@@ -274,8 +274,20 @@ def test_extra_seeds_run_after_the_grid_for_their_arms_only(tmp_path):
         "fixed__seed-2", "third__seed-2", "third__seed-3"]  # the grid, then the extra seeds seed-major
     assert [r[2].name for r in exp.runs(["third"])] == ["third__seed-0", "third__seed-1", "third__seed-2",
                                                         "third__seed-3"]
+    assert [r[2].name for r in exp.runs(["third__seed-3", "fixed__seed-2", "fixed__seed-1"])] == [
+        "fixed__seed-1", "fixed__seed-2", "third__seed-3"]  # runs named one by one keep the runner's order
     for extra, message in (({"nope": [3]}, "of 'nope'.* an arm in arms"), ({"fixed": [1]}, "must be new seeds"),
                            ({"fixed": 3}, "must map an arm to a list")):
         path.write_text(yaml.safe_dump({**spec, "seeds": [0, 1], "extra_seeds": extra}, sort_keys=False))
         with pytest.raises(ValueError, match=message):
             Experiment.load(path)
+
+
+def test_only_names_arms_or_runs_and_refuses_anything_else(tmp_path):
+    path = write_experiment(tmp_path)
+    bad = subprocess.run([sys.executable, "-m", "lbdpo.experiment", "status", str(path), "--only", "fixed__seed-9"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "not arms of" in bad.stderr and "fixed__seed-9" in bad.stderr
+    good = subprocess.run([sys.executable, "-m", "lbdpo.experiment", "status", str(path), "--only", "fixed__seed-0"],
+                          capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr

@@ -1,6 +1,6 @@
 """A named, resumable experiment: arms × seeds on one task, trained, evaluated and compared, across sessions.
 
-    python -m lbdpo.experiment run experiments/sentiment.yaml [--stop-after-minutes 150] [--only ARM ...] [--jobs 2]
+    python -m lbdpo.experiment run experiments/sentiment.yaml [--stop-after-minutes 150] [--only ARM|ARM__seed-N ...] [--jobs 2]
     python -m lbdpo.experiment status experiments/sentiment.yaml      # what is done, partial, pending; time estimate
     python -m lbdpo.experiment compare experiments/sentiment.yaml     # rebuild compare.md and the figures
     python -m lbdpo.experiment reevaluate experiments/sentiment.yaml --only fixed_b01   # evaluate again, train nothing
@@ -125,12 +125,14 @@ class Experiment:
         return (*ARCHIVED, *extra)
 
     def runs(self, only: list[str] | None = None) -> list[tuple[str, int, Path]]:
-        """(arm, seed, run folder), seed-major: every arm's ``seeds``, then the ``extra_seeds`` in seed order."""
+        """(arm, seed, run folder), seed-major: every arm's ``seeds``, then the ``extra_seeds`` in seed order;
+        ``only`` keeps the runs named by arm (``fixed_b01``) or by run (``fixed_b01__seed-4``)."""
         extra = self.extra_seeds or {}
         grid = [(arm, seed) for seed in self.seeds for arm in self.arms]
         grid += [(arm, seed) for seed in sorted({s for v in extra.values() for s in v}) for arm in self.arms
                  if seed in extra.get(arm, ())]
-        return [(arm, seed, self.folder / f"{arm}__seed-{seed}") for arm, seed in grid if not only or arm in only]
+        return [(arm, seed, self.folder / f"{arm}__seed-{seed}") for arm, seed in grid
+                if not only or arm in only or f"{arm}__seed-{seed}" in only]
 
 
 
@@ -326,7 +328,8 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "status", "compare", "reevaluate"])
     parser.add_argument("experiment", type=Path, help="the experiment's YAML file (see above)")
-    parser.add_argument("--only", nargs="*", default=None, help="run only these arms")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run only these arms (ARM) or runs (ARM__seed-N)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time, each with cores/jobs threads (2 on a 2-core CPU: 1.2x the throughput, "
                              "benchmarks/RESULTS.md)")
@@ -341,9 +344,10 @@ def main(argv=None) -> None:
         parser.error(str(err))
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: must be 1 or more")
-    unknown = set(args.only or []) - set(exp.arms)
+    unknown = set(args.only or []) - set(exp.arms) - {run_dir.name for _, _, run_dir in exp.runs()}
     if unknown:
-        parser.error(f"--only {sorted(unknown)}: not arms of {exp.name} ({sorted(exp.arms)})")
+        parser.error(f"--only {sorted(unknown)}: not arms of {exp.name} ({sorted(exp.arms)}) nor runs of its seeds "
+                     f"(ARM__seed-N)")
     if args.command == "reevaluate":
         print(f"[experiment] {mark_for_reevaluation(exp, args.only)} runs to evaluate again", flush=True)
     if args.command in ("run", "reevaluate"):  # reevaluate trains nothing (pending seeds of an arm stay pending)
