@@ -1,5 +1,5 @@
 """Token log-probabilities, the masks that select prompt and response tokens, and the plain full-logits scoring of
-padded rows (:func:`sequence_logps`, :func:`sequence_log_ppl`). Training and evaluation score preference batches
+padded rows (:func:`sequence_log_ppl`). Training and evaluation score preference batches and generated samples
 through :class:`lbdpo.scoring.Scorer` (rows or packed), which builds on these.
 
 Every function here works for left padding, right padding and rows of unequal length: positions are
@@ -154,23 +154,6 @@ def forward_model(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         output_hidden_states=output_hidden_states,
         use_cache=False,
     )
-
-
-def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log π(y | x) of each row: its labelled (response) tokens' log-probs under ``model``, summed.
-
-    Full logits over padded rows: evaluation's generated samples (:func:`lbdpo.eval.evaluation.sample_logps`) use it;
-    preference batches go through :class:`lbdpo.scoring.Scorer` instead (the same numbers on its rows path, without
-    chunking). Follows the ambient grad mode.
-
-    Args:
-        input_ids, attention_mask, labels: (N, T) as built by :class:`lbdpo.data.PreferenceCollator`.
-
-    Returns:
-        (N,) float32.
-    """
-    logits = forward_model(model, input_ids, attention_mask).logits
-    return response_logps(token_logps(logits, input_ids), labels)
 
 
 def sequence_log_ppl(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

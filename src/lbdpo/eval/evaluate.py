@@ -187,9 +187,11 @@ def run_sections(cfg: DictConfig, ckpt: Path, out_dir: Path, staging: Path) -> d
                                   device) if cfg.generation.enabled else None
 
     # ---- preference metrics ------------------------------------------------------------------
+    # one forward for every score of this evaluation (the run's own: :mod:`lbdpo.scoring`), pairs and samples alike
+    scored = DynamicBetaDPOModel(policy, head, ref_model=reference, **forward_options(run_cfg, device)).eval()
     per_pair = None
     if reference is not None:
-        per_pair = run_preference(cfg, run_cfg, results, policy, head, reference, tokenizer, eval_ds, device)
+        per_pair = run_preference(cfg, run_cfg, results, scored, tokenizer, eval_ds, device)
         write_eval_pairs(per_pair, staging / "eval_pairs.jsonl")
     else:
         results.skip("preference", "needs the reference model")
@@ -198,8 +200,8 @@ def run_sections(cfg: DictConfig, ckpt: Path, out_dir: Path, staging: Path) -> d
     samples_path = staging / "samples.jsonl"
     if cfg.generation.enabled and reference is not None:
         try:
-            run_generation(cfg, run_cfg, results, policy, reference, tokenizer, eval_ds, data_cfg, device,
-                           samples_path, reward_fn)
+            run_generation(cfg, run_cfg, results, scored, tokenizer, eval_ds, data_cfg, device, samples_path,
+                           reward_fn)
         except Exception as err:
             if disk_full(err):  # the results cannot be written: stop (one SaveError line), not a recorded skip
                 raise
@@ -222,10 +224,10 @@ def run_sections(cfg: DictConfig, ckpt: Path, out_dir: Path, staging: Path) -> d
     return results.data
 
 
-def run_preference(cfg, run_cfg, results: Results, policy, head, reference, tokenizer, eval_ds, device) -> dict:
+def run_preference(cfg, run_cfg, results: Results, model: DynamicBetaDPOModel, tokenizer, eval_ds, device) -> dict:
     """The preference section of eval.json (own and common β, per domain); returns its per-pair lists. Reference
-    log-probs of pairs scored before come from the per-pair store (``reference_cache``), the rest from ``reference``."""
-    model = DynamicBetaDPOModel(policy, head, ref_model=reference, **forward_options(run_cfg, device)).eval()
+    log-probs of pairs scored before come from the per-pair store (``reference_cache``), the rest from the model's
+    reference."""
     collator = PreferenceCollator(tokenizer.pad_token_id)
     if cfg.reference_cache:
         eval_ds = add_reference_columns(model.reference_logps, eval_ds, to_container(run_cfg.model), collator,
@@ -239,9 +241,10 @@ def run_preference(cfg, run_cfg, results: Results, policy, head, reference, toke
     return per_pair
 
 
-def run_generation(cfg, run_cfg, results: Results, policy, reference, tokenizer, eval_ds, data_cfg, device,
+def run_generation(cfg, run_cfg, results: Results, scored: DynamicBetaDPOModel, tokenizer, eval_ds, data_cfg, device,
                    samples_path, reward_fn: Callable | None):
-    """Greedy and sampled continuations of policy and reference; reward, win rate and MC KL when possible.
+    """Greedy and sampled continuations of policy and reference; reward, win rate and MC KL when possible. The
+    samples' log-probs come from ``scored``'s forward (its :class:`lbdpo.scoring.Scorer`), as the pairs' do.
 
     With ``generation.samples_per_prompt`` = k > 1 each prompt is sampled k times (the prompt list repeated k times;
     when N is a multiple of ``generation.batch_size`` the first N samples are the ones k = 1 draws): reward, win rate
@@ -249,6 +252,7 @@ def run_generation(cfg, run_cfg, results: Results, policy, reference, tokenizer,
     samples.jsonl keeps the first sample's text and each prompt's mean over its k."""
     g = cfg.generation
     k = int(g.samples_per_prompt)
+    policy, reference = scored.policy_model, scored.ref_model
     seen, prompts, texts, domains = set(), [], [], []
     for row in eval_ds:
         key = tuple(row["prompt_input_ids"])
@@ -279,8 +283,8 @@ def run_generation(cfg, run_cfg, results: Results, policy, reference, tokenizer,
     section: dict[str, Any] = {"num_prompts": len(prompts), "samples_per_prompt": k,
                                "max_new_tokens": int(g.max_new_tokens)}
     # KL(π‖πref) on the policy's own samples: log π − log πref of each sampled continuation
-    pol = sample_logps(policy, prompts * k, gen["policy_sample"], tokenizer.pad_token_id, int(g.batch_size), device)
-    ref = sample_logps(reference, prompts * k, gen["policy_sample"], tokenizer.pad_token_id, int(g.batch_size), device)
+    pol, ref = (sample_logps(scored.scorer, model, prompts * k, gen["policy_sample"], tokenizer.pad_token_id,
+                             int(g.batch_size), device) for model in (policy, reference))
     section["kl"] = kl_estimate(pol, ref)
     per_sample: dict[str, list[float]] = {"kl": (pol - ref).tolist()}  # N·k values, the k blocks one after another
     if reward_fn is not None:

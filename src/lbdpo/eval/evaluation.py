@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 
 from ..data.collator import PreferenceCollator, pad_rows
 from ..dpo_model import PER_PAIR_KEYS, DynamicBetaDPOModel
-from ..logprobs import sequence_logps
 from ..losses import dpo_loss, logratio_margin
 from ..metrics import preference_metrics, split_by_domain
+from ..scoring import Scorer
 from ..errors import LbdpoError
 
 log = logging.getLogger(__name__)
@@ -97,20 +97,32 @@ def generate(model, prompts: Sequence[list[int]], pad_token_id: int, eos_ids: Se
 
 
 @torch.no_grad()
-def sample_logps(model, prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_token_id: int,
+def sample_logps(scorer: Scorer, model, prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_token_id: int,
                  batch_size: int, device: torch.device) -> torch.Tensor:
     """log π(y|x) summed over response tokens for each tokenized (prompt, response), e.g. generated samples:
-    (N,) float32. An empty response scores one pad token (its log-prob is read, not used by callers)."""
-    out = []
+    (N,) float32, in the order given.
+
+    Scored by ``scorer`` (the run's forward, :mod:`lbdpo.scoring`, as its preference pairs are): the responses of one
+    prompt go two to a pair (its chosen and rejected slots), so the packed forward computes a prompt once per two
+    samples and lm_head runs on response positions only; an odd one out fills both slots. ``batch_size`` counts
+    responses. An empty response scores one pad token (its log-prob is read, not used by callers).
+    """
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_prompt.setdefault(tuple(prompt), []).append(i)
+    pairs = [(idx[j], idx[min(j + 1, len(idx) - 1)]) for idx in by_prompt.values() for j in range(0, len(idx), 2)]
+    out = torch.zeros(len(prompts))
     collator = PreferenceCollator(pad_token_id)
-    for start in range(0, len(prompts), batch_size):
-        feats = [{"prompt_input_ids": p, "chosen_input_ids": r or [pad_token_id], "rejected_input_ids": r or [pad_token_id]}
-                 for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
-        batch = collator(feats)
-        n = len(feats)
-        rows = (batch[k][:n].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        out.append(sequence_logps(model, *rows).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    per_batch = max(1, batch_size // 2)
+    for start in range(0, len(pairs), per_batch):
+        chunk = pairs[start:start + per_batch]
+        batch = collator([{"prompt_input_ids": list(prompts[a]), "chosen_input_ids": list(responses[a]) or [pad_token_id],
+                           "rejected_input_ids": list(responses[b]) or [pad_token_id]} for a, b in chunk])
+        batch = {key: v.to(device) for key, v in batch.items() if torch.is_tensor(v)}
+        logps = scorer.response_logps(model, batch).float().cpu()  # (2 · len(chunk),): chosen rows, then rejected
+        for row, (a, b) in enumerate(chunk):
+            out[a], out[b] = logps[row], logps[len(chunk) + row]
+    return out
 
 
 def kl_estimate(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> dict[str, float]:
