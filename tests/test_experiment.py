@@ -291,3 +291,23 @@ def test_only_names_arms_or_runs_and_refuses_anything_else(tmp_path):
     good = subprocess.run([sys.executable, "-m", "lbdpo.experiment", "status", str(path), "--only", "fixed__seed-0"],
                           capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
+
+
+def test_status_estimates_each_pending_run_at_its_arms_median(tmp_path):
+    from lbdpo.experiment_runs import status
+
+    path = write_experiment(tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    spec["arms"]["third"] = ["beta_head=linear"]
+    path.write_text(yaml.safe_dump({**spec, "seeds": [0, 1, 2]}, sort_keys=False))
+    exp = Experiment.load(path)
+    minutes = {"fixed__seed-0": (10, 1), "fixed__seed-1": (60, 2), "beta_dpo__seed-0": (60, 1)}  # (wall, jobs)
+    for name, (wall, jobs) in minutes.items():  # archived: eval.json and runner.json (minutes of the machine =
+        run = exp.results / name                   # wall / jobs: 10, 30, 60)
+        run.mkdir(parents=True)
+        (run / "eval.json").write_text("{}")
+        (run / "runner.json").write_text(json.dumps({"train_s": wall * 60 - 60, "eval_s": 60, "jobs": jobs}))
+    out = status(exp)
+    # pending: fixed seed 2 at fixed's upper median (30), beta_dpo seeds 1, 2 at 60 each, third × 3 at the overall
+    # upper median of 10, 30, 60 (30): 30 + 120 + 90
+    assert "3 done, 6 left; median 30.0 min" in out and "about 240 min to go (third: no finished run yet" in out

@@ -53,24 +53,37 @@ def median_pairs_per_s(metrics: Path, skip: int = 5) -> float | None:
 
 def status(exp: Experiment) -> str:
     """A table of every run's state, measured minutes, runs side by side (jobs) and median pairs/s, and the
-    estimate for what is left."""
+    estimate for what is left: each pending run at its own arm's median minutes of the machine (the median over
+    every finished run where its arm has none yet)."""
     lines = ["| run | state | train min | eval min | jobs | pairs/s (median) |", "|---|---|---:|---:|---:|---:|"]
-    measured = []
-    for _, _, run_dir in exp.runs():
+    measured: dict[str, list[float]] = {}
+    pending: list[str] = []
+    for arm, _, run_dir in exp.runs():
         folder = next((d for d in (exp.results / run_dir.name, run_dir) if (d / "runner.json").is_file()), run_dir)
         times = read_runner_json(folder)
         state = state_of(run_dir, exp.results / run_dir.name)
         if state == "done":  # a run that shared the machine with jobs - 1 others took 1/jobs of it
-            measured.append((times.get("train_s", 0.0) + times.get("eval_s", 0.0)) / times.get("jobs", 1))
+            measured.setdefault(arm, []).append((times.get("train_s", 0.0) + times.get("eval_s", 0.0))
+                                                / times.get("jobs", 1) / 60)
+        else:
+            pending.append(arm)
         rate = median_pairs_per_s(folder / "metrics.jsonl")
         lines.append(f"| {run_dir.name} | {state} | {times.get('train_s', 0) / 60:.1f} | "
                      f"{times.get('eval_s', 0) / 60:.1f} | {times.get('jobs', 1)} | "
                      f"{'–' if rate is None else f'{rate:.2f}'} |")
-    left = sum(state_of(d, exp.results / d.name) != "done" for _, _, d in exp.runs())
-    if measured:
-        per_run = sorted(measured)[len(measured) // 2] / 60
-        lines.append(f"\n{len(measured)} done, {left} left; median {per_run:.1f} min of the machine per finished "
-                     f"run → about {left * per_run:.0f} min to go")
-    else:
-        lines.append(f"\nnothing finished yet; {left} runs left")
+    done = [m for ms in measured.values() for m in ms]
+    if not done:
+        return "\n".join(lines + [f"\nnothing finished yet; {len(pending)} runs left"])
+    overall = upper_median(done)
+    guessed = sorted({arm for arm in pending if arm not in measured})
+    to_go = sum(upper_median(measured[arm]) if arm in measured else overall for arm in pending)
+    lines.append(f"\n{len(done)} done, {len(pending)} left; median {overall:.1f} min of the machine per finished run; "
+                 f"each arm's own median → about {to_go:.0f} min to go"
+                 + (f" ({', '.join(guessed) if len(guessed) <= 4 else f'{len(guessed)} arms'}: no finished run yet, "
+                    "counted at the overall median)" if guessed else ""))
     return "\n".join(lines)
+
+
+def upper_median(values: list[float]) -> float:
+    """The upper median (the middle value; of two, the larger): a measured minute count, never an average of two."""
+    return sorted(values)[len(values) // 2]
