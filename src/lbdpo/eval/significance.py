@@ -75,7 +75,7 @@ def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-# equivalence margins of the decision rule (report.md §7): accuracy, and reward for the frontier gap
+# equivalence margins of the decision rule (report.md §9): accuracy, and reward for the frontier gap
 ACC_MARGIN, GAP_MARGIN = 0.03, 0.01
 
 
